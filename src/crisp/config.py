@@ -1,0 +1,225 @@
+"""Run configurations: strict pydantic models, loaded from YAML with `key=value` overrides.
+
+Every training config shares `method`, `output_dir`, `max_steps`, `seed` and `resume`; an unknown
+key, a wrong type or an out-of-range value is a `ConfigError` that names the key, raised before any
+model is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelSpec(Strict):
+    """Build a randomly initialised model from scratch (the built-in demo)."""
+
+    architecture: Literal["llama", "qwen3"] = "llama"
+    hidden_size: PositiveInt = 128
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    intermediate_size: PositiveInt = 512
+    max_positions: PositiveInt = 512
+
+
+class ModelConfig(Strict):
+    path: str | None = None  # a local HF directory or a hub id
+    tiny: TinyModelSpec | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path (an existing model) or model.tiny (build one)")
+        return self
+
+
+class PromptConfig(Strict):
+    template: str = "dapo"  # a preset (dapo, plain) or a custom string containing {question}
+    system: str | None = None
+    enable_thinking: bool | None = None
+
+
+class SamplingConfig(Strict):
+    n: PositiveInt = 1
+    temperature: Annotated[float, Field(ge=0)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # 0 = off
+    max_new_tokens: PositiveInt = 8192
+
+
+class OptimConfig(Strict):
+    lr: PositiveFloat = 1e-6
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: PositiveFloat | None = 1.0
+
+
+class DataConfig(Strict):
+    """Training problems: the built-in synthetic task, or a problem file / benchmark name."""
+
+    source: str = "synthetic"
+    size: PositiveInt = 20_000  # synthetic problems to draw
+    levels: list[PositiveInt] = [1, 2, 3, 4]
+    limit: PositiveInt | None = None
+
+
+class EvalConfig(Strict):
+    benchmark: str = "synthetic"
+    every: Annotated[int, Field(ge=0)] = 0  # optimizer steps between evaluations; 0 = only at the end
+    k: PositiveInt = 1
+    limit: PositiveInt | None = None
+    batch_size: PositiveInt = 256
+    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=30_000)
+
+
+class RunConfig(Strict):
+    method: str
+    output_dir: str
+    max_steps: Annotated[int, Field(ge=0)]
+    seed: int = 0
+    resume: str = "none"  # none | auto | a checkpoint directory
+    model: ModelConfig
+    prompt: PromptConfig = PromptConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig | None = None
+    log_every: PositiveInt = 10
+    save_every: Annotated[int, Field(ge=0)] = 0  # 0 = only the final model
+    keep_checkpoints: PositiveInt = 2
+
+
+class SFTMix(Strict):
+    """How the synthetic SFT corpus mixes instructed and plain traces."""
+
+    instruction: str = "v1"
+    instructed_fraction: Probability = 0.5
+    verbose_prefix_fraction: Probability = 0.5  # instructed traces that start verbose, then switch
+
+
+class SFTConfig(RunConfig):
+    method: Literal["sft"] = "sft"
+    batch_tokens: PositiveInt = 2048
+    mix: SFTMix = SFTMix()
+
+
+class TeacherConfig(Strict):
+    instruction: str | None = "v1"  # preset name, custom text, or null
+    reference_solution: bool = False  # OPSD: show the teacher a verified solution
+    update: Literal["frozen", "refresh", "ema", "live"] = "refresh"
+    refresh_every: Annotated[int, Field(ge=0)] = 50  # M; 0 = never (same as frozen)
+    ema_decay: Probability = 0.999
+    percent: PositiveInt = 50  # for the "percent" instruction preset
+    words: PositiveInt = 100  # for the "word_limit" preset
+
+    @model_validator(mode="after")
+    def _has_context(self) -> "TeacherConfig":
+        if not self.instruction and not self.reference_solution:
+            raise ValueError("the teacher needs an instruction, a reference solution, or both")
+        return self
+
+
+class LossConfig(Strict):
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "mixed", "sampled_token"] = "reverse_kl"
+    beta: Probability = 0.5
+    forward_weight: Annotated[float, Field(ge=0)] = 0.5
+    term_clip: PositiveFloat | None = None
+    teacher_top_k: PositiveInt | None = None
+    chunk_size: PositiveInt = 128
+
+
+class SelfDistillConfig(RunConfig):
+    method: Literal["selfdistill"] = "selfdistill"
+    batch_size: PositiveInt = 32  # prompts per optimizer step
+    micro_batch_size: PositiveInt = 32
+    rollout: SamplingConfig = SamplingConfig()
+    rollout_filter: Literal["all", "correct", "incorrect"] = "all"
+    teacher: TeacherConfig = TeacherConfig()
+    loss: LossConfig = LossConfig()
+    max_skipped_steps: PositiveInt = 10  # stop after this many consecutive non-finite steps
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> "SelfDistillConfig":
+        if (self.batch_size * self.rollout.n) % self.micro_batch_size:
+            raise ValueError("micro_batch_size must divide batch_size * rollout.n")
+        return self
+
+
+TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig], Field(discriminator="method")]
+_ADAPTER = TypeAdapter(TrainConfig)
+METHODS = ("sft", "selfdistill")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+        loc = loc.removeprefix("sft.").removeprefix("selfdistill.")
+        lines.append(f"{loc or '(top level)'}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def validate(data: dict, model: type[BaseModel] | None = None):
+    """Validate a config dict; the method picks the model unless one is given."""
+    try:
+        if model is not None:
+            return model.model_validate(data)
+        if data.get("method") not in METHODS:
+            raise ConfigError(f"method: must be one of {', '.join(METHODS)} (got {data.get('method')!r})")
+        return _ADAPTER.validate_python(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, model: type[BaseModel] | None = None):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return validate(apply_overrides(data, overrides or []), model)
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,241 @@
+"""The built-in synthetic reasoning task: running-total arithmetic chains.
+
+A problem starts from a number and applies 1-4 additions/subtractions of 1-9, the running total
+staying in 0..20; its difficulty is the number of operations. Traces imitate a reasoning model:
+each redundant line (a restatement, a check after a step, a re-read, a summary) is an independent
+random choice whose probability depends on the style. Without the concise instruction the model
+writes them almost always; with it, almost never -- except the checks after "risky" steps, which
+are the ones that carry weight.
+
+Risky steps are the steps from the third on: there the writer slips (states a wrong result) with
+probability `slip`, and only a check catches and fixes the slip. A method that cuts every check
+therefore loses accuracy on long chains; one that keeps the useful checks does not.
+
+The instructed training examples sometimes start in the verbose style and switch to the concise one
+at a line boundary (the verbose prefix is excluded from the loss), so that the instructed model has
+seen every kind of prefix and its next-line distribution is meaningful wherever the student is.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from crisp.data.problems import Problem
+
+LEVELS = (1, 2, 3, 4)
+MAX_TOTAL = 20
+FIRST_RISKY_STEP = 3
+TEST_SEED = 20_240_601
+TEST_PER_LEVEL = 50
+
+
+@dataclass(frozen=True)
+class Style:
+    """Probabilities of each redundant line."""
+
+    restate: float
+    think: float
+    check_safe: float
+    check_risky: float
+    reread: float
+    summary: float
+    long_check: float  # wording of a check: the long "Wait, let me double-check..." or "Check: ..."
+
+
+VERBOSE = Style(
+    restate=0.9, think=0.8, check_safe=0.9, check_risky=0.95, reread=0.8, summary=0.9, long_check=0.95
+)
+CONCISE = Style(
+    restate=0.03, think=0.03, check_safe=0.05, check_risky=0.95, reread=0.03, summary=0.05, long_check=0.05
+)
+SLIP = 0.3
+
+
+@dataclass(frozen=True)
+class Chain:
+    start: int
+    operands: tuple[int, ...]  # signed: +3 adds 3, -5 subtracts 5
+
+    @property
+    def level(self) -> int:
+        return len(self.operands)
+
+    def totals(self) -> list[int]:
+        totals = [self.start]
+        for x in self.operands:
+            totals.append(totals[-1] + x)
+        return totals
+
+    @property
+    def answer(self) -> int:
+        return self.totals()[-1]
+
+    def question(self) -> str:
+        parts = [f"Start with {self.start}"]
+        for x in self.operands:
+            parts.append(f"add {x}" if x > 0 else f"subtract {-x}")
+        return ", ".join(parts) + ". What is the result?"
+
+
+@dataclass(frozen=True)
+class TraceLine:
+    text: str
+    in_prefix: bool  # written in the verbose style before an instructed trace switches
+
+
+def sample_chain(rng: random.Random, level: int) -> Chain:
+    start = rng.randint(1, MAX_TOTAL)
+    total, operands = start, []
+    for _ in range(level):
+        choices = [x for x in range(-9, 10) if x != 0 and 0 <= total + x <= MAX_TOTAL]
+        x = rng.choice(choices)
+        operands.append(x)
+        total += x
+    return Chain(start, tuple(operands))
+
+
+def _op(x: int) -> str:
+    return f"+ {x}" if x > 0 else f"- {-x}"
+
+
+def _slipped(rng: random.Random, correct: int) -> int:
+    wrong = [v for v in (correct - 2, correct - 1, correct + 1, correct + 2) if 0 <= v <= MAX_TOTAL]
+    return rng.choice(wrong)
+
+
+def sample_trace(
+    rng: random.Random, chain: Chain, style: Style, *, switch_at: int | None = None, slip: float = SLIP
+) -> list[TraceLine]:
+    """One reasoning trace. Decisions before line `switch_at` use VERBOSE, later ones `style`."""
+    lines: list[TraceLine] = []
+
+    def current() -> Style:
+        return VERBOSE if switch_at is not None and len(lines) < switch_at else style
+
+    def emit(text: str) -> None:
+        lines.append(TraceLine(text, in_prefix=switch_at is not None and len(lines) < switch_at))
+
+    if rng.random() < current().restate:
+        emit("Restate: " + chain.question().replace(" What is the result?", ""))
+    if rng.random() < current().think:
+        emit("Let me think step by step.")
+    total = chain.start
+    for i, x in enumerate(chain.operands, start=1):
+        correct = total + x
+        risky = i >= FIRST_RISKY_STEP
+        stated = _slipped(rng, correct) if risky and rng.random() < slip else correct
+        emit(f"Step {i}: {total} {_op(x)} = {stated}.")
+        check = current().check_risky if risky else current().check_safe
+        if rng.random() < check:
+            long = rng.random() < current().long_check
+            recomputed = f"{total} {_op(x)} = {correct}"
+            if stated == correct:
+                emit(f"Wait, let me double-check this step: {recomputed}. Yes, that is right." if long
+                     else f"Check: {recomputed}.")
+            else:
+                emit(f"Wait, let me double-check this step: {recomputed}, not {stated}. So it is {correct}."
+                     if long else f"Check: {recomputed}, not {stated}.")
+                stated = correct
+        total = stated
+    if rng.random() < current().reread:
+        emit(f"Let me re-read the problem. It has {chain.level} operations and I did {chain.level}.")
+    if rng.random() < current().summary:
+        emit(f"So the final total is {total}.")
+    emit(f"Answer: {total}")
+    return lines
+
+
+def reference_solution(chain: Chain) -> str:
+    """The concise, slip-free solution (OPSD's privileged information)."""
+    totals = chain.totals()
+    steps = [f"Step {i}: {totals[i - 1]} {_op(x)} = {totals[i]}." for i, x in enumerate(chain.operands, 1)]
+    return "\n".join(steps + [f"Answer: {chain.answer}"])
+
+
+def to_problem(chain: Chain, index: int, split: str) -> Problem:
+    return Problem(
+        id=f"synthetic-{split}-{index}",
+        question=chain.question(),
+        answer=str(chain.answer),
+        solution=reference_solution(chain),
+        difficulty=str(chain.level),
+        source="synthetic",
+    )
+
+
+def test_chains(seed: int = TEST_SEED, per_level: int = TEST_PER_LEVEL) -> list[Chain]:
+    """The fixed held-out split: `per_level` distinct chains for each level."""
+    rng = random.Random(seed)
+    chains: list[Chain] = []
+    for level in LEVELS:
+        seen: set[Chain] = set()
+        while len(seen) < per_level:
+            chain = sample_chain(rng, level)
+            if chain not in seen:
+                seen.add(chain)
+                chains.append(chain)
+    return chains
+
+
+def test_problems() -> list[Problem]:
+    return [to_problem(c, i, "test") for i, c in enumerate(test_chains())]
+
+
+def train_chains(seed: int, count: int, levels: tuple[int, ...] = LEVELS) -> list[Chain]:
+    """`count` chains drawn uniformly over levels, never one from the held-out split."""
+    held_out = set(test_chains())
+    rng = random.Random(seed)
+    chains: list[Chain] = []
+    while len(chains) < count:
+        chain = sample_chain(rng, rng.choice(levels))
+        if chain not in held_out:
+            chains.append(chain)
+    return chains
+
+
+def train_problems(seed: int, count: int, levels: tuple[int, ...] = LEVELS) -> list[Problem]:
+    return [to_problem(c, i, f"train{seed}") for i, c in enumerate(train_chains(seed, count, levels))]
+
+
+def parse_question(question: str) -> Chain:
+    """Inverse of Chain.question (used to check traces)."""
+    body = question.replace(" What is the result?", "").rstrip(".")
+    parts = [p.strip() for p in body.split(",")]
+    start = int(parts[0].removeprefix("Start with "))
+    ops = []
+    for p in parts[1:]:
+        word, value = p.split()
+        ops.append(int(value) if word == "add" else -int(value))
+    return Chain(start, tuple(ops))
+
+
+def trace_text(lines: list[TraceLine]) -> str:
+    return "\n".join(line.text for line in lines)
+
+
+def sft_example(
+    rng: random.Random,
+    chain: Chain,
+    *,
+    instructed: bool,
+    verbose_prefix: bool,
+) -> tuple[bool, list[TraceLine]]:
+    """One SFT trace: plain traces are verbose; instructed ones concise, sometimes after a verbose start."""
+    if not instructed:
+        return False, sample_trace(rng, chain, VERBOSE)
+    switch_at = rng.randint(1, 2 * chain.level + 3) if verbose_prefix else None
+    return True, sample_trace(rng, chain, CONCISE, switch_at=switch_at)
+
+
+def vocabulary_texts(seed: int = 0, traces: int = 4000) -> list[str]:
+    """Texts that cover every word piece the task can produce (for building the tiny tokenizer)."""
+    rng = random.Random(seed)
+    texts = [" ".join(str(i) for i in range(-10, 31)), "\n".join(str(i) for i in range(31))]
+    for _ in range(traces):
+        chain = sample_chain(rng, rng.choice(LEVELS))
+        texts.append(chain.question())
+        for style in (VERBOSE, CONCISE):
+            texts.append(trace_text(sample_trace(rng, chain, style, slip=0.5)))
+        texts.append(reference_solution(chain))
+    return texts

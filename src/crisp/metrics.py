@@ -1,0 +1,50 @@
+"""metrics.jsonl: one JSON object per logged step, namespaced keys (train/, rollout/, eval/, time/)."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (a resumed run rewrites them)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _plain(value):
+    return round(value, 6) if isinstance(value, float) else value
+
+
+class Timer:
+    """Accumulates wall time per named phase: `with timer("generate"): ...` -> time/generate."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.totals.items()}
+        self.totals = {}
+        return out
