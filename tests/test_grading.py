@@ -49,7 +49,9 @@ def test_extract_answer_line(text: str, expected: str) -> None:
     assert extract_answer_line(text) == expected
 
 
-@pytest.mark.parametrize("text", ["no answer here", "The Answer: is not at line start", "Answer:", "Answer:   $$"])
+@pytest.mark.parametrize(
+    "text", ["no answer here", "The Answer: is not at line start", "Answer:", "Answer:   $$"]
+)
 def test_extract_answer_line_none(text: str) -> None:
     assert extract_answer_line(text) is None
 
@@ -195,9 +197,16 @@ def test_exact_grader(candidate: str, gold: str, correct: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _grade_in_thread(response: str, gold: str, timeout: float, wait: float) -> tuple[GradeResult | None, float]:
+def _grade_in_thread(
+    response: str, gold: str, timeout: float, wait: float
+) -> tuple[GradeResult | None, float]:
+    """Grade in a non-main thread; the result (None if still running after ``wait`` s) and the time."""
     results: list[GradeResult] = []
-    thread = threading.Thread(target=lambda: results.append(grade(response, gold, timeout=timeout)), daemon=True)
+
+    def target() -> None:
+        results.append(grade(response, gold, timeout=timeout))
+
+    thread = threading.Thread(target=target, daemon=True)
     start = time.monotonic()
     thread.start()
     thread.join(wait)
@@ -248,3 +257,9 @@ def test_grade_never_raises() -> None:
     assert result.timed_out and not result.correct
     result = grade(None, "1")  # type: ignore[arg-type]
     assert not result.correct and result.error is not None
+
+
+def test_candidate_count_is_capped() -> None:
+    boxes = " ".join(f"\\boxed{{{n}}}" for n in range(100, 100 + grading.MAX_CANDIDATES + 4))
+    assert grade(boxes, str(100 + grading.MAX_CANDIDATES + 3), grader=ExactGrader()).correct  # last box
+    assert not grade(boxes, "100", grader=ExactGrader()).correct  # the first box is beyond the cap

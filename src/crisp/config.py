@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -163,9 +173,83 @@ class SelfDistillConfig(RunConfig):
         return self
 
 
-TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig], Field(discriminator="method")]
+class LengthSchedule(Strict):
+    """SIRI's maximum rollout length L over training steps (see crisp.schedules.max_length_at)."""
+
+    kind: Literal["constant", "stair", "cosine", "stair_cosine"] = "constant"
+    l_min: PositiveInt = 8192
+    l_max: PositiveInt = 16384
+    period: PositiveInt = 640  # T, in training steps
+
+    @field_validator("l_max")
+    @classmethod
+    def _ordered(cls, l_max: int, info: ValidationInfo) -> int:
+        l_min = info.data.get("l_min")
+        if l_min is not None and l_min > l_max:
+            raise ValueError(f"schedule.l_max ({l_max}) must be >= schedule.l_min ({l_min})")
+        return l_max
+
+
+class GRPOConfig(RunConfig):
+    """SIRI: GRPO with DAPO's changes, a length-capped reward and a max-length schedule.
+
+    `rollout` sets the sampler; its `max_new_tokens` and `n` come from `schedule` and `group_size`.
+    `loss_normaliser` is the denominator of the token-level loss:
+      - "constant" (default): batch_size * group_size * schedule.l_max, the same number every step,
+        so neither the scheduled cap nor how long this batch's responses are changes the weight of
+        a token (a shorter cap does not inflate the per-token gradient);
+      - "batch_tokens": the response tokens of the step's batch (DAPO's token mean); it shrinks
+        when the cap shrinks, so every token weighs more in the compression phase.
+    """
+
+    method: Literal["grpo"] = "grpo"
+    batch_size: PositiveInt = 128  # prompts per step
+    group_size: Annotated[int, Field(ge=2)] = 16  # G samples per prompt
+    micro_batch_size: PositiveInt = 16  # rollouts per forward/backward
+    rollout: SamplingConfig = SamplingConfig()
+    schedule: LengthSchedule = LengthSchedule()
+    eps_low: Annotated[float, Field(ge=0)] = 0.2
+    eps_high: Annotated[float, Field(ge=0)] = 0.28
+    scale_by_std: bool = True
+    aggregation: Literal["token", "sequence"] = "token"
+    loss_normaliser: Literal["constant", "batch_tokens"] = "constant"
+    kl_coef: Annotated[float, Field(ge=0)] = 0.0  # k3 KL to the initial model; 0 = no reference model
+    ppo_epochs: PositiveInt = 1  # optimizer steps per rollout batch (old log-probs from sampling time)
+    dynamic_sampling: bool = False  # DAPO: resample until batch_size groups have mixed rewards
+    max_sampling_rounds: PositiveInt = 3  # generation rounds per step when dynamic_sampling is on
+    chunk_size: PositiveInt = 1024  # response tokens per LM-head chunk when computing log-probs
+    max_skipped_steps: PositiveInt = 10  # stop after this many consecutive non-finite steps
+
+    @field_validator("eps_high")
+    @classmethod
+    def _clip_range(cls, eps_high: float, info: ValidationInfo) -> float:
+        eps_low = info.data.get("eps_low")
+        if eps_low is not None and eps_high < eps_low:
+            raise ValueError(f"eps_high ({eps_high}) must be >= eps_low ({eps_low})")
+        return eps_high
+
+    @model_validator(mode="after")
+    def _rollout_follows_group_and_schedule(self) -> "GRPOConfig":
+        """rollout.n is group_size and rollout.max_new_tokens is schedule.l_max: filled in here so
+        that the dumped config shows them; an explicit different value is an error, not ignored."""
+        wanted = {"n": ("group_size", self.group_size), "max_new_tokens": ("schedule.l_max", self.schedule.l_max)}
+        for key, (owner, value) in wanted.items():
+            if key in self.rollout.model_fields_set and getattr(self.rollout, key) != value:
+                raise ValueError(f"rollout.{key} ({getattr(self.rollout, key)}) must equal {owner} ({value}) "
+                                 f"or be left out: grpo takes it from {owner}")
+        filled = self.rollout.model_copy(update={key: value for key, (_, value) in wanted.items()})
+        object.__setattr__(self, "rollout", filled)  # plain assignment would re-run this validator
+        return self
+
+    @field_serializer("rollout")
+    def _rollout_without_derived(self, rollout: SamplingConfig) -> dict:
+        """The dumped config leaves out the derived n and max_new_tokens, so it reloads with overrides."""
+        return rollout.model_dump(exclude={"n", "max_new_tokens"})
+
+
+TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig, GRPOConfig], Field(discriminator="method")]
 _ADAPTER = TypeAdapter(TrainConfig)
-METHODS = ("sft", "selfdistill")
+METHODS = ("sft", "selfdistill", "grpo")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -194,7 +278,9 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "tagged-union")))
-        loc = loc.removeprefix("sft.").removeprefix("selfdistill.")
+        method = str(e["loc"][0]) if e["loc"] else ""
+        if method in METHODS:  # the discriminated union puts the method first; a top-level check has only it
+            loc = "" if loc == method else loc.removeprefix(method + ".")
         lines.append(f"{loc or '(top level)'}: {e['msg']}")
     return "; ".join(lines)
 

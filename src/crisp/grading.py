@@ -31,6 +31,7 @@ from typing import Protocol
 from crisp import __version__
 
 MAX_CANDIDATE_CHARS = 2000  # longer candidates are wrong without calling sympy
+MAX_CANDIDATES = 16  # the answer line and the last boxes; bounds the time one response can take
 WORKER_START_TIMEOUT = 120.0  # seconds to start the worker and import sympy; not the per-call limit
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +105,8 @@ def _braced_content(text: str, start: int) -> str | None:
 
 
 def _candidates(response: str) -> list[tuple[str, str]]:
-    """(path, candidate) pairs: the answer line first, then boxes from last to first, deduplicated."""
+    """(path, candidate) pairs: the answer line, then boxes from last to first; distinct, at most
+    MAX_CANDIDATES."""
     pairs = []
     line = extract_answer_line(response)
     if line is not None:
@@ -116,7 +118,7 @@ def _candidates(response: str) -> list[tuple[str, str]]:
         if candidate not in seen:
             seen.add(candidate)
             unique.append((path, candidate))
-    return unique
+    return unique[:MAX_CANDIDATES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +220,12 @@ def get_grader(name: str, *, timeout: float = 5.0) -> Grader:
 
 
 def grade(response: str, gold: str, *, grader: Grader | None = None, timeout: float = 5.0) -> GradeResult:
-    """Grade a response against the gold answer. Never raises; returns within about
-    (number of candidates) x timeout. ``timeout`` is used only when ``grader`` is None
-    (a MathVerifyGrader); a given grader keeps its own."""
+    """Grade a response against the gold answer. Never raises.
+
+    Returns within about MAX_CANDIDATES x (timeout + a worker restart) in the worst case, in
+    microseconds when the answer matches the gold as a string. ``timeout`` is used only when
+    ``grader`` is None (a MathVerifyGrader); a given grader keeps its own.
+    """
     name = getattr(grader, "name", "math-verify")
     try:
         grader = grader if grader is not None else MathVerifyGrader(timeout)
@@ -251,6 +256,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self._owner = os.getpid()
 
     def verify(self, candidate: str, gold: str, timeout: float) -> bool:
         proc = self._running()
@@ -275,6 +281,9 @@ class _Worker:
         return bool(reply["correct"])
 
     def _running(self) -> subprocess.Popen[bytes]:
+        if self._owner != os.getpid():
+            # we are a forked child: the pipes belong to the parent, start our own process
+            self._proc, self._owner = None, os.getpid()
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         src_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,7 +308,7 @@ class _Worker:
         return self._proc
 
     def close(self) -> None:
-        if self._proc is not None:
+        if self._proc is not None and self._owner == os.getpid():
             self._proc.kill()
             self._proc.wait()
             for pipe in (self._proc.stdin, self._proc.stdout):

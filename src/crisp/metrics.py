@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (a resumed run rewrites them)."""
+        """Drop records past `step`: a resumed run rewrites them, a fresh run (step 0) starts empty."""
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -27,7 +28,10 @@ class MetricsLog:
 
 
 def _plain(value):
-    return round(value, 6) if isinstance(value, float) else value
+    """Floats rounded; NaN/inf become null so that the file stays strict JSON."""
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
 
 
 class Timer:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -29,16 +29,22 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+WORD_PIECES = r" ?[+-]\d+| ?\d+| ?[^\W\d_]+| ?[^\s\w]+|\s+"
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer whose vocabulary is every byte-level word piece seen in `texts`.
 
-    Byte-level pre-tokenization keeps spaces and newlines inside the pieces, so decode(encode(x))
-    == x exactly for any text made of known pieces.
+    Pieces are words, numbers (a sign attached: "-8" is one token, so an operation is one token),
+    punctuation runs and whitespace runs; byte-level mapping keeps the spaces inside the pieces, so
+    decode(encode(x)) == x exactly for any text made of known pieces.
     """
-    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(WORD_PIECES), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     pieces: set[str] = set()
     for text in texts:
         pieces.update(piece for piece, _ in pre.pre_tokenize_str(text))

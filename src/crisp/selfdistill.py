@@ -136,7 +136,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
         checkpoint.set_rng_state(state["rng"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
-        log.truncate_after(step)
+        teacher.refreshes = state["refreshes"]
 
     def epoch_order(epoch: int) -> list[int]:
         order = list(range(len(problems)))
@@ -144,6 +144,9 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
         return order
 
     order = epoch_order(epoch)
+    log.truncate_after(step)
+    if step == 0:
+        (out / "rollouts.jsonl").unlink(missing_ok=True)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.teacher.update + " selfdistill", dynamic_ncols=True)
     while step < cfg.max_steps:
         batch: list[Problem] = []
@@ -190,13 +193,16 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
         loss = loss_total / num_tokens if num_tokens else float("nan")
 
         with timer("step"):
-            grad_norm = clip_and_check(student, cfg.optim.grad_clip) if kept else float("nan")
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
-                consecutive_skips = 0
+            if not kept:  # the rollout filter kept nothing: no update, but not a failed step either
+                grad_norm = float("nan")
             else:
-                skipped += 1
-                consecutive_skips += 1
+                grad_norm = clip_and_check(student, cfg.optim.grad_clip)
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    optimizer.step()
+                    consecutive_skips = 0
+                else:
+                    skipped += 1
+                    consecutive_skips += 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         step += 1

@@ -158,7 +158,6 @@ def train_sft(cfg: SFTConfig) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
-        log.truncate_after(step)
 
     def epoch_batches(epoch: int) -> list[list[int]]:  # deterministic shuffle per epoch
         return length_bucketed_batches(examples, cfg.batch_tokens, random.Random(cfg.seed * 1000 + epoch))
@@ -166,6 +165,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     if resume_from is None:
         epoch, position = 0, 0
     batches = epoch_batches(epoch)
+    log.truncate_after(step)
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
     tokens_seen, window_start = 0, time.perf_counter()
@@ -201,4 +201,5 @@ def train_sft(cfg: SFTConfig) -> Path:
     bar.close()
     final = out / "model"
     save_model(model, tokenizer, final)
+    dump_config(cfg, final / "crisp_config.yaml")  # marks the model complete, and what built it
     return final

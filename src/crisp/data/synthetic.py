@@ -1,7 +1,9 @@
 """The built-in synthetic reasoning task: running-total arithmetic chains.
 
-A problem starts from a number and applies 1-4 additions/subtractions of 1-9, the running total
-staying in 0..20; its difficulty is the number of operations. Traces imitate a reasoning model:
+A problem starts from a number and applies 1-4 additions/subtractions of 1-9 (one per line, numbered
+"Second -3"), the running total staying in 0..20; its difficulty is the number of operations.
+Each step line starts by quoting its operation ("Second -3: 9 -3 = 6."), so a small model finds the
+operand by matching the ordinal word, the simplest kind of copying a 2-layer transformer learns. Traces imitate a reasoning model:
 each redundant line (a restatement, a check after a step, a re-read, a summary) is an independent
 random choice whose probability depends on the style. Without the concise instruction the model
 writes them almost always; with it, almost never -- except the checks after "risky" steps, which
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from crisp.data.problems import Problem
 
 LEVELS = (1, 2, 3, 4)
+ORDINALS = ("First", "Second", "Third", "Fourth")
 MAX_TOTAL = 20
 FIRST_RISKY_STEP = 3
 TEST_SEED = 20_240_601
@@ -72,10 +75,8 @@ class Chain:
         return self.totals()[-1]
 
     def question(self) -> str:
-        parts = [f"Start with {self.start}"]
-        for x in self.operands:
-            parts.append(f"add {x}" if x > 0 else f"subtract {-x}")
-        return ", ".join(parts) + ". What is the result?"
+        ops = "".join(f"{ORDINALS[i]} {x:+d}\n" for i, x in enumerate(self.operands))
+        return f"Start with {self.start}.\n{ops}What is the result?"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def sample_chain(rng: random.Random, level: int) -> Chain:
 
 
 def _op(x: int) -> str:
-    return f"+ {x}" if x > 0 else f"- {-x}"
+    return f"{x:+d}"  # one token: the tokenizer keeps a signed number together
 
 
 def _slipped(rng: random.Random, correct: int) -> int:
@@ -117,7 +118,7 @@ def sample_trace(
         lines.append(TraceLine(text, in_prefix=switch_at is not None and len(lines) < switch_at))
 
     if rng.random() < current().restate:
-        emit("Restate: " + chain.question().replace(" What is the result?", ""))
+        emit(f"Restate: we start at {chain.start} and apply the operations in order.")
     if rng.random() < current().think:
         emit("Let me think step by step.")
     total = chain.start
@@ -125,7 +126,7 @@ def sample_trace(
         correct = total + x
         risky = i >= FIRST_RISKY_STEP
         stated = _slipped(rng, correct) if risky and rng.random() < slip else correct
-        emit(f"Step {i}: {total} {_op(x)} = {stated}.")
+        emit(f"{ORDINALS[i - 1]} {_op(x)}: {total} {_op(x)} = {stated}.")
         check = current().check_risky if risky else current().check_safe
         if rng.random() < check:
             long = rng.random() < current().long_check
@@ -139,7 +140,7 @@ def sample_trace(
                 stated = correct
         total = stated
     if rng.random() < current().reread:
-        emit(f"Let me re-read the problem. It has {chain.level} operations and I did {chain.level}.")
+        emit("Let me re-read the problem. Every operation is used once.")
     if rng.random() < current().summary:
         emit(f"So the final total is {total}.")
     emit(f"Answer: {total}")
@@ -149,7 +150,7 @@ def sample_trace(
 def reference_solution(chain: Chain) -> str:
     """The concise, slip-free solution (OPSD's privileged information)."""
     totals = chain.totals()
-    steps = [f"Step {i}: {totals[i - 1]} {_op(x)} = {totals[i]}." for i, x in enumerate(chain.operands, 1)]
+    steps = [f"{ORDINALS[i]} {_op(x)}: {totals[i]} {_op(x)} = {totals[i + 1]}." for i, x in enumerate(chain.operands)]
     return "\n".join(steps + [f"Answer: {chain.answer}"])
 
 
@@ -200,13 +201,9 @@ def train_problems(seed: int, count: int, levels: tuple[int, ...] = LEVELS) -> l
 
 def parse_question(question: str) -> Chain:
     """Inverse of Chain.question (used to check traces)."""
-    body = question.replace(" What is the result?", "").rstrip(".")
-    parts = [p.strip() for p in body.split(",")]
-    start = int(parts[0].removeprefix("Start with "))
-    ops = []
-    for p in parts[1:]:
-        word, value = p.split()
-        ops.append(int(value) if word == "add" else -int(value))
+    lines = question.strip().splitlines()
+    start = int(lines[0].removeprefix("Start with ").rstrip("."))
+    ops = [int(line.split()[1]) for line in lines[1:] if line.split()[0] in ORDINALS]
     return Chain(start, tuple(ops))
 
 
@@ -231,7 +228,7 @@ def sft_example(
 def vocabulary_texts(seed: int = 0, traces: int = 4000) -> list[str]:
     """Texts that cover every word piece the task can produce (for building the tiny tokenizer)."""
     rng = random.Random(seed)
-    texts = [" ".join(str(i) for i in range(-10, 31)), "\n".join(str(i) for i in range(31))]
+    texts = [" ".join(f"{i} {i:+d}" for i in range(-10, 31)), "\n".join(str(i) for i in range(31))]
     for _ in range(traces):
         chain = sample_chain(rng, rng.choice(LEVELS))
         texts.append(chain.question())

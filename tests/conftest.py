@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny word-level tokenizer and a tiny random HF model, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# The test models are tiny: one thread is faster than two, and on busy cores a multi-threaded
+# torch spends most of its time waiting for its own threads (a 32x32 matmul took 20 ms).
+torch.set_num_threads(1)
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+def vocabulary() -> list[str]:
+    """The synthetic task's word pieces plus every prompt preset (raw and resolved)."""
+    from crisp.data import synthetic
+    from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, resolve_instruction
+
+    texts = synthetic.vocabulary_texts(traces=300)
+    texts += list(INSTRUCTIONS.values()) + list(STUDENT_TEMPLATES.values()) + [REFERENCE_TEMPLATE]
+    texts += [resolve_instruction(name) for name in INSTRUCTIONS]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from crisp.modeling import build_word_tokenizer
+
+    return build_word_tokenizer(vocabulary())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A saved tiny Llama (random weights) with its tokenizer: an ordinary HF model directory."""
+    from crisp.modeling import build_tiny_model, save_model
+
+    directory = tmp_path_factory.mktemp("tiny_model")
+    model = build_tiny_model(tiny_tokenizer, seed=0, **TINY)
+    save_model(model, tiny_tokenizer, directory)
+    return directory
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    """A fresh copy of the saved tiny model (tests may change its weights)."""
+    from crisp.modeling import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture()
+def loaded_tokenizer(tiny_model_dir):
+    """The tokenizer as a training run sees it (AutoTokenizer from the saved directory)."""
+    from crisp.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))

@@ -1,0 +1,272 @@
+"""Generation (HFGenerator on a tiny random model), the evaluation summary and baseline ratios
+computed by hand, and `crisp eval` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from crisp import cli
+from crisp.config import SamplingConfig
+from crisp.data import synthetic
+from crisp.evaluate import compare_to_baseline, summarize
+from crisp.modeling import build_tiny_model
+from crisp.prompts import PromptBuilder
+from crisp.rollout import HFGenerator
+
+from conftest import TINY
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_tokenizer):
+    """A tiny random model with larger weights (peaked, varied next-token distributions instead of
+    near-uniform ones) and a boosted EOS row, so that some samples stop and others run to the cap."""
+    model = build_tiny_model(tiny_tokenizer, seed=0, **TINY)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+        model.get_input_embeddings().weight[tiny_tokenizer.eos_token_id] *= 2
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tokenizer):
+    builder = PromptBuilder(tiny_tokenizer, template="plain")
+    problems = synthetic.test_problems()[::25]  # every level, prompts of different lengths
+    ids = [builder.student_ids(p) for p in problems]
+    ids.sort(key=len, reverse=True)  # longest first: the generator's length sort must reorder them
+    assert len({len(p) for p in ids}) > 1
+    return ids
+
+
+SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20)
+
+
+# ---------------------------------------------------------------------------------------------
+# HFGenerator
+# ---------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_rollouts(sharp_model, tiny_tokenizer, prompts):
+    generator = HFGenerator(sharp_model, tiny_tokenizer)
+    a = generator.generate(prompts, SAMPLING, seed=5)
+    b = generator.generate(prompts, SAMPLING, seed=5)
+    c = generator.generate(prompts, SAMPLING, seed=6)
+    assert a == b
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+
+
+def test_n_samples_per_prompt_in_prompt_order(sharp_model, tiny_tokenizer, prompts):
+    rollouts = HFGenerator(sharp_model, tiny_tokenizer, batch_size=5).generate(prompts, SAMPLING, seed=0)
+    assert len(rollouts) == len(prompts) * SAMPLING.n
+    assert [r.prompt_index for r in rollouts] == [i for i in range(len(prompts)) for _ in range(SAMPLING.n)]
+    for r in rollouts:
+        assert list(r.prompt_ids) == prompts[r.prompt_index]
+    # the n samples of one prompt are different draws
+    first = [r.token_ids for r in rollouts[: SAMPLING.n]]
+    assert len(set(first)) > 1
+
+
+def test_finish_reason_eos_and_length(sharp_model, tiny_tokenizer, prompts):
+    eos = tiny_tokenizer.eos_token_id
+    rollouts = HFGenerator(sharp_model, tiny_tokenizer).generate(prompts, SAMPLING, seed=0)
+    reasons = Counter(r.finish_reason for r in rollouts)
+    assert reasons["stop"] > 0 and reasons["length"] > 0  # both branches below are exercised
+    for r in rollouts:
+        assert 1 <= r.num_tokens <= SAMPLING.max_new_tokens
+        assert (r.token_ids[-1] == eos) == (r.finish_reason == "stop")
+        assert eos not in r.token_ids[:-1]  # nothing after the EOS
+        if r.finish_reason == "length":
+            assert r.num_tokens == SAMPLING.max_new_tokens
+        assert r.text == tiny_tokenizer.decode(list(r.token_ids), skip_special_tokens=True)
+
+
+def test_max_new_tokens_argument_overrides_the_config(sharp_model, tiny_tokenizer, prompts):
+    rollouts = HFGenerator(sharp_model, tiny_tokenizer).generate(prompts, SAMPLING, seed=0, max_new_tokens=4)
+    assert max(r.num_tokens for r in rollouts) == 4
+    assert all(r.num_tokens == 4 for r in rollouts if r.finish_reason == "length")
+
+
+def test_left_padding_does_not_change_greedy_tokens(sharp_model, tiny_tokenizer, prompts):
+    greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=20)
+    generator = HFGenerator(sharp_model, tiny_tokenizer)
+    short, long = min(prompts, key=len), max(prompts, key=len)
+    assert len(long) > len(short)
+    alone = generator.generate([short], greedy)[0]
+    batched = generator.generate([long, short], greedy)
+    assert batched[1].prompt_ids == alone.prompt_ids
+    assert batched[1].token_ids == alone.token_ids
+    assert len(set(alone.token_ids)) > 2  # not a degenerate repetition that any bug would reproduce
+    one_by_one = [generator.generate([p], greedy)[0].token_ids for p in prompts]
+    together = [r.token_ids for r in generator.generate(prompts, greedy)]
+    assert together == one_by_one
+
+
+def test_generate_restores_training_mode(tiny_model, tiny_tokenizer, prompts):
+    tiny_model.train()
+    HFGenerator(tiny_model, tiny_tokenizer).generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=2), seed=0)
+    assert tiny_model.training
+    tiny_model.eval()
+    HFGenerator(tiny_model, tiny_tokenizer).generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=2), seed=0)
+    assert not tiny_model.training
+
+
+# ---------------------------------------------------------------------------------------------
+# summarize / compare_to_baseline, by hand
+# ---------------------------------------------------------------------------------------------
+
+
+def _record(pid, difficulty, correct, tokens, reason="stop"):
+    return {"id": pid, "difficulty": difficulty, "correct": correct, "tokens": tokens, "finish_reason": reason}
+
+
+RECORDS = [  # k = 2 samples for each of three problems, in sample order a0 a1 b0 b1 c0 c1
+    _record("a", "1", True, 10),
+    _record("a", "1", False, 20, "length"),
+    _record("b", "1", False, 30),
+    _record("b", "1", False, 40, "length"),
+    _record("c", "2", True, 5),
+    _record("c", "2", True, 15),
+]
+
+
+def test_summarize_by_hand():
+    s = summarize(RECORDS)
+    assert s["accuracy"] == pytest.approx(3 / 6)
+    assert s["pass_at_k"] == pytest.approx(2 / 3)  # a and c have a correct sample
+    assert s["mean_tokens"] == pytest.approx((10 + 20 + 30 + 40 + 5 + 15) / 6)
+    assert s["mean_tokens_correct"] == pytest.approx((10 + 5 + 15) / 3)
+    assert s["truncation_rate"] == pytest.approx(2 / 6)
+    assert s["num_problems"] == 3 and s["num_samples"] == 6
+    # sample set 0 = (a0, b0, c0): 2/3 correct; sample set 1 = (a1, b1, c1): 1/3
+    assert s["accuracy_std_over_samples"] == pytest.approx(statistics.pstdev([2 / 3, 1 / 3]))
+    assert list(s["by_difficulty"]) == ["1", "2"]
+    one, two = s["by_difficulty"]["1"], s["by_difficulty"]["2"]
+    assert one["accuracy"] == pytest.approx(1 / 4)
+    assert one["pass_at_k"] == pytest.approx(1 / 2)
+    assert one["mean_tokens"] == pytest.approx(25)
+    assert one["mean_tokens_correct"] == pytest.approx(10)
+    assert one["truncation_rate"] == pytest.approx(1 / 2)
+    assert two["accuracy"] == 1 and two["pass_at_k"] == 1
+    assert two["mean_tokens"] == pytest.approx(10) and two["mean_tokens_correct"] == pytest.approx(10)
+    assert two["truncation_rate"] == 0
+
+
+def test_summarize_no_correct_and_level_order():
+    records = [_record("x", "10", False, 4), _record("y", "2", False, 6), _record("z", None, False, 8)]
+    s = summarize(records)
+    assert s["accuracy"] == 0 and s["pass_at_k"] == 0
+    assert s["mean_tokens_correct"] is None
+    assert list(s["by_difficulty"]) == ["2", "10"]  # numeric order; no level for None
+    assert s["accuracy_std_over_samples"] == 0.0
+
+
+def test_compare_to_baseline_by_hand():
+    base = {"accuracy": 0.5, "mean_tokens": 100.0,
+            "by_difficulty": {"1": {"accuracy": 0.8, "mean_tokens": 50.0}, "3": {"accuracy": 0.2, "mean_tokens": 10}}}
+    run = {"accuracy": 0.6, "mean_tokens": 40.0,
+           "by_difficulty": {"1": {"accuracy": 0.4, "mean_tokens": 25.0}, "2": {"accuracy": 1.0, "mean_tokens": 1}}}
+    out = compare_to_baseline(run, base)
+    overall = out["overall"]
+    assert overall["compression_ratio"] == pytest.approx(0.4)
+    assert overall["token_reduction"] == pytest.approx(0.6)
+    assert overall["accuracy_delta"] == pytest.approx(0.1)
+    assert overall["dacc"] == pytest.approx(0.6 / 0.5 - 1)
+    assert overall["dacc_over_cr"] == pytest.approx((0.6 / 0.5 - 1) / 0.4)
+    assert set(out["by_difficulty"]) == {"1"}  # only levels both runs have
+    level = out["by_difficulty"]["1"]
+    assert level["compression_ratio"] == pytest.approx(0.5)
+    assert level["accuracy_delta"] == pytest.approx(-0.4)
+    assert level["dacc"] == 0.0  # max(0.4 / 0.8 - 1, 0)
+    assert level["dacc_over_cr"] == 0.0
+
+
+def test_compare_to_baseline_zero_baseline():
+    out = compare_to_baseline({"accuracy": 0.3, "mean_tokens": 5.0}, {"accuracy": 0.0, "mean_tokens": 0.0})
+    assert out["overall"]["compression_ratio"] is None and out["overall"]["dacc"] is None
+    assert out["overall"]["dacc_over_cr"] is None
+    assert out["overall"]["accuracy_delta"] == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# crisp eval, end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def _read(out: Path):
+    summary = json.loads((out / "summary.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return summary, samples
+
+
+def test_cli_eval_synthetic(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    limit = synthetic.TEST_PER_LEVEL + 10  # levels 1 and 2
+    cli.main(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--limit", str(limit),
+              "--k", "2", "--out", str(out), "--max-new-tokens", "12", "--temperature", "0.7",
+              "--top-p", "0.9", "--top-k", "5", "--seed", "3"])
+    summary, samples = _read(out)
+    assert 0 <= summary["accuracy"] <= 1
+    assert summary["k"] == 2
+    assert summary["grader"].startswith("exact")
+    assert summary["prompt_template"] == "plain"
+    sampling = summary["sampling"]
+    assert (sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["max_new_tokens"]) == (0.7, 0.9, 5, 12)
+    assert sampling["n"] == 2
+    assert set(summary["by_difficulty"]) == {"1", "2"}
+    for level, figures in summary["by_difficulty"].items():
+        rows = [s for s in samples if s["difficulty"] == level]
+        assert figures["accuracy"] == pytest.approx(statistics.fmean(s["correct"] for s in rows))
+        assert figures["mean_tokens"] == pytest.approx(statistics.fmean(s["tokens"] for s in rows))
+    # k rows per problem, the problems being the first `limit` of the held-out split
+    counts = Counter(s["id"] for s in samples)
+    assert len(samples) == 2 * limit and set(counts.values()) == {2}
+    assert list(dict.fromkeys(s["id"] for s in samples)) == [p.id for p in synthetic.test_problems()[:limit]]
+    assert summary["accuracy"] == pytest.approx(statistics.fmean(s["correct"] for s in samples))
+    assert summary["mean_tokens"] == pytest.approx(statistics.fmean(s["tokens"] for s in samples))
+    assert all(1 <= s["tokens"] <= 12 for s in samples)
+    assert summary["num_problems"] == limit
+    assert "summary.json" in capsys.readouterr().out
+
+
+def test_cli_eval_with_baseline(tiny_model_dir, tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"accuracy": 0.5, "mean_tokens": 100.0, "by_difficulty": {}}))
+    out = tmp_path / "eval"
+    cli.main(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--limit", "4",
+              "--out", str(out), "--max-new-tokens", "6", "--baseline", str(base)])
+    summary, _ = _read(out)
+    assert summary["vs_baseline"]["overall"]["compression_ratio"] == pytest.approx(summary["mean_tokens"] / 100)
+
+
+def test_cli_eval_gsm8k_fixture_with_dapo(tiny_model_dir, tmp_path):
+    out = tmp_path / "gsm8k"
+    fixture = FIXTURES / "gsm8k_sample.jsonl"
+    lines = [line for line in fixture.read_text().splitlines() if line.strip()]
+    cli.main(["eval", "--model", str(tiny_model_dir), "--benchmark", str(fixture), "--template", "dapo",
+              "--out", str(out), "--max-new-tokens", "8"])
+    summary, samples = _read(out)
+    assert isinstance(summary["accuracy"], float) and 0 <= summary["accuracy"] <= 1
+    assert math.isfinite(summary["mean_tokens"])
+    assert summary["prompt_template"] == "dapo"
+    assert summary["grader"].startswith("math-verify")
+    assert len(samples) == len(lines)
+    assert samples[-1]["gold"] == json.loads(lines[-1])["answer"].rpartition("####")[2].strip()
+
+
+def test_cli_eval_bad_k_exits_2(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--k", "0",
+                  "--out", str(tmp_path / "x")])
+    assert info.value.code == 2
+    assert "--k" in capsys.readouterr().err
