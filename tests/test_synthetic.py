@@ -12,14 +12,14 @@ import pytest
 from crisp.data import synthetic
 from crisp.data.synthetic import CONCISE, FIRST_RISKY_STEP, LEVELS, TEST_PER_LEVEL, VERBOSE
 
-STEP = re.compile(r"^(First|Second|Third|Fourth) ([+-]\d+): (-?\d+) ([+-]\d+) = (-?\d+)\.$")
+STEP = re.compile(r"^(First|Second|Third|Fourth) ([+-] \d+): (-?\d+) ([+-] \d+) = (-?\d+)\.$")
 CHECK_OK = re.compile(
-    r"^(?:Wait, let me double-check this step: (-?\d+) ([+-]\d+) = (-?\d+)\. Yes, that is right\."
-    r"|Check: (-?\d+) ([+-]\d+) = (-?\d+)\.)$"
+    r"^(?:Wait, let me double-check this step: (-?\d+) ([+-] \d+) = (-?\d+)\. Yes, that is right\."
+    r"|Check: (-?\d+) ([+-] \d+) = (-?\d+)\.)$"
 )
 CHECK_FIX = re.compile(
-    r"^(?:Wait, let me double-check this step: (-?\d+) ([+-]\d+) = (-?\d+), not (-?\d+)\. So it is (-?\d+)\."
-    r"|Check: (-?\d+) ([+-]\d+) = (-?\d+), not (-?\d+)\.)$"
+    r"^(?:Wait, let me double-check this step: (-?\d+) ([+-] \d+) = (-?\d+), not (-?\d+)\. So it is (-?\d+)\."
+    r"|Check: (-?\d+) ([+-] \d+) = (-?\d+), not (-?\d+)\.)$"
 )
 RESTATE = re.compile(r"^Restate: we start at (-?\d+) and apply the operations in order\.$")
 REREAD = re.compile(r"^Let me re-read the problem\. Every operation is used once\.$")
@@ -28,7 +28,7 @@ ANSWER = re.compile(r"^Answer: (-?\d+)$")
 
 
 def _groups(match: re.Match) -> list[int]:
-    return [int(g) for g in match.groups() if g is not None]
+    return [int(g.replace(" ", "")) for g in match.groups() if g is not None]
 
 
 def check_trace(question: str, text: str) -> dict:
@@ -50,7 +50,7 @@ def check_trace(question: str, text: str) -> dict:
             if pending is not None and pending[2] != pending[0] + pending[1]:
                 seen["unchecked"] += 1
             i = synthetic.ORDINALS.index(m.group(1)) + 1
-            quoted, a, x, c = (int(g) for g in m.groups()[1:])
+            quoted, a, x, c = (int(g.replace(" ", "")) for g in m.groups()[1:])
             assert i == next_step, where
             assert quoted == x, f"the step quotes another operation than it applies: {where}"
             assert x == chain.operands[i - 1], f"wrong operand: {where}"
@@ -178,13 +178,13 @@ def test_no_slips_without_slip_probability():
 def test_check_trace_catches_a_wrong_step():
     """The checker itself is not vacuous: a corrupted trace fails it."""
     chain = synthetic.Chain(5, (3, 4))
-    good = "First +3: 5 +3 = 8.\nSecond +4: 8 +4 = 12.\nAnswer: 12"
+    good = "First + 3: 5 + 3 = 8.\nSecond + 4: 8 + 4 = 12.\nAnswer: 12"
     check_trace(chain.question(), good)
-    for bad in ("First +3: 5 +3 = 9.\nSecond +4: 9 +4 = 13.\nAnswer: 13",  # slip on a safe step
-                "First +3: 5 +3 = 8.\nSecond +4: 5 +4 = 9.\nAnswer: 9",  # not the running total
-                "First +4: 5 +4 = 9.\nSecond +4: 9 +4 = 13.\nAnswer: 13",  # wrong operand
-                "First +3: 5 +3 = 8.\nSecond +5: 8 +4 = 12.\nAnswer: 12",  # quotes another operation
-                "First +3: 5 +3 = 8.\nSecond +4: 8 +4 = 12.\nAnswer: 11"):  # answer != total
+    for bad in ("First + 3: 5 + 3 = 9.\nSecond + 4: 9 + 4 = 13.\nAnswer: 13",  # slip on a safe step
+                "First + 3: 5 + 3 = 8.\nSecond + 4: 5 + 4 = 9.\nAnswer: 9",  # not the running total
+                "First + 4: 5 + 4 = 9.\nSecond + 4: 9 + 4 = 13.\nAnswer: 13",  # wrong operand
+                "First + 3: 5 + 3 = 8.\nSecond + 5: 8 + 4 = 12.\nAnswer: 12",  # quotes another operation
+                "First + 3: 5 + 3 = 8.\nSecond + 4: 8 + 4 = 12.\nAnswer: 11"):  # answer != total
         with pytest.raises(AssertionError):
             check_trace(chain.question(), bad)
 
@@ -222,12 +222,16 @@ def test_held_out_never_in_train(seed):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_plain_style_at_least_three_times_longer_than_concise():
+def test_plain_style_at_least_three_times_longer_than_concise(tiny_tokenizer):
     rng = random.Random(3)
     verbose, concise = [], []
+
+    def tokens(lines) -> int:
+        return len(tiny_tokenizer(synthetic.trace_text(lines), add_special_tokens=False)["input_ids"])
+
     for chain in synthetic.train_chains(seed=9, count=400):
-        verbose.append(len(synthetic.trace_text(synthetic.sample_trace(rng, chain, VERBOSE)).split()))
-        concise.append(len(synthetic.trace_text(synthetic.sample_trace(rng, chain, CONCISE)).split()))
+        verbose.append(tokens(synthetic.sample_trace(rng, chain, VERBOSE)))
+        concise.append(tokens(synthetic.sample_trace(rng, chain, CONCISE)))
     assert statistics.fmean(verbose) >= 3 * statistics.fmean(concise)
 
 

@@ -69,7 +69,7 @@ def cmd_demo(args) -> None:
 def cmd_compare(args) -> None:
     from crisp.report import compare_runs
 
-    compare_runs(args.runs, out=args.out)
+    compare_runs(args.runs, out=args.out, baseline=args.baseline)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="compare evaluated runs: table and Pareto plot")
     compare.add_argument("runs", nargs="+", help="run directories or summary.json files")
     compare.add_argument("--out", default=None, help="folder for the table and plot")
+    compare.add_argument("--baseline", default=None, help="the run to compare against (default: the first)")
     compare.set_defaults(func=cmd_compare)
     return parser
 

@@ -206,6 +206,7 @@ class GRPOConfig(RunConfig):
     batch_size: PositiveInt = 128  # prompts per step
     group_size: Annotated[int, Field(ge=2)] = 16  # G samples per prompt
     micro_batch_size: PositiveInt = 16  # rollouts per forward/backward
+    generation_batch_size: PositiveInt = 256  # sequences per generate call (bounds the KV cache)
     rollout: SamplingConfig = SamplingConfig()
     schedule: LengthSchedule = LengthSchedule()
     eps_low: Annotated[float, Field(ge=0)] = 0.2

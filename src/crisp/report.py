@@ -1,4 +1,10 @@
-"""Compare evaluated runs: a table, a Pareto plot (accuracy vs tokens), a per-difficulty plot."""
+"""Compare evaluated runs: one table, a Pareto plot (accuracy vs tokens), a per-difficulty plot.
+
+The table has a line per run and per difficulty level: accuracy (avg@k), mean response tokens, the
+token reduction against the baseline run and SIRI's dAcc/CR (dAcc = max(acc/acc_base - 1, 0),
+CR = tokens/tokens_base). Runs are only comparable when they were evaluated alike, so differing
+evaluation settings (k, sampler, grader, prompt template, benchmark) are reported with the table.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from crisp.evaluate import _level_key, compare_to_baseline, format_table  # noqa: E402
+from crisp.evaluate import _level_key, compare_to_baseline  # noqa: E402
+
+
+def pareto_front(rows: dict[str, dict]) -> list[str]:
+    """The runs that no other run beats on both accuracy and tokens, from the shortest up."""
+    front, best = [], float("-inf")
+    for name in sorted(rows, key=lambda n: (rows[n]["mean_tokens"], -rows[n]["accuracy"])):
+        if rows[name]["accuracy"] > best:
+            front.append(name)
+            best = rows[name]["accuracy"]
+    return front
 
 
 def pareto_plot(rows: dict[str, dict], path: str | Path, *, title: str = "Accuracy vs response length") -> None:
@@ -19,6 +35,9 @@ def pareto_plot(rows: dict[str, dict], path: str | Path, *, title: str = "Accura
         ax.errorbar(s["mean_tokens"], s["accuracy"], yerr=s.get("accuracy_std_over_samples") or 0,
                     fmt="o", capsize=3, markersize=7, label=name)
         ax.annotate(name, (s["mean_tokens"], s["accuracy"]), textcoords="offset points", xytext=(6, 6))
+    frontier = pareto_front(rows)
+    ax.step([rows[n]["mean_tokens"] for n in frontier], [rows[n]["accuracy"] for n in frontier], where="post",
+            color="gray", linestyle="--", linewidth=1, label="Pareto front")
     ax.set_xlabel("mean response tokens")
     ax.set_ylabel("accuracy (avg@k)")
     ax.set_title(title)
@@ -35,11 +54,12 @@ def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -
     others = [n for n in rows if n != baseline]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / max(1, len(others))
-    base = rows[baseline]["by_difficulty"]
+    base = rows[baseline].get("by_difficulty", {})
     for i, name in enumerate(others):
-        by = rows[name]["by_difficulty"]
-        reduction = [100 * (1 - by[lv]["mean_tokens"] / base[lv]["mean_tokens"]) for lv in levels]
-        left.bar([j + i * width for j in range(len(levels))], reduction, width, label=name)
+        by = rows[name].get("by_difficulty", {})
+        shared = [j for j, lv in enumerate(levels) if lv in by and lv in base and base[lv]["mean_tokens"]]
+        reduction = [100 * (1 - by[levels[j]]["mean_tokens"] / base[levels[j]]["mean_tokens"]) for j in shared]
+        left.bar([j + i * width for j in shared], reduction, width, label=name)
     left.set_xticks([j + width * (len(others) - 1) / 2 for j in range(len(levels))], [f"L{lv}" for lv in levels])
     left.set_ylabel(f"token reduction vs {baseline} (%)")
     left.set_xlabel("difficulty")
@@ -47,7 +67,8 @@ def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -
     left.legend(fontsize=8)
     left.grid(axis="y", alpha=0.3)
     for name, s in rows.items():
-        right.plot([f"L{lv}" for lv in levels], [s["by_difficulty"][lv]["accuracy"] for lv in levels],
+        by = s.get("by_difficulty", {})
+        right.plot([f"L{lv}" for lv in levels if lv in by], [by[lv]["accuracy"] for lv in levels if lv in by],
                    marker="o", label=name)
     right.set_ylabel("accuracy (avg@k)")
     right.set_xlabel("difficulty")
@@ -59,20 +80,55 @@ def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -
     plt.close(fig)
 
 
-def markdown_table(rows: dict[str, dict], *, baseline: str) -> str:
-    levels = sorted({lv for s in rows.values() for lv in s.get("by_difficulty", {})}, key=_level_key)
-    head = ["run", "accuracy", "± (std over k)", "mean tokens", "reduction", "dAcc/CR"]
-    head += [f"L{lv} acc / tokens" for lv in levels]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _levels(summary: dict) -> list[str]:
+    return sorted(summary.get("by_difficulty", {}), key=_level_key)
+
+
+def comparison_lines(rows: dict[str, dict], *, baseline: str) -> list[list[str]]:
+    """Header + one line per run ("all") and per difficulty level of that run."""
+    lines = [["run", "level", "accuracy", "tokens", "reduction", "dAcc/CR"]]
     for name, s in rows.items():
-        vs = compare_to_baseline(s, rows[baseline])["overall"]
-        cells = [name, f"{s['accuracy']:.3f}", f"{s.get('accuracy_std_over_samples', 0):.3f}",
-                 f"{s['mean_tokens']:.1f}", f"{vs['token_reduction']:.1%}", f"{vs['dacc_over_cr']:.3f}"]
-        for lv in levels:
-            d = s["by_difficulty"].get(lv)
-            cells.append(f"{d['accuracy']:.3f} / {d['mean_tokens']:.1f}" if d else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        vs = compare_to_baseline(s, rows[baseline])
+        scopes = [("all", s, vs["overall"])]
+        scopes += [(f"L{lv}", s["by_difficulty"][lv], vs["by_difficulty"].get(lv)) for lv in _levels(s)]
+        for level, figures, ratio in scopes:
+            accuracy = f"{figures['accuracy']:.3f}"
+            if level == "all" and figures.get("accuracy_std_over_samples"):
+                accuracy += f" ± {figures['accuracy_std_over_samples']:.3f}"
+            own = name == baseline or ratio is None
+            reduction = "-" if own or ratio["token_reduction"] is None else f"{ratio['token_reduction']:.1%}"
+            dacc_cr = "-" if own or ratio["dacc_over_cr"] is None else f"{ratio['dacc_over_cr']:.3f}"
+            lines.append([name if level == "all" else "", level, accuracy, f"{figures['mean_tokens']:.1f}",
+                          reduction, dacc_cr])
+    return lines
+
+
+def comparison_table(rows: dict[str, dict], *, baseline: str, markdown: bool = False) -> str:
+    """The comparison as aligned plain text, or as a Markdown table."""
+    lines = comparison_lines(rows, baseline=baseline)
+    if markdown:
+        out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines[1:]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+SETTINGS = ("benchmark", "k", "sampling", "grader", "prompt_template", "instruction")
+
+
+def setting_differences(rows: dict[str, dict]) -> list[str]:
+    """One line per evaluation setting that is not the same for every run (n is k's copy: ignored)."""
+    notes = []
+    for key in SETTINGS:
+        values = {}
+        for name, s in rows.items():
+            value = s.get(key)
+            if key == "sampling" and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k != "n"}
+            values.setdefault(json.dumps(value, sort_keys=True), []).append(name)
+        if len(values) > 1:
+            notes.append(f"{key} differs: " + "; ".join(f"{', '.join(names)}: {v}" for v, names in values.items()))
+    return notes
 
 
 def write_report(out: str | Path, rows: dict[str, dict], *, baseline: str = "base", title: str = "crisp report",
@@ -84,41 +140,76 @@ def write_report(out: str | Path, rows: dict[str, dict], *, baseline: str = "bas
     any_row = next(iter(rows.values()))
     settings = (f"k = {any_row.get('k')} samples per problem, sampling {json.dumps(any_row.get('sampling'))}, "
                 f"grader `{any_row.get('grader')}`, {any_row.get('num_problems')} problems.")
-    text = "\n\n".join([
+    text = "\n\n".join(part for part in [
         f"# {title}",
-        markdown_table(rows, baseline=baseline),
-        f"Reduction and dAcc/CR are against `{baseline}`. {settings}",
+        comparison_table(rows, baseline=baseline, markdown=True),
+        f"Reduction and dAcc/CR (dAcc = max(acc/acc_base - 1, 0), CR = tokens/tokens_base) are against "
+        f"`{baseline}`. {settings}",
+        "\n".join(f"**Not evaluated alike**: {note}" for note in setting_differences(rows)),
         "![accuracy vs tokens](pareto.png)",
         "![per difficulty](per_difficulty.png)",
         notes,
-    ])
+    ] if part)
     (out / "report.md").write_text(text.strip() + "\n")
     return out / "report.md"
 
 
+def _summary_files(path: Path) -> list[Path]:
+    """A file as given; a directory's own summary.json, else every summary.json below it."""
+    if path.is_file():
+        return [path]
+    if (path / "summary.json").is_file():
+        return [path / "summary.json"]
+    return sorted(path.rglob("summary.json"))
+
+
+def _run_names(directories: list[Path]) -> list[str]:
+    """The shortest trailing part of each directory that tells the runs apart ("eval" keeps its parent)."""
+    depth = [2 if d.name == "eval" else 1 for d in directories]
+    while True:
+        names = ["/".join(d.parts[-k:]) for d, k in zip(directories, depth)]
+        clashes = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clashes and depth[i] < len(directories[i].parts)]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
+
+
 def load_rows(paths: list[str]) -> dict[str, dict]:
-    """Rows from run directories or summary files. A file whose values are summaries (the demo's)
-    contributes each of its rows; a run directory is searched for summary.json files."""
-    rows: dict[str, dict] = {}
+    """Rows from run directories or summary files, in the order given. A file whose values are
+    summaries (the demo's summary.json) contributes each of its rows under its own names."""
+    entries: list[tuple[str | None, Path, dict]] = []  # (name, or None to name it by its directory)
     for item in paths:
-        path = Path(item)
-        files = [path] if path.is_file() else sorted(path.rglob("summary.json"))
+        files = _summary_files(Path(item))
         if not files:
             raise FileNotFoundError(f"{item}: no summary.json found (run `crisp eval ... --out DIR` first)")
         for file in files:
             data = json.loads(file.read_text())
             if "accuracy" in data:
-                name = file.parent.name if file.parent != path.parent or path.is_dir() else file.stem
-                rows[name if name not in rows else str(file.parent)] = data
+                entries.append((None, file, data))
             else:
-                rows.update({k: v for k, v in data.items() if isinstance(v, dict) and "accuracy" in v})
+                entries += [(name, file, row) for name, row in data.items() if isinstance(row, dict) and "accuracy" in row]
+    by_directory = iter(_run_names([file.resolve().parent for name, file, _ in entries if name is None]))
+    rows: dict[str, dict] = {}
+    for name, file, summary in entries:
+        name = name or next(by_directory)
+        rows[name if name not in rows else f"{file}:{name}"] = summary
     return rows
 
 
-def compare_runs(paths: list[str], *, out: str | None = None) -> None:
+def compare_runs(paths: list[str], *, out: str | None = None, baseline: str | None = None) -> dict[str, dict]:
+    """Print the comparison table (the first run is the baseline unless named); with `out`, also
+    write report.md, pareto.png and per_difficulty.png there."""
     rows = load_rows(paths)
-    baseline = next(iter(rows))
-    print(format_table(rows, baseline=baseline))
+    baseline = baseline or next(iter(rows))
+    if baseline not in rows:
+        raise ValueError(f"--baseline {baseline!r} is not one of the runs: {', '.join(rows)}")
+    print(comparison_table(rows, baseline=baseline))
+    print(f"\nreduction and dAcc/CR against {baseline}")
+    for note in setting_differences(rows):
+        print(f"warning: not evaluated alike: {note}")
     if out:
         write_report(out, rows, baseline=baseline, title="crisp compare")
         print(f"wrote {out}/report.md, pareto.png, per_difficulty.png")
+    return rows

@@ -1,8 +1,8 @@
 """The built-in synthetic reasoning task: running-total arithmetic chains.
 
 A problem starts from a number and applies 1-4 additions/subtractions of 1-9 (one per line, numbered
-"Second -3"), the running total staying in 0..20; its difficulty is the number of operations.
-Each step line starts by quoting its operation ("Second -3: 9 -3 = 6."), so a small model finds the
+"Second - 3"), the running total staying in 0..20; its difficulty is the number of operations.
+Each step line starts by quoting its operation ("Second - 3: 9 - 3 = 6."), so a small model finds the
 operand by matching the ordinal word, the simplest kind of copying a 2-layer transformer learns. Traces imitate a reasoning model:
 each redundant line (a restatement, a check after a step, a re-read, a summary) is an independent
 random choice whose probability depends on the style. Without the concise instruction the model
@@ -47,7 +47,7 @@ class Style:
 
 
 VERBOSE = Style(
-    restate=0.9, think=0.8, check_safe=0.9, check_risky=0.95, reread=0.8, summary=0.9, long_check=0.95
+    restate=0.9, think=0.9, check_safe=0.9, check_risky=0.95, reread=0.9, summary=0.9, long_check=0.95
 )
 CONCISE = Style(
     restate=0.03, think=0.03, check_safe=0.05, check_risky=0.95, reread=0.03, summary=0.05, long_check=0.05
@@ -75,7 +75,7 @@ class Chain:
         return self.totals()[-1]
 
     def question(self) -> str:
-        ops = "".join(f"{ORDINALS[i]} {x:+d}\n" for i, x in enumerate(self.operands))
+        ops = "".join(f"{ORDINALS[i]} {_op(x)}\n" for i, x in enumerate(self.operands))
         return f"Start with {self.start}.\n{ops}What is the result?"
 
 
@@ -97,7 +97,7 @@ def sample_chain(rng: random.Random, level: int) -> Chain:
 
 
 def _op(x: int) -> str:
-    return f"{x:+d}"  # one token: the tokenizer keeps a signed number together
+    return f"+ {x}" if x > 0 else f"- {-x}"
 
 
 def _slipped(rng: random.Random, correct: int) -> int:
@@ -203,7 +203,7 @@ def parse_question(question: str) -> Chain:
     """Inverse of Chain.question (used to check traces)."""
     lines = question.strip().splitlines()
     start = int(lines[0].removeprefix("Start with ").rstrip("."))
-    ops = [int(line.split()[1]) for line in lines[1:] if line.split()[0] in ORDINALS]
+    ops = [int(line.split()[1] + line.split()[2]) for line in lines[1:] if line.split()[0] in ORDINALS]
     return Chain(start, tuple(ops))
 
 
