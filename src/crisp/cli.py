@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from crisp.config import ConfigError
+from crisp.data.loaders import DataError
 
 
 def cmd_train(args) -> None:
@@ -122,14 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         args.template = "plain" if args.benchmark == "synthetic" else "dapo"
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, DataError, FileNotFoundError) as error:  # the message says what to fix
         print(f"crisp: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except ValueError as error:  # DataError and friends: a message the user can act on
-        if type(error).__name__ in ("DataError", "ValueError"):
-            print(f"crisp: error: {error}", file=sys.stderr)
-            sys.exit(2)
-        raise
 
 
 if __name__ == "__main__":

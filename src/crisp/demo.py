@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from crisp.config import EvalConfig, load_config, validate
+from crisp.config import ConfigError, EvalConfig, load_config, validate
 from crisp.data import synthetic
 from crisp.evaluate import evaluate, format_table, write_results
 from crisp.modeling import load_model, load_tokenizer
@@ -59,7 +59,7 @@ def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instructio
 def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | None = None) -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown demo method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     configs = Path(configs_dir) if configs_dir else _default_configs()
     out = Path(out)
     eval_cfg = validate(yaml.safe_load((configs / "demo" / "eval.yaml").read_text()), EvalConfig)

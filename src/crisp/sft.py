@@ -38,7 +38,7 @@ def synthetic_examples(cfg: SFTConfig, builder: PromptBuilder) -> list[Example]:
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     instruction = resolve_instruction(cfg.mix.instruction)
     rng = random.Random(cfg.seed)
-    examples = []
+    prompts, traces = [], []
     for chain in synthetic.train_chains(cfg.seed, cfg.data.size, tuple(cfg.data.levels)):
         problem = synthetic.to_problem(chain, 0, "train")
         instructed, lines = synthetic.sft_example(
@@ -47,14 +47,21 @@ def synthetic_examples(cfg: SFTConfig, builder: PromptBuilder) -> list[Example]:
             instructed=rng.random() < cfg.mix.instructed_fraction,
             verbose_prefix=rng.random() < cfg.mix.verbose_prefix_fraction,
         )
-        if instructed:
-            prompt = builder.teacher_ids(problem, instruction=instruction)
-        else:
-            prompt = builder.student_ids(problem)
-        encoded = tokenizer([line.text for line in lines], add_special_tokens=False)["input_ids"]
+        text = builder.teacher_text(problem, instruction=instruction, reference=False) if instructed else (
+            builder.student_text(problem))
+        prompts.append(builder.render(text))
+        traces.append(lines)
+    # One batched call to the Rust tokenizer: per-call and per-text wrapper overhead dominates here.
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    prompt_ids = encode(prompts)
+    line_ids = iter(encode([line.text for lines in traces for line in lines]))
+    examples = []
+    for prompt, lines in zip(prompt_ids, traces):
         response, mask = [], []
-        for i, (line, ids) in enumerate(zip(lines, encoded)):
-            piece = ids + (newline if i < len(lines) - 1 else [tokenizer.eos_token_id])
+        for i, line in enumerate(lines):
+            piece = next(line_ids) + (newline if i < len(lines) - 1 else [tokenizer.eos_token_id])
             response += piece
             mask += [0 if line.in_prefix else 1] * len(piece)
         examples.append(Example(prompt, response, mask))
