@@ -113,6 +113,9 @@ class RunConfig(Strict):
     data: DataConfig = DataConfig()
     eval: EvalConfig | None = None
     log_every: PositiveInt = 10
+    # CPU threads for torch (None: torch's default). Results depend on the thread count through
+    # floating-point summation order, so a fixed count makes a CPU run reproducible.
+    threads: PositiveInt | None = None
     save_every: Annotated[int, Field(ge=0)] = 0  # 0 = only the final model
     keep_checkpoints: PositiveInt = 2
 

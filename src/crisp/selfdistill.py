@@ -108,6 +108,8 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     dump_config(cfg, out / "config.yaml")
     problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     student = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)

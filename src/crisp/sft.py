@@ -147,6 +147,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model_and_tokenizer(cfg)
     builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
