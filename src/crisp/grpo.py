@@ -1,0 +1,281 @@
+"""SIRI: GRPO with DAPO's changes, a length-capped reward and a max-length schedule.
+
+One step, top to bottom:
+  cap       L = max_length_at(step): this step's generation limit and the reward's length cap
+  generate  G rollouts per prompt, at most L new tokens each
+  reward    1 if the response ends (EOS) within L tokens and its answer is correct, else 0
+  advantage (R - group mean) / group std over the G rollouts of one prompt; with dynamic sampling,
+            groups whose rewards all agree (no signal) are dropped and more prompts are drawn,
+            up to max_sampling_rounds generation rounds
+  old       log-probs of the sampled tokens under the weights that sampled them (and under the
+            initial model when kl_coef > 0), no grad, recorded once
+  update    ppo_epochs passes; each pass is one optimizer step over all rollouts in micro-batches:
+            DAPO's clipped surrogate (eps_low, eps_high), summed over the response tokens and
+            divided by a normaliser that does not depend on L (config.GRPOConfig explains the choice)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from crisp import checkpoint as checkpoints
+from crisp.config import GRPOConfig, dump_config
+from crisp.data.loaders import load_problems
+from crisp.data.problems import Problem
+from crisp.evaluate import default_grader, evaluate, score_rollouts
+from crisp.grading import get_grader, grade
+from crisp.losses import clipped_surrogate_loss
+from crisp.metrics import MetricsLog, Timer
+from crisp.modeling import load_model, load_tokenizer, save_model
+from crisp.optim import build_optimizer, clip_and_check
+from crisp.prompts import PromptBuilder
+from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
+from crisp.rollout import HFGenerator, Rollout
+from crisp.schedules import max_length_at
+from crisp.selfdistill import eval_metrics, response_hidden, training_problems
+
+
+def _sampled_logprobs(head, hidden, tokens):
+    logits = head(hidden).float()  # (n, V)
+    return torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (n,)
+
+
+def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the response tokens, computed at the response positions only.
+
+    The LM head and an fp32 log_softmax run `chunk_size` positions at a time (checkpointed when
+    autograd is on), so the (N, V) logits never exist at once. Returns (B, T) log-probs, zero past
+    each response's end, and the (B, T) bool mask of real response tokens.
+    """
+    hidden = response_hidden(model, prompts, responses, pad_id)  # (N, H)
+    tokens = torch.tensor([t for r in responses for t in r], device=hidden.device)  # (N,)
+    head = functools.partial(_sampled_logprobs, model.get_output_embeddings())
+    pieces = []
+    for start in range(0, len(tokens), chunk_size):
+        chunk = (hidden[start : start + chunk_size], tokens[start : start + chunk_size])  # (n, H), (n,)
+        pieces.append(checkpoint(head, *chunk, use_reentrant=False) if torch.is_grad_enabled() else head(*chunk))
+    lengths = [len(r) for r in responses]
+    logprobs = pad_sequence(torch.cat(pieces).split(lengths), batch_first=True)  # (B, T)
+    positions = torch.arange(logprobs.shape[1], device=hidden.device)  # (T,)
+    mask = positions[None] < torch.tensor(lengths, device=hidden.device)[:, None]  # (B, T)
+    return logprobs, mask
+
+
+def capped_rewards(batch: Sequence[Problem], rollouts: Sequence[Rollout], records: Sequence[dict], *, cap: int,
+                   tokenizer, grader_name: str) -> list[float]:
+    """length_capped_reward of every rollout; answers already graded in `records` are not graded again."""
+    verdicts = {(r["response"], r["gold"]): r["correct"] for r in records}
+    grader = get_grader(grader_name)
+
+    def is_correct(text: str, gold: str) -> bool:
+        verdict = verdicts.get((text, gold))
+        return verdict if verdict is not None else grade(text, gold, grader=grader).correct
+
+    return [
+        length_capped_reward(r.token_ids, batch[r.prompt_index].answer, cap=cap, eos_id=tokenizer.eos_token_id,
+                             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), grade=is_correct)
+        for r in rollouts
+    ]
+
+
+def loss_normaliser(cfg: GRPOConfig, num_tokens: int) -> float | None:
+    """Denominator of the token-level loss (None for sequence aggregation, which averages itself)."""
+    if cfg.aggregation == "sequence":
+        return None
+    if cfg.loss_normaliser == "constant":
+        return float(cfg.batch_size * cfg.group_size * cfg.schedule.l_max)
+    return float(max(num_tokens, 1))
+
+
+def train_grpo(cfg: GRPOConfig) -> Path:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    problems = training_problems(cfg)  # bad data fails here, before any model is loaded
+    eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    policy = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    policy.train()
+    reference = None
+    if cfg.kl_coef:  # the initial weights, frozen (copied before a resume loads later weights)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
+                            enable_thinking=cfg.prompt.enable_thinking)
+    grader = default_grader(problems)
+    generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
+    optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
+    log = MetricsLog(out / "metrics.jsonl")
+    timer = Timer()
+    pad_id = tokenizer.pad_token_id
+    G = cfg.group_size
+
+    step, epoch, position, skipped, consecutive_skips = 0, 0, 0, 0, 0
+    resume_from = checkpoints.resolve_resume(cfg.resume, out)
+    if resume_from is not None:
+        state = checkpoints.load_state(resume_from)
+        policy.load_state_dict(load_model(str(resume_from / "model")).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoints.set_rng_state(state["rng"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
+        log.truncate_after(step)
+
+    def epoch_order(epoch: int) -> list[int]:
+        order = list(range(len(problems)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        return order
+
+    order = epoch_order(epoch)
+
+    def next_prompts(count: int) -> list[Problem]:
+        nonlocal epoch, position, order
+        batch = []
+        while len(batch) < count:
+            if position == len(order):
+                epoch, position = epoch + 1, 0
+                order = epoch_order(epoch)
+            batch.append(problems[order[position]])
+            position += 1
+        return batch
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="siri grpo", dynamic_ncols=True)
+    while step < cfg.max_steps:
+        cap = max_length_at(step, **cfg.schedule.model_dump())
+
+        # Sample, grade, reward. Groups of G rollouts stay contiguous (the generator keeps prompt order).
+        sampled: list[Rollout] = []  # every rollout of this step (for the rollout/ metrics)
+        sampled_rewards: list[float] = []
+        sampled_correct: list[bool] = []  # graded without the cap
+        train: list[Rollout] = []  # the groups that train
+        train_rewards: list[float] = []
+        rounds = 0
+        while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1) and len(train) < cfg.batch_size * G:
+            batch = next_prompts(cfg.batch_size)
+            with timer("generate"):
+                rollouts = generator.generate([builder.student_ids(p) for p in batch], cfg.rollout,
+                                              seed=cfg.seed * 1_000_003 + step * 1_000 + rounds, max_new_tokens=cap)
+            with timer("grade"):
+                records = score_rollouts(batch, rollouts, grader)
+                rewards = capped_rewards(batch, rollouts, records, cap=cap, tokenizer=tokenizer, grader_name=grader)
+            if rounds == 0:
+                samples = [{"step": step + 1, "cap": cap, "reward": w, **r} for r, w in zip(records[:2], rewards)]
+            keep = torch.ones(len(batch), dtype=torch.bool)  # (B,)
+            if cfg.dynamic_sampling:
+                keep = dynamic_sampling_mask(torch.tensor(rewards).view(-1, G))  # (B,)
+            for g in keep.nonzero().flatten().tolist()[: cfg.batch_size - len(train) // G]:
+                train += rollouts[g * G : (g + 1) * G]
+                train_rewards += rewards[g * G : (g + 1) * G]
+            sampled += rollouts
+            sampled_rewards += rewards
+            sampled_correct += [r["correct"] for r in records]
+            rounds += 1
+        advantages = None
+        if train:
+            advantages = group_advantages(torch.tensor(train_rewards), G, scale_by_std=cfg.scale_by_std)  # (n,)
+
+        # Old (and reference) log-probs once, on the same micro-batches the update will use.
+        micro_batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(train), cfg.micro_batch_size)]
+
+        def micro_logprobs(model, micro: slice):
+            return token_logprobs(model, [r.prompt_ids for r in train[micro]], [r.token_ids for r in train[micro]],
+                                  pad_id, cfg.chunk_size)  # (b, T), (b, T)
+
+        with timer("old_logprobs"), torch.no_grad():
+            old = [micro_logprobs(policy, micro)[0] for micro in micro_batches]
+            ref = [micro_logprobs(reference, micro)[0] for micro in micro_batches] if reference else None
+
+        num_tokens = sum(r.num_tokens for r in train)
+        normaliser = loss_normaliser(cfg, num_tokens)
+        loss, grad_norm, pass_stats = float("nan"), float("nan"), {}
+        for _ in range(cfg.ppo_epochs):
+            if train:  # empty only when dynamic sampling found no group with mixed rewards
+                loss, pass_stats = 0.0, {}
+                with timer("loss_backward"):
+                    for m, micro in enumerate(micro_batches):
+                        logprobs, mask = micro_logprobs(policy, micro)  # (b, T), (b, T)
+                        micro_loss, stats = clipped_surrogate_loss(
+                            logprobs, old[m], advantages[micro].to(logprobs.device), mask,
+                            eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+                            normaliser=normaliser, kl_coef=cfg.kl_coef, ref_logprobs=ref[m] if ref else None,
+                        )
+                        if cfg.aggregation == "sequence":  # a mean over this micro-batch's sequences
+                            micro_loss = micro_loss * len(train[micro]) / len(train)
+                        micro_loss.backward()
+                        loss += micro_loss.item()
+                        share = float(mask.sum()) / num_tokens
+                        for key, value in stats.items():  # token-weighted over the micro-batches
+                            pass_stats[key] = pass_stats.get(key, 0.0) + value * share
+                with timer("step"):
+                    grad_norm = clip_and_check(policy, cfg.optim.grad_clip)
+                    if math.isfinite(loss) and math.isfinite(grad_norm):
+                        optimizer.step()
+                        consecutive_skips = 0
+                    else:
+                        skipped += 1
+                        consecutive_skips += 1
+                    optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        step += 1
+
+        lengths = [r.num_tokens for r in sampled]
+        mixed = dynamic_sampling_mask(torch.tensor(sampled_rewards).view(-1, G))  # (groups,)
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": grad_norm,
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/skipped_steps": skipped,
+            "train/loss_normaliser": normaliser,
+            **{f"train/{key}": value for key, value in pass_stats.items()},  # last pass: clip fractions, ratio, kl
+            "rollout/max_len": cap,
+            "rollout/reward_mean": sum(sampled_rewards) / len(sampled_rewards),
+            "rollout/accuracy": sum(sampled_correct) / len(sampled_correct),
+            "rollout/mean_tokens": sum(lengths) / len(lengths),
+            "rollout/truncation_rate": sum(r.finish_reason == "length" for r in sampled) / len(sampled),
+            "rollout/mixed_group_fraction": float(mixed.float().mean()),
+            "rollout/train_groups": len(train) // G,
+            "rollout/sampling_rounds": rounds,
+        }
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}", reward=f"{metrics['rollout/reward_mean']:.2f}",
+                        len=f"{metrics['rollout/mean_tokens']:.0f}", L=cap)
+        if consecutive_skips >= cfg.max_skipped_steps:
+            raise RuntimeError(
+                f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
+                f"stopping. The last good checkpoint is in {out / 'checkpoints'}; lower optim.lr or check the data."
+            )
+        if cfg.eval and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
+            with timer("eval"):
+                _, summary = evaluate(policy, tokenizer, eval_problems, builder=builder, sampling=cfg.eval.sampling,
+                                      k=cfg.eval.k, seed=cfg.seed, batch_size=cfg.eval.batch_size, progress=False)
+            metrics.update(eval_metrics(summary))
+        if step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
+            log.write(step, {**metrics, **timer.pop()})
+            with (out / "rollouts.jsonl").open("a") as f:
+                for sample in samples:
+                    f.write(json.dumps(sample) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            checkpoints.save(out / "checkpoints", step, models={"model": (policy, tokenizer)},
+                             keep=cfg.keep_checkpoints, state={
+                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "epoch": epoch, "position": position, "skipped": skipped,
+                                 "consecutive_skips": consecutive_skips})
+    bar.close()
+    final = out / "model"
+    save_model(policy, tokenizer, final)
+    return final
