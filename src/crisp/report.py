@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from crisp.config import ConfigError  # noqa: E402
 from crisp.evaluate import _level_key, compare_to_baseline  # noqa: E402
 
 
@@ -55,11 +56,12 @@ def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / max(1, len(others))
     base = rows[baseline].get("by_difficulty", {})
+    colors = {name: f"C{i}" for i, name in enumerate(rows)}  # the same colour for a run in both panels
     for i, name in enumerate(others):
         by = rows[name].get("by_difficulty", {})
         shared = [j for j, lv in enumerate(levels) if lv in by and lv in base and base[lv]["mean_tokens"]]
         reduction = [100 * (1 - by[levels[j]]["mean_tokens"] / base[levels[j]]["mean_tokens"]) for j in shared]
-        left.bar([j + i * width for j in shared], reduction, width, label=name)
+        left.bar([j + i * width for j in shared], reduction, width, label=name, color=colors[name])
     left.set_xticks([j + width * (len(others) - 1) / 2 for j in range(len(levels))], [f"L{lv}" for lv in levels])
     left.set_ylabel(f"token reduction vs {baseline} (%)")
     left.set_xlabel("difficulty")
@@ -69,7 +71,7 @@ def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -
     for name, s in rows.items():
         by = s.get("by_difficulty", {})
         right.plot([f"L{lv}" for lv in levels if lv in by], [by[lv]["accuracy"] for lv in levels if lv in by],
-                   marker="o", label=name)
+                   marker="o", label=name, color=colors[name])
     right.set_ylabel("accuracy (avg@k)")
     right.set_xlabel("difficulty")
     right.set_title("Accuracy per difficulty")
@@ -189,7 +191,8 @@ def load_rows(paths: list[str]) -> dict[str, dict]:
             if "accuracy" in data:
                 entries.append((None, file, data))
             else:
-                entries += [(name, file, row) for name, row in data.items() if isinstance(row, dict) and "accuracy" in row]
+                entries += [(name, file, row) for name, row in data.items()
+                            if isinstance(row, dict) and "accuracy" in row]
     by_directory = iter(_run_names([file.resolve().parent for name, file, _ in entries if name is None]))
     rows: dict[str, dict] = {}
     for name, file, summary in entries:
@@ -204,7 +207,7 @@ def compare_runs(paths: list[str], *, out: str | None = None, baseline: str | No
     rows = load_rows(paths)
     baseline = baseline or next(iter(rows))
     if baseline not in rows:
-        raise ValueError(f"--baseline {baseline!r} is not one of the runs: {', '.join(rows)}")
+        raise ConfigError(f"--baseline {baseline!r} is not one of the runs: {', '.join(rows)}")
     print(comparison_table(rows, baseline=baseline))
     print(f"\nreduction and dAcc/CR against {baseline}")
     for note in setting_differences(rows):
