@@ -1,0 +1,54 @@
+"""`crisp compare`: run names, the table against a baseline, setting checks, the Pareto front."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crisp.cli import main
+from crisp.report import comparison_lines, load_rows, pareto_front, setting_differences
+
+
+def summary(accuracy, tokens, levels, **settings):
+    by = {lv: {"accuracy": a, "mean_tokens": t} for lv, (a, t) in levels.items()}
+    return {"accuracy": accuracy, "mean_tokens": tokens, "accuracy_std_over_samples": 0.01, "by_difficulty": by,
+            "k": 4, "sampling": {"n": 4, "temperature": 0.6}, "grader": "exact", **settings}
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    rows = {
+        "base/eval": summary(0.5, 100.0, {"1": (0.8, 50.0), "2": (0.2, 150.0)}),
+        "siri/eval": summary(0.6, 50.0, {"1": (0.9, 25.0), "2": (0.3, 75.0)}),
+        "demo/eval/crisp": summary(0.4, 80.0, {"1": (0.8, 40.0), "2": (0.0, 120.0)}, k=8),
+    }
+    for name, row in rows.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text(json.dumps(row))
+    return tmp_path
+
+
+def test_names_ratios_and_differences(runs):
+    rows = load_rows([str(runs / "base"), str(runs / "siri" / "eval"), str(runs / "demo")])
+    assert list(rows) == ["base/eval", "siri/eval", "crisp"]
+    lines = comparison_lines(rows, baseline="base/eval")
+    assert lines[0] == ["run", "level", "accuracy", "tokens", "reduction", "dAcc/CR"]
+    assert lines[1][4:] == ["-", "-"]  # the baseline against itself
+    siri = lines[4]
+    assert siri[:2] == ["siri/eval", "all"] and siri[4] == "50.0%"
+    assert siri[5] == f"{(0.6 / 0.5 - 1) / 0.5:.3f}"  # dAcc / CR = 0.2 / 0.5
+    assert lines[5][1:] == ["L1", "0.900", "25.0", "50.0%", f"{(0.9 / 0.8 - 1) / 0.5:.3f}"]
+    assert [n.split(" ")[0] for n in setting_differences(rows)] == ["k"]
+    assert pareto_front(rows) == ["siri/eval"]
+
+
+def test_compare_cli_writes_the_report(runs, tmp_path, capsys):
+    main(["compare", str(runs / "base"), str(runs / "siri"), "--out", str(tmp_path / "report"),
+          "--baseline", "siri/eval"])
+    out = capsys.readouterr().out
+    assert "reduction and dAcc/CR against siri/eval" in out
+    for name in ("report.md", "pareto.png", "per_difficulty.png"):
+        assert (tmp_path / "report" / name).is_file()
+    with pytest.raises(SystemExit):
+        main(["compare", str(runs / "base"), "--baseline", "nope"])
