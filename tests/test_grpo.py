@@ -191,6 +191,32 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, mo
         torch.testing.assert_close(micro[name], full[name], rtol=1e-4, atol=1e-7)
 
 
+def test_zero_advantage_rollouts_are_skipped_without_changing_the_gradient(
+    tiny_model_dir, tmp_path, monkeypatch, surrogate_calls
+):
+    """Group 0's rewards all agree (zero advantages). Without a KL term its rollouts are left out of
+    the update; with kl_coef > 0 every rollout goes through, but at the first step the reference is
+    the policy and the k3 term has a zero gradient, so both gradients must agree."""
+    monkeypatch.setattr(grpo, "capped_rewards", lambda batch, rollouts, *a, **k: [1.0] * 4 + [1.0, 0.0] * 2)
+    grads = []
+    real = grpo.clip_and_check
+
+    def recording(model, max_norm):
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return real(model, max_norm)
+
+    monkeypatch.setattr(grpo, "clip_and_check", recording)
+    for kl_coef in (0.0, 1.0):
+        train_grpo(make_cfg(tiny_model_dir, tmp_path / f"kl{kl_coef}", max_steps=1, kl_coef=kl_coef))
+    rows = [int(call["mask"].shape[0]) for call in surrogate_calls]
+    assert rows == [3, 1, 3, 3, 2]  # 4 active rollouts, then all 8, in micro-batches of 3
+    (m,) = read_metrics(tmp_path / "kl0.0")
+    assert m["train/updated_rollouts"] == 4
+    skipped, full = grads
+    for name in full:
+        torch.testing.assert_close(skipped[name], full[name], rtol=1e-4, atol=1e-7)
+
+
 def test_dynamic_sampling_keeps_only_groups_with_mixed_rewards(tiny_model_dir, tmp_path, monkeypatch):
     def rewards(batch, rollouts, records, *, cap, tokenizer, grader_name):
         return [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]  # group 0 all right (no signal), group 1 mixed

@@ -8,7 +8,9 @@ One step, top to bottom:
             groups whose rewards all agree (no signal) are dropped and more prompts are drawn,
             up to max_sampling_rounds generation rounds
   old       log-probs of the sampled tokens under the weights that sampled them (and under the
-            initial model when kl_coef > 0), no grad, recorded once
+            initial model when kl_coef > 0), no grad, recorded once; with ppo_epochs = 1 the first
+            (only) pass runs on those same weights, so its own detached log-probs are the old ones
+            and the extra forward is skipped
   update    ppo_epochs passes; each pass is one optimizer step over all rollouts in micro-batches:
             DAPO's clipped surrogate (eps_low, eps_high), summed over the response tokens and
             divided by a normaliser that does not depend on L (config.GRPOConfig explains the choice)
@@ -185,40 +187,44 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             sampled_rewards += rewards
             sampled_correct += [r["correct"] for r in records]
             rounds += 1
-        advantages = None
-        if train:
-            advantages = group_advantages(torch.tensor(train_rewards), G, scale_by_std=cfg.scale_by_std)  # (n,)
+        advantages = group_advantages(torch.tensor(train_rewards), G, scale_by_std=cfg.scale_by_std) if train else None
+        num_tokens = sum(r.num_tokens for r in train)
+        normaliser = loss_normaliser(cfg, num_tokens)  # over every training rollout, whatever is skipped below
 
-        # Old (and reference) log-probs once, on the same micro-batches the update will use.
-        micro_batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(train), cfg.micro_batch_size)]
+        # A rollout with a zero advantage (its group's rewards all agree) adds nothing to the surrogate:
+        # without a KL term it is left out of the forward and backward passes.
+        active = [i for i in range(len(train)) if cfg.kl_coef or advantages[i] != 0]
+        update = [train[i] for i in active]
+        update_advantages = advantages[active].to(next(policy.parameters()).device) if active else None  # (u,)
+        micro_batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(update), cfg.micro_batch_size)]
 
         def micro_logprobs(model, micro: slice):
-            return token_logprobs(model, [r.prompt_ids for r in train[micro]], [r.token_ids for r in train[micro]],
+            return token_logprobs(model, [r.prompt_ids for r in update[micro]], [r.token_ids for r in update[micro]],
                                   pad_id, cfg.chunk_size)  # (b, T), (b, T)
 
+        # Old (and reference) log-probs once, on the same micro-batches the update will use.
         with timer("old_logprobs"), torch.no_grad():
-            old = [micro_logprobs(policy, micro)[0] for micro in micro_batches]
+            old = [micro_logprobs(policy, micro)[0] for micro in micro_batches] if cfg.ppo_epochs > 1 else None
             ref = [micro_logprobs(reference, micro)[0] for micro in micro_batches] if reference else None
 
-        num_tokens = sum(r.num_tokens for r in train)
-        normaliser = loss_normaliser(cfg, num_tokens)
+        update_tokens = sum(r.num_tokens for r in update)
         loss, grad_norm, pass_stats = float("nan"), float("nan"), {}
         for _ in range(cfg.ppo_epochs):
-            if train:  # empty only when dynamic sampling found no group with mixed rewards
+            if update:  # empty when no group had mixed rewards: nothing to learn from, no step
                 loss, pass_stats = 0.0, {}
                 with timer("loss_backward"):
                     for m, micro in enumerate(micro_batches):
                         logprobs, mask = micro_logprobs(policy, micro)  # (b, T), (b, T)
                         micro_loss, stats = clipped_surrogate_loss(
-                            logprobs, old[m], advantages[micro].to(logprobs.device), mask,
+                            logprobs, old[m] if old else logprobs.detach(), update_advantages[micro], mask,
                             eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
                             normaliser=normaliser, kl_coef=cfg.kl_coef, ref_logprobs=ref[m] if ref else None,
                         )
                         if cfg.aggregation == "sequence":  # a mean over this micro-batch's sequences
-                            micro_loss = micro_loss * len(train[micro]) / len(train)
+                            micro_loss = micro_loss * len(update[micro]) / len(train)
                         micro_loss.backward()
                         loss += micro_loss.item()
-                        share = float(mask.sum()) / num_tokens
+                        share = float(mask.sum()) / update_tokens
                         for key, value in stats.items():  # token-weighted over the micro-batches
                             pass_stats[key] = pass_stats.get(key, 0.0) + value * share
                 with timer("step"):
@@ -241,6 +247,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             "train/lr": scheduler.get_last_lr()[0],
             "train/skipped_steps": skipped,
             "train/loss_normaliser": normaliser,
+            "train/updated_rollouts": len(update),
             **{f"train/{key}": value for key, value in pass_stats.items()},  # last pass: clip fractions, ratio, kl
             "rollout/max_len": cap,
             "rollout/reward_mean": sum(sampled_rewards) / len(sampled_rewards),
