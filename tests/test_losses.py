@@ -10,8 +10,8 @@ import torch
 
 from crisp.losses import (
     DIVERGENCE_KINDS,
-    chunked_divergence,
     clipped_surrogate_loss,
+    divergence_sum,
     per_token_divergence,
 )
 
@@ -224,43 +224,77 @@ def _heads(seed: int, hidden: int = 6, vocab: int = 17):
     return student_head, teacher_head
 
 
-@pytest.mark.parametrize("kind", ["reverse_kl", "jsd", "sampled_token"])
+CHUNK_CASES = [
+    {"kind": "reverse_kl"},
+    {"kind": "forward_kl"},
+    {"kind": "mixed", "forward_weight": 0.7},
+    {"kind": "jsd", "beta": 0.3, "term_clip": 0.2},
+    {"kind": "reverse_kl", "teacher_top_k": 5},
+    {"kind": "sampled_token"},
+]
+
+
+def _full_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens, options):
+    """The reference: full (N, V) logits, per_token_divergence, summed, with autograd."""
+    h_full = student_hidden.clone().requires_grad_(True)
+    full = per_token_divergence(student_head(h_full), teacher_head(teacher_hidden), tokens=tokens, **options)
+    full.sum().backward()
+    grads = (h_full.grad.clone(), student_head.weight.grad.clone(), student_head.bias.grad.clone())
+    student_head.zero_grad(set_to_none=True)
+    return full.detach(), grads
+
+
+def _fused_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens, options, chunk_size):
+    h = student_hidden.clone().requires_grad_(True)
+    total, per_token = divergence_sum(
+        h, student_head.weight, teacher_hidden, teacher_head.weight, student_bias=student_head.bias,
+        teacher_bias=teacher_head.bias, chunk_size=chunk_size, tokens=tokens, **options,
+    )
+    total.backward()
+    return total, per_token, h.grad
+
+
+@pytest.mark.parametrize("options", CHUNK_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 128])
-def test_chunked_equals_unchunked(kind, chunk_size):
+def test_divergence_sum_equals_the_full_logits_computation(options, chunk_size):
     student_head, teacher_head = _heads(6)
     g = torch.Generator().manual_seed(7)
     n = 10
     student_hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
     teacher_hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
-    tokens = torch.randint(0, 17, (n,), generator=g) if kind == "sampled_token" else None
-    options = {"kind": kind, "beta": 0.3, "term_clip": 0.2} if kind == "jsd" else {"kind": kind}
+    tokens = torch.randint(0, 17, (n,), generator=g) if options["kind"] == "sampled_token" else None
+    full, (grad_h, grad_w, grad_b) = _full_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens,
+                                               options)
 
-    h_full = student_hidden.clone().requires_grad_(True)
-    full = per_token_divergence(student_head(h_full), teacher_head(teacher_hidden), tokens=tokens, **options)
-    full.pow(2).sum().backward()  # a non-uniform upstream gradient
-    grad_h_full = h_full.grad.clone()
-    grad_w_full = student_head.weight.grad.clone()
-    grad_b_full = student_head.bias.grad.clone()
-    student_head.zero_grad()
-
-    h_chunk = student_hidden.clone().requires_grad_(True)
-    chunked = chunked_divergence(
-        h_chunk, teacher_hidden, student_head, teacher_head, chunk_size=chunk_size, tokens=tokens, **options
-    )
-    chunked.pow(2).sum().backward()
-
-    assert chunked.shape == (n,)
-    assert torch.allclose(chunked.double(), full.double(), atol=1e-10)
-    assert torch.allclose(h_chunk.grad, grad_h_full, atol=1e-10)
-    assert torch.allclose(student_head.weight.grad, grad_w_full, atol=1e-10)
-    assert torch.allclose(student_head.bias.grad, grad_b_full, atol=1e-10)
-    assert teacher_head.weight.grad is None
+    total, per_token, h_grad = _fused_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens,
+                                          options, chunk_size)
+    assert per_token.shape == (n,) and not per_token.requires_grad
+    assert torch.allclose(per_token, full, atol=1e-10)
+    assert torch.allclose(total, full.sum(), atol=1e-10)
+    assert grad_w.abs().max() > 1e-3  # the comparisons below are not 0 == 0
+    assert torch.allclose(h_grad, grad_h, atol=1e-10)
+    assert torch.allclose(student_head.weight.grad, grad_w, atol=1e-10)
+    assert torch.allclose(student_head.bias.grad, grad_b, atol=1e-10)
+    assert teacher_head.weight.grad is None and teacher_head.bias.grad is None
 
 
-def test_chunked_keeps_no_logits_for_backward():
-    vocab, chunk = 1000, 16
-    student_head, teacher_head = torch.nn.Linear(8, vocab), torch.nn.Linear(8, vocab)
-    hidden = torch.randn(64, 8, requires_grad=True)
+def test_divergence_sum_scales_with_the_upstream_gradient_and_accumulates():
+    """(total / k).backward() gives 1/k of the gradient, added to what .grad already holds."""
+    student_head, teacher_head = _heads(11)
+    hidden = torch.randn(9, 6, dtype=torch.float64)
+    _, (_, grad_w, _) = _full_sum(student_head, teacher_head, hidden, hidden.flip(0), None, {"kind": "reverse_kl"})
+    student_head.weight.grad = torch.ones_like(student_head.weight)
+    total, _ = divergence_sum(hidden, student_head.weight, hidden.flip(0), teacher_head.weight,
+                              student_bias=student_head.bias, teacher_bias=teacher_head.bias, chunk_size=4,
+                              kind="reverse_kl")
+    (total / 4.0).backward()
+    assert torch.allclose(student_head.weight.grad, 1.0 + grad_w / 4.0, atol=1e-12)
+
+
+def test_divergence_sum_keeps_no_logits_for_backward():
+    vocab, chunk, hidden_size, n = 1000, 16, 8, 64
+    student_head, teacher_head = torch.nn.Linear(hidden_size, vocab), torch.nn.Linear(hidden_size, vocab)
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
     saved = []
 
     def pack(tensor):
@@ -269,40 +303,81 @@ def test_chunked_keeps_no_logits_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         full = per_token_divergence(student_head(hidden), teacher_head(hidden), kind="reverse_kl")
-    assert max(saved) >= 64 * vocab  # the unchunked graph holds (N, V) tensors
+    assert max(saved) >= n * vocab  # the unchunked graph holds (N, V) tensors
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        chunked = chunked_divergence(hidden, hidden, student_head, teacher_head, chunk_size=chunk, kind="reverse_kl")
-    assert max(saved) < chunk * vocab  # only hidden-state chunks are kept; logits are recomputed
-    assert torch.allclose(chunked, full)
+        total, per_token = divergence_sum(hidden, student_head.weight, hidden, teacher_head.weight,
+                                          student_bias=student_head.bias, teacher_bias=teacher_head.bias,
+                                          chunk_size=chunk, kind="reverse_kl")
+    # only the gradients themselves are kept: (N, H), (V, H) and (V,), never a (chunk, V) block
+    assert sorted(saved) == sorted([n * hidden_size, vocab * hidden_size, vocab])
+    assert torch.allclose(per_token, full.detach(), atol=1e-6)
 
 
-def test_chunked_with_one_shared_head_gives_no_teacher_gradient():
+def test_divergence_sum_with_one_shared_head_gives_no_teacher_gradient():
+    """A live teacher passes the student's own head: the teacher side stays a constant."""
     head, _ = _heads(8)
     g = torch.Generator().manual_seed(9)
     student_hidden = torch.randn(7, 6, generator=g, dtype=torch.float64)
     teacher_hidden = torch.randn(7, 6, generator=g, dtype=torch.float64)
-    full = per_token_divergence(head(student_hidden), head(teacher_hidden).detach(), kind="reverse_kl")
-    full.sum().backward()
-    grad_full = head.weight.grad.clone()
-    head.zero_grad()
-    chunked = chunked_divergence(student_hidden, teacher_hidden, head, head, chunk_size=3, kind="reverse_kl")
-    chunked.sum().backward()
-    assert torch.allclose(chunked, full)
-    assert torch.allclose(head.weight.grad, grad_full, atol=1e-10)
+    for kind in ("reverse_kl", "jsd"):
+        full = per_token_divergence(head(student_hidden), head(teacher_hidden).detach(), kind=kind)
+        full.sum().backward()
+        grad_full = head.weight.grad.clone()
+        head.zero_grad(set_to_none=True)
+        total, _ = divergence_sum(student_hidden, head.weight, teacher_hidden, head.weight, student_bias=head.bias,
+                                  teacher_bias=head.bias, chunk_size=3, kind=kind)
+        total.backward()
+        assert torch.allclose(total, full.sum())
+        assert torch.allclose(head.weight.grad, grad_full, atol=1e-10), kind
+        head.zero_grad(set_to_none=True)
 
 
-def test_chunked_without_grad_and_empty():
+def test_divergence_sum_low_precision_inputs():
+    """bf16 hidden states and head: fp32 values, gradients in the inputs' dtype, close to fp32."""
+    student_head, teacher_head = _heads(12, hidden=8, vocab=50)
+    hidden = torch.randn(6, 8, dtype=torch.float64)
+    full, (grad_h, grad_w, _) = _full_sum(student_head, teacher_head, hidden, hidden.flip(0), None,
+                                          {"kind": "mixed"})
+    weight = student_head.weight.detach().bfloat16().requires_grad_(True)
+    h = hidden.bfloat16().requires_grad_(True)
+    total, per_token = divergence_sum(h, weight, hidden.flip(0).bfloat16(), teacher_head.weight.bfloat16(),
+                                      student_bias=student_head.bias.bfloat16(),
+                                      teacher_bias=teacher_head.bias.bfloat16(), kind="mixed", chunk_size=4)
+    total.backward()
+    assert per_token.dtype == torch.float32 and h.grad.dtype == weight.grad.dtype == torch.bfloat16
+    assert torch.allclose(per_token.double(), full, rtol=0.05, atol=1e-3)
+    assert torch.allclose(weight.grad.double(), grad_w, rtol=0.05, atol=2e-3)
+    assert torch.allclose(h.grad.double(), grad_h, rtol=0.05, atol=2e-3)
+
+
+def test_divergence_sum_without_grad_and_empty():
     student_head, teacher_head = _heads(10)
     hidden = torch.randn(5, 6, dtype=torch.float64)
-    with torch.no_grad():
-        values = chunked_divergence(hidden, hidden, student_head, teacher_head, chunk_size=2, kind="forward_kl")
-    expected = per_token_divergence(student_head(hidden), teacher_head(hidden), kind="forward_kl")
-    assert torch.allclose(values, expected.detach())
-    empty = chunked_divergence(hidden[:0], hidden[:0], student_head, teacher_head, kind="reverse_kl")
-    assert empty.shape == (0,)
+    expected = per_token_divergence(student_head(hidden), teacher_head(hidden), kind="forward_kl").detach()
+    for grad_mode in (torch.no_grad, torch.inference_mode):
+        with grad_mode():
+            total, per_token = divergence_sum(hidden, student_head.weight, hidden, teacher_head.weight,
+                                              student_bias=student_head.bias, teacher_bias=teacher_head.bias,
+                                              chunk_size=2, kind="forward_kl")
+        assert torch.allclose(per_token, expected) and torch.allclose(total, expected.sum())
+        assert not total.requires_grad
+    total, per_token = divergence_sum(hidden[:0], student_head.weight, hidden[:0], teacher_head.weight,
+                                      kind="reverse_kl")
+    assert per_token.shape == (0,) and total.item() == 0.0
+
+
+def test_divergence_sum_errors():
+    head, _ = _heads(13)
+    hidden = torch.randn(5, 6, dtype=torch.float64)
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_divergence(hidden, hidden, student_head, teacher_head, chunk_size=0, kind="reverse_kl")
+        divergence_sum(hidden, head.weight, hidden, head.weight, chunk_size=0, kind="reverse_kl")
+    with pytest.raises(ValueError, match="rows"):
+        divergence_sum(hidden, head.weight, hidden[:4], head.weight, kind="reverse_kl")
+    with pytest.raises(ValueError, match="tokens"):
+        divergence_sum(hidden, head.weight, hidden, head.weight, kind="sampled_token", tokens=torch.zeros(3).long())
+    with pytest.raises(ValueError, match="unknown divergence kind"):
+        divergence_sum(hidden, head.weight, hidden, head.weight, kind="kl")
 
 
 # ----------------------------------------------------------------------------- GRPO surrogate

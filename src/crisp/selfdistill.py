@@ -28,7 +28,7 @@ from crisp.data import synthetic
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
 from crisp.evaluate import default_grader, evaluate, score_rollouts
-from crisp.losses import chunked_divergence
+from crisp.losses import divergence_sum
 from crisp.metrics import MetricsLog, Timer
 from crisp.modeling import load_model, load_tokenizer, save_model
 from crisp.optim import build_optimizer, clip_and_check
@@ -73,16 +73,24 @@ def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence
 
 
 def distill_loss_sum(student, teacher_model, student_prompts, teacher_prompts, responses, cfg, pad_id):
-    """Sum over the response tokens of the per-token divergence (the caller divides by the count)."""
+    """Sum over the response tokens of the per-token divergence (the caller divides by the count).
+
+    The teacher runs under inference mode (no autograd bookkeeping at all) and only its hidden
+    states at the response positions reach the loss; both LM heads run inside `divergence_sum`,
+    chunk by chunk, so neither side's full-vocabulary logits are ever held.
+    """
     student_hidden = response_hidden(student, student_prompts, responses, pad_id)  # (N, H)
-    with torch.no_grad():
+    with torch.inference_mode():
         teacher_hidden = response_hidden(teacher_model, teacher_prompts, responses, pad_id)  # (N, H)
     tokens = torch.tensor([t for r in responses for t in r], device=student_hidden.device)  # (N,)
-    per_token = chunked_divergence(
+    student_head, teacher_head = student.get_output_embeddings(), teacher_model.get_output_embeddings()
+    total, _ = divergence_sum(
         student_hidden,
+        student_head.weight,
         teacher_hidden,
-        student.get_output_embeddings(),
-        teacher_model.get_output_embeddings(),
+        teacher_head.weight,
+        student_bias=student_head.bias,
+        teacher_bias=teacher_head.bias,
         chunk_size=cfg.loss.chunk_size,
         tokens=tokens,
         kind=cfg.loss.divergence,
@@ -90,8 +98,8 @@ def distill_loss_sum(student, teacher_model, student_prompts, teacher_prompts, r
         forward_weight=cfg.loss.forward_weight,
         term_clip=cfg.loss.term_clip,
         teacher_top_k=cfg.loss.teacher_top_k,
-    )  # (N,)
-    return per_token.sum()
+    )
+    return total
 
 
 def eval_metrics(summary: dict) -> dict:
