@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import crisp.grpo as grpo
+import crisp.optim as optim
 from crisp.config import ConfigError, GRPOConfig, dump_config, load_config, validate
 from crisp.data import synthetic
 from crisp.grpo import token_logprobs, train_grpo
@@ -175,13 +176,13 @@ def test_first_pass_ratio_is_one(tiny_model_dir, tmp_path, alternating_rewards, 
 def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, monkeypatch, alternating_rewards,
                                                     aggregation):
     grads = []
-    real = grpo.clip_and_check
+    real = optim.clip_and_check
 
     def recording(model, max_norm):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         return real(model, max_norm)
 
-    monkeypatch.setattr(grpo, "clip_and_check", recording)
+    monkeypatch.setattr(optim, "clip_and_check", recording)
     for size in (1, 8):
         train_grpo(make_cfg(tiny_model_dir, tmp_path / f"micro{size}", max_steps=1, micro_batch_size=size,
                             aggregation=aggregation))
@@ -199,13 +200,13 @@ def test_zero_advantage_rollouts_are_skipped_without_changing_the_gradient(
     the policy and the k3 term has a zero gradient, so both gradients must agree."""
     monkeypatch.setattr(grpo, "capped_rewards", lambda batch, rollouts, *a, **k: [1.0] * 4 + [1.0, 0.0] * 2)
     grads = []
-    real = grpo.clip_and_check
+    real = optim.clip_and_check
 
     def recording(model, max_norm):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         return real(model, max_norm)
 
-    monkeypatch.setattr(grpo, "clip_and_check", recording)
+    monkeypatch.setattr(optim, "clip_and_check", recording)
     for kl_coef in (0.0, 1.0):
         train_grpo(make_cfg(tiny_model_dir, tmp_path / f"kl{kl_coef}", max_steps=1, kl_coef=kl_coef))
     rows = [int(call["mask"].shape[0]) for call in surrogate_calls]

@@ -19,15 +19,17 @@ from crisp.data import synthetic
 from crisp.losses import per_token_divergence
 from crisp.modeling import load_model
 from crisp.prompts import PromptBuilder, resolve_instruction
+from crisp.rollout import Rollout
 from crisp.selfdistill import distill_loss_sum, keep_rollouts, response_hidden, train_selfdistill
 from crisp.teacher import Teacher
 
 
 class Cfg:
-    """The part of a SelfDistillConfig that distill_loss_sum reads."""
+    """The part of a SelfDistillConfig that distill_loss_sum and distill_backward read."""
 
-    def __init__(self, **loss):
+    def __init__(self, micro_batch_size: int = 32, **loss):
         self.loss = LossConfig(**loss)
+        self.micro_batch_size = micro_batch_size
 
 
 @pytest.fixture()
@@ -287,6 +289,45 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model, tiny_tokenizer, 
     for name in full:
         torch.testing.assert_close(micro[name], full[name], rtol=1e-4, atol=1e-7)
     assert all(p.grad is None for p in teacher_model.parameters())
+
+
+def _rollouts(student_prompts, responses, order):
+    return [Rollout(i, tuple(student_prompts[i]), tuple(responses[i]), "", "stop") for i in order]
+
+
+def test_distill_backward_buckets_micro_batches_by_length_without_changing_the_step(
+    tiny_model, tiny_tokenizer, batch, monkeypatch
+):
+    student_prompts, teacher_prompts, responses = batch
+    teacher_model = perturbed_copy(tiny_model, seed=3)
+    pad = tiny_tokenizer.pad_token_id
+    order = [2, 0, 3, 1]  # not sorted by length
+    rollouts = _rollouts(student_prompts, responses, order)
+    teachers = [teacher_prompts[i] for i in order]
+    calls = []
+    real = selfdistill.response_hidden
+
+    def recording(model, prompts, responses_, pad_id):
+        if model is tiny_model:
+            calls.append([len(p) + len(r) for p, r in zip(prompts, responses_)])
+        return real(model, prompts, responses_, pad_id)
+
+    monkeypatch.setattr(selfdistill, "response_hidden", recording)
+    results = {}
+    for size in (4, 2):
+        calls.clear()
+        loss = selfdistill.distill_backward(tiny_model, teacher_model, rollouts, teachers,
+                                            Cfg(divergence="mixed", chunk_size=4, micro_batch_size=size), pad)
+        results[size] = (loss, _grads(tiny_model), list(calls))
+        tiny_model.zero_grad(set_to_none=True)
+    lengths = sorted(len(student_prompts[i]) + len(responses[i]) for i in order)
+    assert results[4][2] == [[len(student_prompts[i]) + len(responses[i]) for i in order]]  # one batch: as given
+    assert results[2][2] == [lengths[:2], lengths[2:]]  # two micro-batches: the two shortest, the two longest
+    assert results[2][0] == pytest.approx(results[4][0], rel=1e-6) and results[4][0] > 0
+    for name, grad in results[4][1].items():
+        torch.testing.assert_close(results[2][1][name], grad, rtol=1e-4, atol=1e-7)
+    empty = selfdistill.distill_backward(tiny_model, teacher_model, [], [], Cfg(micro_batch_size=2), pad)
+    assert math.isnan(empty)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from crisp.grading import get_grader, grade
 from crisp.losses import clipped_surrogate_loss
 from crisp.metrics import MetricsLog, Timer
 from crisp.modeling import load_model, load_tokenizer, save_model
-from crisp.optim import build_optimizer, clip_and_check
+from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder
 from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
 from crisp.rollout import HFGenerator, Rollout
@@ -73,6 +73,47 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[
     positions = torch.arange(logprobs.shape[1], device=hidden.device)  # (T,)
     mask = positions[None] < torch.tensor(lengths, device=hidden.device)[:, None]  # (B, T)
     return logprobs, mask
+
+
+def micro_slices(count: int, size: int) -> list[slice]:
+    return [slice(i, i + size) for i in range(0, count, size)]
+
+
+def micro_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, chunk_size: int) -> torch.Tensor:
+    """(b, T) log-probs of the rollouts' response tokens under `model` (zero past each response's end)."""
+    return token_logprobs(model, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts], pad_id,
+                          chunk_size)[0]
+
+
+def surrogate_backward(policy, update: Sequence[Rollout], advantages: torch.Tensor, cfg: GRPOConfig, pad_id: int, *,
+                       normaliser: float | None, num_train: int, old: list | None = None,
+                       ref: list | None = None) -> tuple[float, dict[str, float]]:
+    """One pass of DAPO's clipped surrogate over `update` in micro-batches, with backward.
+
+    `advantages` is (len(update),); `old`/`ref` hold per-micro-batch (b, T) log-probs (None: the
+    pass's own detached log-probs are the old ones, exact when the weights that sampled are the
+    current ones). `num_train` counts every rollout the step trains on, skipped ones included (the
+    sequence mean divides by it). Returns the loss and the token-weighted clip/ratio stats.
+    """
+    loss, stats = 0.0, {}
+    update_tokens = sum(r.num_tokens for r in update)
+    for m, micro in enumerate(micro_slices(len(update), cfg.micro_batch_size)):
+        rollouts = update[micro]
+        logprobs, mask = token_logprobs(policy, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
+                                        pad_id, cfg.chunk_size)  # (b, T), (b, T)
+        micro_loss, micro_stats = clipped_surrogate_loss(
+            logprobs, old[m] if old else logprobs.detach(), advantages[micro], mask,
+            eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+            normaliser=normaliser, kl_coef=cfg.kl_coef, ref_logprobs=ref[m] if ref else None,
+        )
+        if cfg.aggregation == "sequence":  # a mean over this micro-batch's sequences
+            micro_loss = micro_loss * len(rollouts) / num_train
+        micro_loss.backward()
+        loss += micro_loss.item()
+        share = float(mask.sum()) / update_tokens
+        for key, value in micro_stats.items():  # token-weighted over the micro-batches
+            stats[key] = stats.get(key, 0.0) + value * share
+    return loss, stats
 
 
 def capped_rewards(batch: Sequence[Problem], rollouts: Sequence[Rollout], records: Sequence[dict], *, cap: int,
@@ -196,46 +237,24 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         active = [i for i in range(len(train)) if cfg.kl_coef or advantages[i] != 0]
         update = [train[i] for i in active]
         update_advantages = advantages[active].to(next(policy.parameters()).device) if active else None  # (u,)
-        micro_batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(update), cfg.micro_batch_size)]
-
-        def micro_logprobs(model, micro: slice):
-            return token_logprobs(model, [r.prompt_ids for r in update[micro]], [r.token_ids for r in update[micro]],
-                                  pad_id, cfg.chunk_size)  # (b, T), (b, T)
+        micro_batches = micro_slices(len(update), cfg.micro_batch_size)
 
         # Old (and reference) log-probs once, on the same micro-batches the update will use.
         with timer("old_logprobs"), torch.no_grad():
-            old = [micro_logprobs(policy, micro)[0] for micro in micro_batches] if cfg.ppo_epochs > 1 else None
-            ref = [micro_logprobs(reference, micro)[0] for micro in micro_batches] if reference else None
+            old = [micro_logprobs(policy, update[m], pad_id, cfg.chunk_size) for m in micro_batches] \
+                if cfg.ppo_epochs > 1 else None
+            ref = [micro_logprobs(reference, update[m], pad_id, cfg.chunk_size) for m in micro_batches] \
+                if reference else None
 
-        update_tokens = sum(r.num_tokens for r in update)
         loss, grad_norm, pass_stats = float("nan"), float("nan"), {}
         for _ in range(cfg.ppo_epochs):
             if update:  # empty when no group had mixed rewards: nothing to learn from, no step
-                loss, pass_stats = 0.0, {}
                 with timer("loss_backward"):
-                    for m, micro in enumerate(micro_batches):
-                        logprobs, mask = micro_logprobs(policy, micro)  # (b, T), (b, T)
-                        micro_loss, stats = clipped_surrogate_loss(
-                            logprobs, old[m] if old else logprobs.detach(), update_advantages[micro], mask,
-                            eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
-                            normaliser=normaliser, kl_coef=cfg.kl_coef, ref_logprobs=ref[m] if ref else None,
-                        )
-                        if cfg.aggregation == "sequence":  # a mean over this micro-batch's sequences
-                            micro_loss = micro_loss * len(update[micro]) / len(train)
-                        micro_loss.backward()
-                        loss += micro_loss.item()
-                        share = float(mask.sum()) / update_tokens
-                        for key, value in stats.items():  # token-weighted over the micro-batches
-                            pass_stats[key] = pass_stats.get(key, 0.0) + value * share
+                    loss, pass_stats = surrogate_backward(policy, update, update_advantages, cfg, pad_id,
+                                                          normaliser=normaliser, num_train=len(train), old=old, ref=ref)
                 with timer("step"):
-                    grad_norm = clip_and_check(policy, cfg.optim.grad_clip)
-                    if math.isfinite(loss) and math.isfinite(grad_norm):
-                        optimizer.step()
-                        consecutive_skips = 0
-                    else:
-                        skipped += 1
-                        consecutive_skips += 1
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm, stepped = step_if_finite(policy, optimizer, loss, cfg.optim.grad_clip)
+                    skipped, consecutive_skips = (skipped, 0) if stepped else (skipped + 1, consecutive_skips + 1)
             scheduler.step()
         step += 1
 

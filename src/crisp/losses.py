@@ -177,8 +177,9 @@ def _analytic_divergence(student_logits: Tensor, teacher_logits: Tensor, *, kind
     KL ``KL(p_T || p_S) = -sum p_T d`` has gradient ``p_S - p_T``; ``mixed`` adds the two. The
     ``(n, V)`` buffers are reused in place: a chunk never holds more than four of them.
     """
-    log_s = _log_probs(student_logits)  # (n, V)
-    log_t = _log_probs(teacher_logits)  # (n, V)
+    # Logits from a linear head are finite, so log_softmax is too and _log_probs's clamp is not needed.
+    log_s = F.log_softmax(_upcast(student_logits), dim=-1)  # (n, V)
+    log_t = F.log_softmax(_upcast(teacher_logits), dim=-1)  # (n, V)
     student_p = log_s.exp()  # (n, V)
     diff = log_s.sub_(log_t)  # (n, V) log p_S - log p_T, in the log_s buffer
     if kind == "forward_kl":

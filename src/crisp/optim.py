@@ -36,3 +36,16 @@ def clip_and_check(model: torch.nn.Module, max_norm: float | None) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
     return float(norm)
+
+
+def step_if_finite(model: torch.nn.Module, optimizer, loss: float, max_norm: float | None) -> tuple[float, bool]:
+    """Clip, then take the optimizer step unless the loss or the gradient norm is not finite.
+
+    The gradients are cleared either way. Returns the norm before clipping and whether it stepped.
+    """
+    grad_norm = clip_and_check(model, max_norm)
+    stepped = math.isfinite(loss) and math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped

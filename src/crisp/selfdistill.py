@@ -14,7 +14,6 @@ One step, top to bottom:
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +30,7 @@ from crisp.evaluate import default_grader, evaluate, score_rollouts
 from crisp.losses import divergence_sum
 from crisp.metrics import MetricsLog, Timer
 from crisp.modeling import load_model, load_tokenizer, save_model
-from crisp.optim import build_optimizer, clip_and_check
+from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
 from crisp.teacher import Teacher
@@ -100,6 +99,37 @@ def distill_loss_sum(student, teacher_model, student_prompts, teacher_prompts, r
         teacher_top_k=cfg.loss.teacher_top_k,
     )
     return total
+
+
+def distill_backward(student, teacher_model, rollouts: Sequence[Rollout], teacher_prompts: Sequence[Sequence[int]],
+                     cfg, pad_id: int) -> float:
+    """Loss and backward of one step: the mean divergence per response token (nan if there is none).
+
+    Rollouts go through in micro-batches of `cfg.micro_batch_size`; each micro-batch's summed
+    divergence is divided by the step's token count, so the accumulated gradient is that of one big
+    batch. With more than one micro-batch the rollouts are first ordered by length, so that each
+    micro-batch pads to a length close to its own (the gradient is the same, only summed in
+    another order).
+    """
+    num_tokens = sum(r.num_tokens for r in rollouts)
+    order = list(range(len(rollouts)))
+    if len(rollouts) > cfg.micro_batch_size:
+        order.sort(key=lambda i: len(rollouts[i].prompt_ids) + rollouts[i].num_tokens)
+    loss_total = 0.0
+    for start in range(0, len(order), cfg.micro_batch_size):
+        micro = order[start : start + cfg.micro_batch_size]
+        loss_sum = distill_loss_sum(
+            student,
+            teacher_model,
+            [rollouts[i].prompt_ids for i in micro],
+            [teacher_prompts[i] for i in micro],
+            [rollouts[i].token_ids for i in micro],
+            cfg,
+            pad_id,
+        )
+        (loss_sum / num_tokens).backward()
+        loss_total += loss_sum.item()
+    return loss_total / num_tokens if num_tokens else float("nan")
 
 
 def eval_metrics(summary: dict) -> dict:
@@ -184,36 +214,17 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
                         batch[index], instruction=instruction, reference=cfg.teacher.reference_solution
                     )
 
-        num_tokens = sum(rollouts[i].num_tokens for i in kept)
-        loss_total = 0.0
         with timer("loss_backward"):
-            for start in range(0, len(kept), cfg.micro_batch_size):
-                micro = [rollouts[i] for i in kept[start : start + cfg.micro_batch_size]]
-                loss_sum = distill_loss_sum(
-                    student,
-                    teacher.model,
-                    [r.prompt_ids for r in micro],
-                    [teacher_prompts[r.prompt_index] for r in micro],
-                    [r.token_ids for r in micro],
-                    cfg,
-                    pad_id,
-                )
-                (loss_sum / num_tokens).backward()
-                loss_total += loss_sum.item()
-        loss = loss_total / num_tokens if num_tokens else float("nan")
+            kept_rollouts = [rollouts[i] for i in kept]
+            loss = distill_backward(student, teacher.model, kept_rollouts,
+                                    [teacher_prompts[r.prompt_index] for r in kept_rollouts], cfg, pad_id)
 
         with timer("step"):
             if not kept:  # the rollout filter kept nothing: no update, but not a failed step either
                 grad_norm = float("nan")
             else:
-                grad_norm = clip_and_check(student, cfg.optim.grad_clip)
-                if math.isfinite(loss) and math.isfinite(grad_norm):
-                    optimizer.step()
-                    consecutive_skips = 0
-                else:
-                    skipped += 1
-                    consecutive_skips += 1
-            optimizer.zero_grad(set_to_none=True)
+                grad_norm, stepped = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
+                skipped, consecutive_skips = (skipped, 0) if stepped else (skipped + 1, consecutive_skips + 1)
             scheduler.step()
         step += 1
         with timer("teacher_update"):
