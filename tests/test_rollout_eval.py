@@ -1,4 +1,4 @@
-"""Generation (HFGenerator on a tiny random model), the evaluation summary and baseline ratios
+"""Generation (HFGenerator and the plain KVCacheGenerator on a tiny random model), the evaluation summary and baseline ratios
 computed by hand, and `crisp eval` end to end."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from crisp.data import synthetic
 from crisp.evaluate import compare_to_baseline, summarize
 from crisp.modeling import build_tiny_model
 from crisp.prompts import PromptBuilder
-from crisp.rollout import HFGenerator
+from crisp.rollout import HFGenerator, KVCacheGenerator, next_token
 
 from conftest import TINY
 
@@ -57,8 +57,12 @@ SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, top_k=0, max_new_toke
 # ---------------------------------------------------------------------------------------------
 
 
-def test_same_seed_same_rollouts(sharp_model, tiny_tokenizer, prompts):
-    generator = HFGenerator(sharp_model, tiny_tokenizer)
+BACKENDS = pytest.mark.parametrize("backend", [HFGenerator, KVCacheGenerator])
+
+
+@BACKENDS
+def test_same_seed_same_rollouts(sharp_model, tiny_tokenizer, prompts, backend):
+    generator = backend(sharp_model, tiny_tokenizer)
     a = generator.generate(prompts, SAMPLING, seed=5)
     b = generator.generate(prompts, SAMPLING, seed=5)
     c = generator.generate(prompts, SAMPLING, seed=6)
@@ -66,8 +70,9 @@ def test_same_seed_same_rollouts(sharp_model, tiny_tokenizer, prompts):
     assert [r.token_ids for r in a] != [r.token_ids for r in c]
 
 
-def test_n_samples_per_prompt_in_prompt_order(sharp_model, tiny_tokenizer, prompts):
-    rollouts = HFGenerator(sharp_model, tiny_tokenizer, batch_size=5).generate(prompts, SAMPLING, seed=0)
+@BACKENDS
+def test_n_samples_per_prompt_in_prompt_order(sharp_model, tiny_tokenizer, prompts, backend):
+    rollouts = backend(sharp_model, tiny_tokenizer, batch_size=5).generate(prompts, SAMPLING, seed=0)
     assert len(rollouts) == len(prompts) * SAMPLING.n
     assert [r.prompt_index for r in rollouts] == [i for i in range(len(prompts)) for _ in range(SAMPLING.n)]
     for r in rollouts:
@@ -77,9 +82,10 @@ def test_n_samples_per_prompt_in_prompt_order(sharp_model, tiny_tokenizer, promp
     assert len(set(first)) > 1
 
 
-def test_finish_reason_eos_and_length(sharp_model, tiny_tokenizer, prompts):
+@BACKENDS
+def test_finish_reason_eos_and_length(sharp_model, tiny_tokenizer, prompts, backend):
     eos = tiny_tokenizer.eos_token_id
-    rollouts = HFGenerator(sharp_model, tiny_tokenizer).generate(prompts, SAMPLING, seed=0)
+    rollouts = backend(sharp_model, tiny_tokenizer).generate(prompts, SAMPLING, seed=0)
     reasons = Counter(r.finish_reason for r in rollouts)
     assert reasons["stop"] > 0 and reasons["length"] > 0  # both branches below are exercised
     for r in rollouts:
@@ -91,15 +97,17 @@ def test_finish_reason_eos_and_length(sharp_model, tiny_tokenizer, prompts):
         assert r.text == tiny_tokenizer.decode(list(r.token_ids), skip_special_tokens=True)
 
 
-def test_max_new_tokens_argument_overrides_the_config(sharp_model, tiny_tokenizer, prompts):
-    rollouts = HFGenerator(sharp_model, tiny_tokenizer).generate(prompts, SAMPLING, seed=0, max_new_tokens=4)
+@BACKENDS
+def test_max_new_tokens_argument_overrides_the_config(sharp_model, tiny_tokenizer, prompts, backend):
+    rollouts = backend(sharp_model, tiny_tokenizer).generate(prompts, SAMPLING, seed=0, max_new_tokens=4)
     assert max(r.num_tokens for r in rollouts) == 4
     assert all(r.num_tokens == 4 for r in rollouts if r.finish_reason == "length")
 
 
-def test_left_padding_does_not_change_greedy_tokens(sharp_model, tiny_tokenizer, prompts):
+@BACKENDS
+def test_left_padding_does_not_change_greedy_tokens(sharp_model, tiny_tokenizer, prompts, backend):
     greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=20)
-    generator = HFGenerator(sharp_model, tiny_tokenizer)
+    generator = backend(sharp_model, tiny_tokenizer)
     short, long = min(prompts, key=len), max(prompts, key=len)
     assert len(long) > len(short)
     alone = generator.generate([short], greedy)[0]
@@ -112,13 +120,44 @@ def test_left_padding_does_not_change_greedy_tokens(sharp_model, tiny_tokenizer,
     assert together == one_by_one
 
 
-def test_generate_restores_training_mode(tiny_model, tiny_tokenizer, prompts):
+@BACKENDS
+def test_generate_restores_training_mode(tiny_model, tiny_tokenizer, prompts, backend):
     tiny_model.train()
-    HFGenerator(tiny_model, tiny_tokenizer).generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=2), seed=0)
+    backend(tiny_model, tiny_tokenizer).generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=2), seed=0)
     assert tiny_model.training
     tiny_model.eval()
-    HFGenerator(tiny_model, tiny_tokenizer).generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=2), seed=0)
+    backend(tiny_model, tiny_tokenizer).generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=2), seed=0)
     assert not tiny_model.training
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(n=2, temperature=0.0, max_new_tokens=20),
+    SamplingConfig(n=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20),
+    SamplingConfig(n=2, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=20),
+    SamplingConfig(n=2, temperature=1.3, top_p=0.8, top_k=6, max_new_tokens=20),
+], ids=["greedy", "plain", "top_p", "top_k_top_p"])
+def test_plain_loop_returns_hf_generate_tokens(sharp_model, tiny_tokenizer, prompts, sampling):
+    """Same model, prompts (left-padded batches) and seed: the plain loop draws exactly the tokens
+    that HF generate draws, greedy or sampled."""
+    hf = HFGenerator(sharp_model, tiny_tokenizer, batch_size=4).generate(prompts, sampling, seed=3)
+    plain = KVCacheGenerator(sharp_model, tiny_tokenizer, batch_size=4).generate(prompts, sampling, seed=3)
+    assert plain == hf
+    assert len({r.token_ids for r in hf}) > len(prompts) // 2  # varied outputs, not one repeated string
+    assert {r.finish_reason for r in hf} == {"stop", "length"} or sampling.temperature == 0
+
+
+def test_next_token_filters_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # (1, 4)
+    assert next_token(logits, SamplingConfig(temperature=0.0)).item() == 0
+    torch.manual_seed(0)
+    draws = Counter(next_token(logits.expand(4000, 4), SamplingConfig(top_k=2)).tolist())
+    assert set(draws) == {0, 1} and draws[0] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)
+    draws = Counter(next_token(logits.expand(4000, 4), SamplingConfig(top_p=0.85)).tolist())  # 0.5 + 0.3 < 0.85
+    assert set(draws) == {0, 1, 2}
+    draws = Counter(next_token(logits.expand(4000, 4), SamplingConfig(top_p=0.75)).tolist())  # 0.5 + 0.3 covers it
+    assert set(draws) == {0, 1}
+    draws = Counter(next_token(logits.expand(4000, 4), SamplingConfig(temperature=1e-3, top_p=1.0)).tolist())
+    assert set(draws) == {0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""Shared pieces of the benchmarks: the random test model, one fresh process per measurement, peak
+RSS, medians and the printed table.
+
+Every measurement runs in a fresh Python process (the script re-invoked with `--worker ...`), so
+that peak memory is that run's own and imports or caches of one side never help the other. The
+parent alternates the sides (crisp, peer, peer, crisp, ...) so that a busy machine slows both alike,
+and reports medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER_PREFIX = "WORKER_RESULT "
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def word(i: int) -> str:
+    """The i-th benchmark word: letters only ("x" + i in base 26), so that it is a single token."""
+    letters = ""
+    while True:
+        i, digit = divmod(i, 26)
+        letters = chr(ord("a") + digit) + letters
+        if i == 0:
+            return "x" + letters
+
+
+def build_model(directory: Path, *, vocab: int, hidden: int, layers: int, heads: int, intermediate: int,
+                max_positions: int = 4096, seed: int = 0) -> tuple[Path, int]:
+    """A randomly initialised Qwen3-architecture model with exactly `vocab` tokens, saved to `directory`.
+
+    The tokenizer is crisp's word-level one over benchmark words, each in two forms ("xab" at the
+    start of a line, " xab" after a space), plus the chat template's own pieces. Returns the
+    directory and how many words there are.
+    """
+    from crisp.modeling import build_tiny_model, build_word_tokenizer, save_model
+
+    def tokenizer_with(words: int, extra: int):
+        names = [word(i) for i in range(words + extra)]
+        return build_word_tokenizer([" ".join(names[:words]), "\n".join(names), "\n\n"])
+
+    fixed = len(tokenizer_with(1, 0)) - 2  # specials and the template's pieces
+    words, extra = divmod(vocab - fixed, 2)
+    tokenizer = tokenizer_with(words, extra)  # the odd one out exists only in its bare form
+    assert len(tokenizer) == vocab, (len(tokenizer), vocab)
+    model = build_tiny_model(tokenizer, architecture="qwen3", hidden_size=hidden, num_layers=layers,
+                             num_heads=heads, intermediate_size=intermediate, max_positions=max_positions, seed=seed)
+    save_model(model, tokenizer, directory)
+    return directory, words
+
+
+def random_text(count: int, generator: torch.Generator, words: int) -> str:
+    """`count` random benchmark words separated by spaces: `count` tokens."""
+    return " ".join(word(int(i)) for i in torch.randint(0, words, (count,), generator=generator))
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of a one-turn user prompt, as both crisp and TRL build them."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+def word_token_ids(tokenizer) -> torch.Tensor:
+    """Ids of the ordinary word tokens (no special token, so no EOS and no padding)."""
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """High-water mark of the resident set (VmHWM) since the process started or since reset_peak()."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_mb(field: str) -> float:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) / 1024
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def worker_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = str(threads)
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's crisp, even without an install
+    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_worker(script: str, args: list[str], threads: int) -> dict:
+    """Run `python script --worker ...args` in a fresh process and return the JSON it reports."""
+    command = [sys.executable, script, *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=worker_env(threads))
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(WORKER_PREFIX):
+            return json.loads(line[len(WORKER_PREFIX):])
+    raise RuntimeError(f"worker {' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+
+
+def report(result: dict) -> None:
+    """The worker's last line: what the parent reads."""
+    print(WORKER_PREFIX + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- numbers and tables
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (it reads well in a terminal too)."""
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU model, cores and memory, for the report."""
+    cpu = "unknown CPU"
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = names[0] if names else cpu
+        memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
+        cpu += f", {os.cpu_count()} cores, {memory:.0f} GiB RAM"
+    except OSError:
+        pass
+    return f"{cpu}; torch {torch.__version__}"

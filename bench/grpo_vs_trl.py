@@ -1,0 +1,275 @@
+"""Benchmark 2: one GRPO (DAPO) step, crisp against TRL's GRPOTrainer (loss_type="dapo"), side by side.
+
+Both sides train the same randomly initialised Qwen3-architecture model (hidden 256, 4 layers, a
+32,000-token vocabulary) on the same G rollouts per prompt with the same rewards (alternately 0 and
+1 within each group, so every group carries signal and no rollout is skipped): group-normalised
+advantages, DAPO's clipped surrogate with eps_low 0.2 and eps_high 0.28, the token sum divided by
+the batch's response tokens, no KL term, one optimizer step per batch (so the old log-probs are the
+current ones on both sides), AdamW (lr 1e-5, no weight decay), gradients clipped to norm 1, fp32
+(TRL's CPU default of bf16 autocast is turned off).
+
+Generation is excluded on both sides: the rollouts are fixed token ids made up front. What a timed
+step covers:
+  crisp  crisp.rewards.group_advantages, crisp.grpo.surrogate_backward (forward at the response
+         positions, chunked log-probs, surrogate, backward), crisp.optim.step_if_finite and the
+         scheduler step: the loop's loss_backward and step phases.
+  TRL    Trainer.train from on_step_begin to on_step_end of one optimizer step: GRPOTrainer's
+         _generate_and_score_completions (prompt tokenisation; its generation call returns the
+         fixed rollouts; decoding, the reward function, advantages), compute_loss, backward, clip,
+         optimizer and scheduler steps.
+The advantages differ by one constant factor: TRL divides by the sample standard deviation + 1e-4,
+crisp by the population one + 1e-6 (GRPO's definition); the gradient norms at the untimed warm-up
+step are compared with that factor taken out. Each run is a fresh process; runs alternate between
+the sides and medians are reported.
+
+    python bench/grpo_vs_trl.py              # defaults: about 4 minutes on 2 cores
+    python bench/grpo_vs_trl.py --help
+
+Needs `pip install 'crisp[bench]'` (trl==1.16.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import common
+
+SIDES = ("crisp", "trl")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=8, help="G rollouts per prompt")
+    parser.add_argument("--prompt-len", type=int, default=64, help="words in each prompt")
+    parser.add_argument("--response-len", type=int, default=256, help="tokens in each rollout")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--reps", type=int, default=3, help="runs per side, alternating")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def make_batch(model_dir: Path, words: int, args) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [common.random_text(args.prompt_len, generator, words) for _ in range(args.prompts)]
+    vocabulary = common.word_token_ids(tokenizer)
+    count = args.prompts * args.group_size
+    responses = [vocabulary[torch.randint(0, len(vocabulary), (args.response_len,), generator=generator)].tolist()
+                 for _ in range(count)]
+    return {
+        "model_dir": str(model_dir),
+        "prompts": prompts,
+        "prompt_ids": [common.chat_ids(tokenizer, prompts[i // args.group_size]) for i in range(count)],
+        "responses": responses,
+        "rewards": [float(i % 2) for i in range(count)],  # mixed rewards in every group
+    }
+
+
+# ----------------------------------------------------------------------------- crisp
+
+
+def worker_crisp(args, batch: dict, out: Path) -> dict:
+    from crisp.config import validate
+    from crisp.grpo import loss_normaliser, surrogate_backward
+    from crisp.modeling import load_model, load_tokenizer
+    from crisp.optim import build_optimizer, step_if_finite
+    from crisp.rewards import group_advantages
+    from crisp.rollout import Rollout
+
+    cfg = validate({
+        "method": "grpo", "output_dir": str(out), "max_steps": 1 + args.steps, "model": {"path": batch["model_dir"]},
+        "batch_size": args.prompts, "group_size": args.group_size, "micro_batch_size": args.prompts * args.group_size,
+        "schedule": {"kind": "constant", "l_min": args.response_len, "l_max": args.response_len},
+        "eps_low": 0.2, "eps_high": 0.28, "aggregation": "token", "loss_normaliser": "batch_tokens",
+        "optim": {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0},
+    })
+    tokenizer = load_tokenizer(cfg.model.path)
+    policy = load_model(cfg.model.path)
+    policy.train()
+    optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps)
+    rollouts = [Rollout(i // args.group_size, tuple(p), tuple(r), "", "length")
+                for i, (p, r) in enumerate(zip(batch["prompt_ids"], batch["responses"]))]
+    result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": [], "losses": []}
+
+    for step in range(1, cfg.max_steps + 1):
+        wall, cpu = time.perf_counter(), time.process_time()
+        advantages = group_advantages(torch.tensor(batch["rewards"]), cfg.group_size, scale_by_std=cfg.scale_by_std)
+        if not advantages.ne(0).all():
+            raise AssertionError("every rollout must carry signal, or crisp would skip some")
+        normaliser = loss_normaliser(cfg, sum(r.num_tokens for r in rollouts))
+        loss, _ = surrogate_backward(policy, rollouts, advantages, cfg, tokenizer.pad_token_id,
+                                     normaliser=normaliser, num_train=len(rollouts))
+        grad_norm, _ = step_if_finite(policy, optimizer, loss, cfg.optim.grad_clip)
+        scheduler.step()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        result["losses"].append(loss)
+        if step == 1:
+            result["grad_norm"] = grad_norm
+            result["base_rss_mb"] = common.rss_mb()
+            result["peak_reset"] = common.reset_peak()
+        else:
+            result["times"].append(wall)
+            result["cpu_times"].append(cpu)
+    result["peak_rss_mb"] = common.peak_rss_mb()
+    return result
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def worker_trl(args, batch: dict, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class FixedRollouts(GRPOTrainer):
+        """GRPOTrainer whose generation call returns the benchmark's rollouts (generation excluded)."""
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            if [list(p) for p in prompt_ids] != batch["prompt_ids"]:
+                raise AssertionError("TRL tokenised the prompts differently from crisp: not the same batch")
+            return [list(r) for r in batch["responses"]], None
+
+    def reward(prompts, completions, completion_ids, **kwargs):
+        if [list(c) for c in completion_ids] != batch["responses"]:
+            raise AssertionError("the rewards would not go to the benchmark's rollouts")
+        return batch["rewards"]
+
+    tokenizer = AutoTokenizer.from_pretrained(batch["model_dir"])
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in batch["prompts"]])
+    config = GRPOConfig(
+        output_dir=str(out), max_steps=1 + args.steps, per_device_train_batch_size=args.prompts * args.group_size,
+        gradient_accumulation_steps=1, num_generations=args.group_size, max_completion_length=args.response_len,
+        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group",
+        learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0, shuffle_dataset=False, seed=0,
+        use_cpu=True, bf16=False, logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+    )
+    trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer,
+                            reward_funcs=reward)
+    result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": []}
+    clip = trainer._clip_grad_norm
+
+    def recording_clip(model):
+        norm = clip(model)
+        result.setdefault("grad_norm", float(norm))
+        return norm
+
+    trainer._clip_grad_norm = recording_clip
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args_, state, control, **kwargs):
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+            if state.global_step == 1:
+                result["base_rss_mb"] = common.rss_mb()
+                result["peak_reset"] = common.reset_peak()
+            else:
+                result["times"].append(wall)
+                result["cpu_times"].append(cpu)
+
+    trainer.add_callback(Timing())
+    trainer.train()
+    result["peak_rss_mb"] = common.peak_rss_mb()
+    return result
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def advantage_scale(rewards: list[float], group_size: int) -> float:
+    """crisp's advantages over TRL's for these rewards (one factor when every group has the same spread)."""
+    groups = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    factors = (groups.std(dim=1) + 1e-4) / (groups.std(dim=1, unbiased=False) + 1e-6)
+    if not torch.allclose(factors, factors[0]):
+        raise ValueError("the groups' reward spreads differ: no single factor")
+    return float(factors[0])
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        batch = json.loads(Path(args.batch).read_text())
+        with tempfile.TemporaryDirectory() as out:
+            work = worker_crisp if args.worker == "crisp" else worker_trl
+            common.report(work(args, batch, Path(out)))
+        return
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        model_dir, words = common.build_model(scratch / "model", vocab=args.vocab, hidden=args.hidden,
+                                              layers=args.layers, heads=args.heads, intermediate=args.intermediate)
+        batch = make_batch(model_dir, words, args)
+        (scratch / "batch.json").write_text(json.dumps(batch))
+        runs = {side: [] for side in SIDES}
+        for rep in range(args.reps):
+            for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
+                flags = ["--worker", side, "--batch", str(scratch / "batch.json")]
+                flags += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                          if k not in ("worker", "batch") and v is not None]
+                runs[side].append(common.run_worker(__file__, flags, args.threads))
+                print(f"run {rep + 1}/{args.reps} {side}: step times "
+                      f"{', '.join(f'{t:.2f}' for t in runs[side][-1]['times'])} s", flush=True)
+
+    figures = {}
+    for side in SIDES:
+        figures[side] = {
+            "time": common.median([t for run in runs[side] for t in run["times"]]),
+            "cpu": common.median([t for run in runs[side] for t in run["cpu_times"]]),
+            "peak": common.median([run["peak_rss_mb"] for run in runs[side]]),
+            "extra": common.median([run["peak_rss_mb"] - run["loaded_rss_mb"] for run in runs[side]]),
+        }
+    crisp, trl = figures["crisp"], figures["trl"]
+    scale = advantage_scale(batch["rewards"], args.group_size)
+    norms = {side: runs[side][0]["grad_norm"] for side in SIDES}
+    prompt_tokens = len(batch["prompt_ids"][0])
+
+    print(f"\nGRPO (DAPO) step, crisp vs TRL {trl_version()} GRPOTrainer (fp32, {args.threads} thread(s))")
+    print(f"machine: {common.machine()}")
+    print(f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
+          f"batch: {args.prompts} prompt(s) of {prompt_tokens} tokens x G = {args.group_size} rollouts of "
+          f"{args.response_len} tokens; {args.reps} runs x {args.steps} timed steps per side\n")
+    rows = [
+        ["time per step, median (s)", f"{crisp['time']:.3f}", f"{trl['time']:.3f}", f"{crisp['time'] / trl['time']:.2f}"],
+        ["CPU time per step, median (s)", f"{crisp['cpu']:.3f}", f"{trl['cpu']:.3f}", f"{crisp['cpu'] / trl['cpu']:.2f}"],
+        ["peak RSS during the timed steps (MB)", f"{crisp['peak']:.0f}", f"{trl['peak']:.0f}",
+         f"{crisp['peak'] / trl['peak']:.2f}"],
+        ["peak RSS above the loaded model (MB)", f"{crisp['extra']:.0f}", f"{trl['extra']:.0f}",
+         f"{crisp['extra'] / trl['extra']:.2f}"],
+        ["gradient norm at step 1 (TRL's x the advantage factor)", f"{norms['crisp']:.6g}",
+         f"{norms['trl'] * scale:.6g}", ""],
+    ]
+    print(common.table(["", "crisp", "TRL", "crisp / TRL"], rows))
+    if not all(run["peak_reset"] for side in SIDES for run in runs[side]):
+        print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
+    print(f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "
+          f"cpu_ratio={crisp['cpu'] / trl['cpu']:.3f} extra_memory_ratio={crisp['extra'] / trl['extra']:.3f}")
+
+
+def trl_version() -> str:
+    from importlib.metadata import version
+
+    return version("trl")
+
+
+if __name__ == "__main__":
+    main()

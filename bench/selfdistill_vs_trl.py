@@ -1,0 +1,295 @@
+"""Benchmark 1: one self-distillation step, crisp against TRL's SDFTTrainer, side by side.
+
+Both sides train the same randomly initialised Qwen3-architecture model (hidden 256, 4 layers, a
+32,000-token vocabulary, so that the LM head dominates) on the same batch: the same prompt token ids,
+the same teacher prompts (the prompt, a blank line, then a privileged context, TRL's template), the
+same rollout token ids; exact full-vocabulary reverse KL KL(student || teacher) on every response
+token; AdamW (lr 1e-5, no weight decay), gradients clipped to norm 1; the teacher hard-refreshed from
+the student after every step (crisp: teacher.update=refresh, refresh_every=1; TRL:
+teacher_model_kind="ema" with teacher_update_rate=1.0 and teacher_sync_steps=1, a copy). Both
+compute in fp32 (TRL's default on CPU is bf16 autocast; it is turned off so that both do the same
+arithmetic).
+
+Generation is excluded on both sides: the rollouts are fixed token ids made up front. What a timed
+step covers:
+  crisp  crisp.selfdistill.distill_backward (student and teacher forwards, loss, backward), then
+         crisp.optim.step_if_finite (clip, AdamW step), the scheduler step and the teacher refresh:
+         the loop's loss_backward, step and teacher_update phases.
+  TRL    Trainer.train from on_step_begin to on_step_end of one optimizer step: SDFTTrainer's input
+         preparation (prompt tokenisation, teacher prompts; its generation call returns the fixed
+         rollouts), compute_loss, backward, clip, optimizer and scheduler steps, and the teacher sync
+         callback.
+The first step of each run is a warm-up and not timed; it is where both sides' losses and gradient
+norms are compared (they must agree: same model, same batch, same loss). Each run is a fresh
+process; runs alternate between the sides and medians are reported.
+
+    python bench/selfdistill_vs_trl.py              # defaults: about 4 minutes on 2 cores
+    python bench/selfdistill_vs_trl.py --help
+
+Needs `pip install 'crisp[bench]'` (trl==1.16.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import common
+
+SIDES = ("crisp", "trl")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rollouts", type=int, default=8, help="rollouts per step (one per prompt, as CRISP)")
+    parser.add_argument("--prompt-len", type=int, default=64, help="words in each prompt")
+    parser.add_argument("--context-len", type=int, default=32, help="extra words in each teacher prompt")
+    parser.add_argument("--response-len", type=int, default=256, help="tokens in each rollout")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--chunk-size", type=int, default=128, help="crisp's loss.chunk_size")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--reps", type=int, default=3, help="runs per side, alternating")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run")
+    parser.add_argument("--no-generation", action="store_true", help="skip timing HF generate for the batch")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def make_batch(model_dir: Path, words: int, args) -> dict:
+    """Prompt texts and the token ids both sides train on."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [common.random_text(args.prompt_len, generator, words) for _ in range(args.rollouts)]
+    contexts = [common.random_text(args.context_len, generator, words) for _ in range(args.rollouts)]
+    vocabulary = common.word_token_ids(tokenizer)
+    responses = [vocabulary[torch.randint(0, len(vocabulary), (args.response_len,), generator=generator)].tolist()
+                 for _ in range(args.rollouts)]
+    return {
+        "model_dir": str(model_dir),
+        "prompts": prompts,
+        "contexts": contexts,
+        "student_ids": [common.chat_ids(tokenizer, p) for p in prompts],
+        "teacher_ids": [common.chat_ids(tokenizer, f"{p}\n\n{c}") for p, c in zip(prompts, contexts)],
+        "responses": responses,
+    }
+
+
+# ----------------------------------------------------------------------------- crisp
+
+
+def worker_crisp(args, batch: dict, out: Path) -> dict:
+    from crisp.config import validate
+    from crisp.modeling import load_model, load_tokenizer
+    from crisp.optim import build_optimizer, step_if_finite
+    from crisp.rollout import HFGenerator, Rollout
+    from crisp.selfdistill import distill_backward
+    from crisp.teacher import Teacher
+
+    cfg = validate({
+        "method": "selfdistill", "output_dir": str(out), "max_steps": 1 + args.steps,
+        "model": {"path": batch["model_dir"]}, "batch_size": args.rollouts, "micro_batch_size": args.rollouts,
+        "rollout": {"n": 1, "temperature": 1.0, "max_new_tokens": args.response_len},
+        "teacher": {"update": "refresh", "refresh_every": 1},
+        "loss": {"divergence": "reverse_kl", "chunk_size": args.chunk_size},
+        "optim": {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0},
+    })
+    tokenizer = load_tokenizer(cfg.model.path)
+    student = load_model(cfg.model.path)
+    student.train()
+    teacher = Teacher(student, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every)
+    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
+    rollouts = [Rollout(i, tuple(p), tuple(r), "", "length")
+                for i, (p, r) in enumerate(zip(batch["student_ids"], batch["responses"]))]
+    result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": [], "losses": []}
+
+    for step in range(1, cfg.max_steps + 1):
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss = distill_backward(student, teacher.model, rollouts, batch["teacher_ids"], cfg, tokenizer.pad_token_id)
+        grad_norm, _ = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
+        scheduler.step()
+        teacher.after_step(step, student)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        result["losses"].append(loss)
+        if step == 1:
+            result["grad_norm"] = grad_norm
+            result["base_rss_mb"] = common.rss_mb()
+            result["peak_reset"] = common.reset_peak()
+        else:
+            result["times"].append(wall)
+            result["cpu_times"].append(cpu)
+    result["peak_rss_mb"] = common.peak_rss_mb()
+
+    if args.generate:  # what generating these rollouts would cost (HF generate, crisp's backend)
+        generator = HFGenerator(student, tokenizer, batch_size=args.rollouts)
+        wall = time.perf_counter()
+        generated = generator.generate(batch["student_ids"], cfg.rollout, seed=0)
+        result["generation_s"] = time.perf_counter() - wall
+        result["generated_tokens"] = sum(r.num_tokens for r in generated)
+    return result
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def worker_trl(args, batch: dict, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    responses = batch["responses"]
+
+    class FixedRollouts(SDFTTrainer):
+        """SDFTTrainer whose generation call returns the benchmark's rollouts (generation excluded)."""
+
+        def _generate(self, prompt_ids):
+            if [list(p) for p in prompt_ids] != batch["student_ids"]:
+                raise AssertionError("TRL tokenised the prompts differently from crisp: not the same batch")
+            return prompt_ids, [list(r) for r in responses]
+
+    tokenizer = AutoTokenizer.from_pretrained(batch["model_dir"])
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}], "privileged_context": c}
+                                 for p, c in zip(batch["prompts"], batch["contexts"])])
+    config = SDFTConfig(
+        output_dir=str(out), max_steps=1 + args.steps, per_device_train_batch_size=args.rollouts,
+        gradient_accumulation_steps=1, num_generations=1, max_completion_length=args.response_len,
+        max_prompt_length=None, distillation_mode="full_logits", distillation_alpha=1.0,  # alpha 1: reverse KL
+        distillation_is_clip=None, teacher_model_kind="ema", teacher_update_rate=1.0, teacher_sync_steps=1,
+        learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0, shuffle_dataset=False, seed=0,
+        use_cpu=True, bf16=False, logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+    )
+    trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer)
+    result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": [], "losses": []}
+    clip = trainer._clip_grad_norm
+
+    def recording_clip(model):
+        norm = clip(model)
+        result.setdefault("grad_norm", float(norm))
+        return norm
+
+    trainer._clip_grad_norm = recording_clip
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args_, state, control, **kwargs):
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+            result["losses"].append(trainer._metrics["train"]["self_distillation/distillation_loss"][-1])
+            if state.global_step == 1:
+                teacher_rows = trainer._buffered_inputs[0]
+                for ids, mask, want, response in zip(teacher_rows["teacher_input_ids"],
+                                                     teacher_rows["teacher_attention_mask"], batch["teacher_ids"],
+                                                     responses):
+                    if ids[mask.bool()].tolist() != want + response:
+                        raise AssertionError("TRL's teacher input differs from crisp's: not the same batch")
+                result["base_rss_mb"] = common.rss_mb()
+                result["peak_reset"] = common.reset_peak()
+            else:
+                result["times"].append(wall)
+                result["cpu_times"].append(cpu)
+
+    trainer.add_callback(Timing())  # after TRL's teacher-sync callback, so the sync is inside the timed step
+    trainer.train()
+    result["peak_rss_mb"] = common.peak_rss_mb()
+    return result
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        args.generate = not args.no_generation
+        batch = json.loads(Path(args.batch).read_text())
+        with tempfile.TemporaryDirectory() as out:
+            work = worker_crisp if args.worker == "crisp" else worker_trl
+            common.report(work(args, batch, Path(out)))
+        return
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        model_dir, words = common.build_model(scratch / "model", vocab=args.vocab, hidden=args.hidden,
+                                              layers=args.layers, heads=args.heads, intermediate=args.intermediate)
+        batch = make_batch(model_dir, words, args)
+        (scratch / "batch.json").write_text(json.dumps(batch))
+        runs = {side: [] for side in SIDES}
+        for rep in range(args.reps):
+            for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
+                flags = ["--worker", side, "--batch", str(scratch / "batch.json")]
+                flags += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                          if k not in ("worker", "batch", "no_generation") and v is not None]
+                if args.no_generation or rep > 0:
+                    flags.append("--no-generation")
+                runs[side].append(common.run_worker(__file__, flags, args.threads))
+                print(f"run {rep + 1}/{args.reps} {side}: step times "
+                      f"{', '.join(f'{t:.2f}' for t in runs[side][-1]['times'])} s", flush=True)
+
+    def pooled(side, key):
+        return common.median([value for run in runs[side] for value in run[key]])
+
+    def per_run(side, key):
+        return common.median([run[key] for run in runs[side]])
+
+    figures = {}
+    for side in SIDES:
+        figures[side] = {
+            "time": pooled(side, "times"),
+            "cpu": pooled(side, "cpu_times"),
+            "peak": per_run(side, "peak_rss_mb"),
+            "extra": common.median([run["peak_rss_mb"] - run["loaded_rss_mb"] for run in runs[side]]),
+        }
+    crisp, trl = figures["crisp"], figures["trl"]
+    first = {side: runs[side][0] for side in SIDES}
+    prompt_tokens = sum(map(len, batch["student_ids"])) / args.rollouts
+    teacher_tokens = sum(map(len, batch["teacher_ids"])) / args.rollouts
+
+    print(f"\nSelf-distillation step, crisp vs TRL {trl_version()} SDFTTrainer (fp32, {args.threads} thread(s))")
+    print(f"machine: {common.machine()}")
+    print(f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
+          f"batch: {args.rollouts} rollouts x {args.response_len} tokens, prompts {prompt_tokens:.0f} tokens, "
+          f"teacher prompts {teacher_tokens:.0f} tokens; {args.reps} runs x {args.steps} timed steps per side\n")
+    rows = [
+        ["time per step, median (s)", f"{crisp['time']:.3f}", f"{trl['time']:.3f}", f"{crisp['time'] / trl['time']:.2f}"],
+        ["CPU time per step, median (s)", f"{crisp['cpu']:.3f}", f"{trl['cpu']:.3f}", f"{crisp['cpu'] / trl['cpu']:.2f}"],
+        ["peak RSS during the timed steps (MB)", f"{crisp['peak']:.0f}", f"{trl['peak']:.0f}",
+         f"{crisp['peak'] / trl['peak']:.2f}"],
+        ["peak RSS above the loaded model (MB)", f"{crisp['extra']:.0f}", f"{trl['extra']:.0f}",
+         f"{crisp['extra'] / trl['extra']:.2f}"],
+        ["loss at step 1 / step 2", " / ".join(f"{x:.6g}" for x in first["crisp"]["losses"][:2]),
+         " / ".join(f"{x:.6g}" for x in first["trl"]["losses"][:2]), ""],
+        ["gradient norm at step 1", f"{first['crisp']['grad_norm']:.6g}", f"{first['trl']['grad_norm']:.6g}", ""],
+    ]
+    print(common.table(["", "crisp", "TRL", "crisp / TRL"], rows))
+    if "generation_s" in first["crisp"]:
+        generation = first["crisp"]["generation_s"]
+        print(f"\nGenerating this batch with HF generate (not in the timed step): {generation:.2f} s for "
+              f"{first['crisp']['generated_tokens']} tokens; with it a crisp step would be "
+              f"{generation + crisp['time']:.2f} s, {100 * generation / (generation + crisp['time']):.0f}% generating.")
+    if not all(run["peak_reset"] for side in SIDES for run in runs[side]):
+        print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
+    print(f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "
+          f"cpu_ratio={crisp['cpu'] / trl['cpu']:.3f} extra_memory_ratio={crisp['extra'] / trl['extra']:.3f}")
+
+
+def trl_version() -> str:
+    from importlib.metadata import version
+
+    return version("trl")
+
+
+if __name__ == "__main__":
+    main()
