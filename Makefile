@@ -25,5 +25,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The four performance benchmarks of the README (about 4 minutes each on 2 cores).
+bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/selfdistill_vs_trl.py
+	$(BIN)/python bench/grpo_vs_trl.py
+	$(BIN)/python bench/long_sequence_kl.py
+	$(BIN)/python bench/rollout_throughput.py
+
 clean:
 	rm -rf runs .pytest_cache

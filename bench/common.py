@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))  # this checkout's crisp, in the parent as in every worker
 WORKER_PREFIX = "WORKER_RESULT "
 
 
@@ -109,8 +111,7 @@ def worker_env(threads: int) -> dict:
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
-    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's crisp, even without an install
-    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else str(SRC)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -33,10 +33,10 @@ def parse_args(argv=None):
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--lengths", default="4096,8192", help="positions T to score with the chunked loss")
-    parser.add_argument("--full-lengths", default="1024,2048",
+    parser.add_argument("--full-lengths", default="2048",
                         help="T for the unchunked comparison (skipped when it would not fit in memory)")
     parser.add_argument("--chunk-size", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=1, help="timed repetitions after the measured first run")
+    parser.add_argument("--repeat", type=int, default=0, help="timed repetitions after the measured first run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)

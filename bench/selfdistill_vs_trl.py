@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=768)
     parser.add_argument("--chunk-size", type=int, default=128, help="crisp's loss.chunk_size")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
     parser.add_argument("--reps", type=int, default=3, help="runs per side, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every run")
     parser.add_argument("--no-generation", action="store_true", help="skip timing HF generate for the batch")
