@@ -1,14 +1,17 @@
 """Benchmark 3: exact full-vocabulary reverse KL and its backward over long sequences.
 
 Qwen-sized vocabulary (151,936) with a tiny hidden size, T = 4,096 and 8,192 scored positions: the
-fp32 logits of one side alone would take T x V x 4 bytes (5 GB at 8,192). crisp's
+fp32 logits of one side alone would take T x V x 4 bytes (4.6 GiB, 5.0 GB, at 8,192). crisp's
 `crisp.losses.divergence_sum` never holds them; this measures its peak memory above the inputs and
 its time, against the plain computation (`per_token_divergence` on the full logits, autograd) at
-the lengths where that fits in memory.
+the lengths where that fits in memory. Sizes are in MiB and GiB (2^20 and 2^30 bytes).
 
 Each measurement runs in a fresh process: inputs are made, the RSS high-water mark is reset, then
 one forward + backward runs (peak memory above the inputs is read after it), then `--repeat` more
 for the time (median).
+
+The last line, RESULT, holds peak_gb (the chunked loss's peak above its inputs at the longest T,
+in GiB) and time_ratio (chunked over unchunked time at the longest T where both ran).
 
     python bench/long_sequence_kl.py          # defaults: about 3 minutes on 2 cores
     python bench/long_sequence_kl.py --help
@@ -107,13 +110,13 @@ def main() -> None:
             if 11 * logits_mb[tokens] < 0.8 * available_mb():
                 modes.append("full")
             else:
-                print(f"T={tokens}: the unchunked loss would need ~{11 * logits_mb[tokens] / 1024:.0f} GB; skipped")
+                print(f"T={tokens}: the unchunked loss would need ~{11 * logits_mb[tokens] / 1024:.0f} GiB; skipped")
         for mode in modes:
             flags = ["--worker", mode, f"--tokens={tokens}", f"--vocab={args.vocab}", f"--hidden={args.hidden}",
                      f"--chunk-size={args.chunk_size}", f"--repeat={args.repeat}", f"--threads={args.threads}"]
             results[tokens, mode] = common.run_worker(__file__, flags, args.threads)
             run = results[tokens, mode]
-            print(f"T={tokens} {mode}: {run['extra_mb']:.0f} MB above the inputs, "
+            print(f"T={tokens} {mode}: {run['extra_mb']:.0f} MiB above the inputs, "
                   f"{', '.join(f'{t:.2f}' for t in run['times'])} s", flush=True)
 
     print(f"\nReverse KL + backward, vocabulary {args.vocab}, hidden {args.hidden}, chunk {args.chunk_size} rows "
@@ -133,8 +136,8 @@ def main() -> None:
         else:
             row += ["-", "-", "-", "-"]
         rows.append(row)
-    print(common.table(["T", "one side's logits (GB)", "chunked: peak above inputs (GB)", "chunked: time (s)",
-                        "unchunked: peak above inputs (GB)", "unchunked: time (s)", "time ratio",
+    print(common.table(["T", "one side's logits (GiB)", "chunked: peak above inputs (GiB)", "chunked: time (s)",
+                        "unchunked: peak above inputs (GiB)", "unchunked: time (s)", "time ratio",
                         "loss rel. difference"], rows))
     if not all(run["peak_reset"] for run in results.values()):
         print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")

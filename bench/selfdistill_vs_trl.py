@@ -265,9 +265,9 @@ def main() -> None:
     rows = [
         ["time per step, median (s)", f"{crisp['time']:.3f}", f"{trl['time']:.3f}", f"{crisp['time'] / trl['time']:.2f}"],
         ["CPU time per step, median (s)", f"{crisp['cpu']:.3f}", f"{trl['cpu']:.3f}", f"{crisp['cpu'] / trl['cpu']:.2f}"],
-        ["peak RSS during the timed steps (MB)", f"{crisp['peak']:.0f}", f"{trl['peak']:.0f}",
+        ["peak RSS during the timed steps (MiB)", f"{crisp['peak']:.0f}", f"{trl['peak']:.0f}",
          f"{crisp['peak'] / trl['peak']:.2f}"],
-        ["peak RSS above the loaded model (MB)", f"{crisp['extra']:.0f}", f"{trl['extra']:.0f}",
+        ["peak RSS above the loaded model (MiB)", f"{crisp['extra']:.0f}", f"{trl['extra']:.0f}",
          f"{crisp['extra'] / trl['extra']:.2f}"],
         ["loss at step 1 / step 2", " / ".join(f"{x:.6g}" for x in first["crisp"]["losses"][:2]),
          " / ".join(f"{x:.6g}" for x in first["trl"]["losses"][:2]), ""],

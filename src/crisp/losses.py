@@ -208,9 +208,9 @@ def _autograd_divergence(student_logits: Tensor, teacher_logits: Tensor, *, toke
 def _linear_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(hidden, weight, bias)``, computed as ``(weight @ hidden.T).T``.
 
-    Same values; on CPU (MKL) the tall ``(V, H) @ (H, n)`` product runs ~1.5x faster than
-    ``(n, H) @ (H, V)`` for a large vocabulary. The result is a transposed view, which
-    ``log_softmax`` reads as it is.
+    Same values. On CPU (MKL) the tall ``(V, H) @ (H, n)`` product runs ~1.5x faster than
+    ``(n, H) @ (H, V)`` for a large vocabulary; ``log_softmax`` then copies the transposed view
+    once, which costs less than the difference (~10% off the whole loss at V = 32k, H = 256).
     """
     logits = (weight @ hidden.t()).t()  # (n, V)
     return logits if bias is None else logits + bias

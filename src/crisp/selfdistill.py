@@ -67,7 +67,8 @@ def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence
         rows += [b] * len(r)
         cols += range(len(p) - 1, len(p) - 1 + len(r))
     device = next(model.parameters()).device
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                              use_cache=False).last_hidden_state  # (B, T, H)
     return hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, H)
 
 
