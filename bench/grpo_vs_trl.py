@@ -259,6 +259,8 @@ def main() -> None:
          f"{norms['trl'] * scale:.6g}", ""],
     ]
     print(common.table(["", "crisp", "TRL", "crisp / TRL"], rows))
+    paired = [common.median(c["times"]) / common.median(t["times"]) for c, t in zip(runs["crisp"], runs["trl"])]
+    print(f"\ncrisp / TRL time, run by run (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}")
     if not all(run["peak_reset"] for side in SIDES for run in runs[side]):
         print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
     print(f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "

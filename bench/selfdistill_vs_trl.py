@@ -279,6 +279,8 @@ def main() -> None:
         print(f"\nGenerating this batch with HF generate (not in the timed step): {generation:.2f} s for "
               f"{first['crisp']['generated_tokens']} tokens; with it a crisp step would be "
               f"{generation + crisp['time']:.2f} s, {100 * generation / (generation + crisp['time']):.0f}% generating.")
+    paired = [common.median(c["times"]) / common.median(t["times"]) for c, t in zip(runs["crisp"], runs["trl"])]
+    print(f"\ncrisp / TRL time, run by run (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}")
     if not all(run["peak_reset"] for side in SIDES for run in runs[side]):
         print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
     print(f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "

@@ -170,6 +170,11 @@ def per_token_divergence(
     return terms.sum(dim=-1)  # (N,)
 
 
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products of two (n, V) tensors as one batched matmul: no (n, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # (n,)
+
+
 def _analytic_divergence(student_logits: Tensor, teacher_logits: Tensor, *, kind: str, forward_weight: float):
     """Per-token values and the gradient of their sum with respect to the student logits, in closed form.
 
@@ -184,13 +189,13 @@ def _analytic_divergence(student_logits: Tensor, teacher_logits: Tensor, *, kind
     diff = log_s.sub_(log_t)  # (n, V) log p_S - log p_T, in the log_s buffer
     if kind == "forward_kl":
         teacher_p = log_t.exp_()  # (n, V)
-        return -torch.linalg.vecdot(teacher_p, diff), student_p.sub_(teacher_p)
-    reverse = torch.linalg.vecdot(student_p, diff)  # (n,)
+        return -_row_dot(teacher_p, diff), student_p.sub_(teacher_p)
+    reverse = _row_dot(student_p, diff)  # (n,)
     if kind == "reverse_kl":
         return reverse, diff.sub_(reverse[:, None]).mul_(student_p)
     # kind == "mixed"
     teacher_p = log_t.exp_()  # (n, V)
-    forward = -torch.linalg.vecdot(teacher_p, diff)  # (n,)
+    forward = -_row_dot(teacher_p, diff)  # (n,)
     grad = diff.sub_(reverse[:, None]).mul_(student_p)  # (n, V)
     grad.add_(student_p.sub_(teacher_p), alpha=forward_weight)
     return reverse + forward_weight * forward, grad
