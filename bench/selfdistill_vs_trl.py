@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=3, help="runs per side, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every run")
     parser.add_argument("--no-generation", action="store_true", help="skip timing HF generate for the batch")
+    parser.add_argument("--trl-bf16", action="store_true",
+                        help="leave TRL on its CPU default, bf16 autocast (crisp stays fp32): not the same arithmetic")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--batch", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -167,7 +169,8 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
         max_prompt_length=None, distillation_mode="full_logits", distillation_alpha=1.0,  # alpha 1: reverse KL
         distillation_is_clip=None, teacher_model_kind="ema", teacher_update_rate=1.0, teacher_sync_steps=1,
         learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0, shuffle_dataset=False, seed=0,
-        use_cpu=True, bf16=False, logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+        use_cpu=True, bf16=args.trl_bf16, logging_steps=10**6, save_strategy="no", report_to="none",
+        disable_tqdm=True,
     )
     trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer)
     result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": [], "losses": []}
@@ -231,9 +234,11 @@ def main() -> None:
             for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
                 flags = ["--worker", side, "--batch", str(scratch / "batch.json")]
                 flags += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                          if k not in ("worker", "batch", "no_generation") and v is not None]
+                          if k not in ("worker", "batch", "no_generation", "trl_bf16") and v is not None]
                 if args.no_generation or rep > 0:
                     flags.append("--no-generation")
+                if args.trl_bf16:
+                    flags.append("--trl-bf16")
                 runs[side].append(common.run_worker(__file__, flags, args.threads))
                 print(f"run {rep + 1}/{args.reps} {side}: step times "
                       f"{', '.join(f'{t:.2f}' for t in runs[side][-1]['times'])} s", flush=True)
@@ -257,7 +262,8 @@ def main() -> None:
     prompt_tokens = sum(map(len, batch["student_ids"])) / args.rollouts
     teacher_tokens = sum(map(len, batch["teacher_ids"])) / args.rollouts
 
-    print(f"\nSelf-distillation step, crisp vs TRL {trl_version()} SDFTTrainer (fp32, {args.threads} thread(s))")
+    precision = "crisp fp32, TRL bf16 autocast" if args.trl_bf16 else "fp32"
+    print(f"\nSelf-distillation step, crisp vs TRL {trl_version()} SDFTTrainer ({precision}, {args.threads} thread(s))")
     print(f"machine: {common.machine()}")
     print(f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
           f"batch: {args.rollouts} rollouts x {args.response_len} tokens, prompts {prompt_tokens:.0f} tokens, "
