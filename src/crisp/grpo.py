@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
 import random
 from pathlib import Path
 from typing import Sequence

@@ -128,7 +128,8 @@ class KVCacheGenerator(BatchedGenerator):
 
     It samples exactly as `HFGenerator` does (temperature, then top-k, then top-p, then one
     multinomial draw per step from the global generator), so with the same seed both return the
-    same tokens; it only leaves out `generate`'s general machinery.
+    same tokens (the tests check it); it only leaves out `generate`'s general machinery. The model
+    must accept `logits_to_keep` (Hugging Face causal LMs do).
     """
 
     def _new_tokens(self, prompts: list[list[int]], sampling: SamplingConfig, limit: int) -> list[list[int]]:
