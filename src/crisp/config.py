@@ -124,8 +124,15 @@ class SFTMix(Strict):
     """How the synthetic SFT corpus mixes instructed and plain traces."""
 
     instruction: str = "v1"
-    instructed_fraction: Probability = 0.5
-    verbose_prefix_fraction: Probability = 0.5  # instructed traces that start verbose, then switch
+    instructed_fraction: Probability = 0.5  # prompts with the concise instruction
+    reference_fraction: Probability = 0.0  # prompts with OPSD's reference solution (the rest are plain)
+    verbose_prefix_fraction: Probability = 0.5  # instructed/reference traces that start verbose, then switch
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> "SFTMix":
+        if self.instructed_fraction + self.reference_fraction > 1:
+            raise ValueError("instructed_fraction + reference_fraction must be at most 1")
+        return self
 
 
 class SFTConfig(RunConfig):

@@ -1,7 +1,8 @@
 """Supervised fine-tuning: builds the demo's base model and SFT baselines.
 
-On the synthetic task the corpus mixes plain (verbose) traces and instructed (concise) ones, some
-of which start verbose and switch; the loss covers response tokens only, and not the verbose
+On the synthetic task the corpus mixes plain (verbose) traces, instructed (concise) ones and, for
+OPSD's teacher, concise traces under a reference-solution prompt; the last two sometimes start
+verbose and switch; the loss covers response tokens only, and not the verbose
 prefix of a switching trace. On any other problem source it trains on the reference solutions.
 """
 
@@ -41,14 +42,15 @@ def synthetic_examples(cfg: SFTConfig, builder: PromptBuilder) -> list[Example]:
     prompts, traces = [], []
     for chain in synthetic.train_chains(cfg.seed, cfg.data.size, tuple(cfg.data.levels)):
         problem = synthetic.to_problem(chain, 0, "train")
-        instructed, lines = synthetic.sft_example(
-            rng,
-            chain,
-            instructed=rng.random() < cfg.mix.instructed_fraction,
-            verbose_prefix=rng.random() < cfg.mix.verbose_prefix_fraction,
-        )
-        text = builder.teacher_text(problem, instruction=instruction, reference=False) if instructed else (
-            builder.student_text(problem))
+        draw = rng.random()
+        kind = ("instructed" if draw < cfg.mix.instructed_fraction else
+                "reference" if draw < cfg.mix.instructed_fraction + cfg.mix.reference_fraction else "plain")
+        lines = synthetic.sft_example(rng, chain, kind=kind, verbose_prefix=rng.random() < cfg.mix.verbose_prefix_fraction)
+        if kind == "plain":
+            text = builder.student_text(problem)
+        else:
+            text = builder.teacher_text(problem, instruction=instruction if kind == "instructed" else None,
+                                        reference=kind == "reference")
         prompts.append(builder.render(text))
         traces.append(lines)
     # One batched call to the Rust tokenizer: per-call and per-text wrapper overhead dominates here.
