@@ -138,9 +138,9 @@ def test_scheduled_cap_reaches_generation_and_the_normaliser_ignores_it(
     limits = []
 
     class Recording(HFGenerator):
-        def generate(self, prompts, sampling, *, seed=None, max_new_tokens=None, progress=None):
+        def generate(self, prompts, sampling, *, max_new_tokens=None, **kwargs):
             limits.append(max_new_tokens)
-            rollouts = super().generate(prompts, sampling, seed=seed, max_new_tokens=max_new_tokens)
+            rollouts = super().generate(prompts, sampling, max_new_tokens=max_new_tokens, **kwargs)
             assert all(r.num_tokens <= max_new_tokens for r in rollouts)
             return rollouts
 
