@@ -284,6 +284,6 @@ def test_rollout_takes_group_size_and_l_max_and_the_dump_reloads(tmp_path):
 
 def test_siri_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
-    for path in (root / "siri.yaml", root / "demo" / "siri.yaml"):
+    for path in (root / "recipes" / "siri-r1-distill-qwen-1.5b.yaml", root / "demo" / "siri.yaml"):
         cfg = load_config(path)
         assert cfg.method == "grpo" and cfg.schedule.l_min <= cfg.schedule.l_max
