@@ -1,4 +1,5 @@
-"""Data parallelism: the sharding helpers, and 2 processes on CPU (gloo) against 1 process.
+"""Data parallelism: the sharding helpers, 2 processes on CPU (gloo) against 1 process, and crisp on
+an FSDP2-sharded student.
 
 The 2-process run goes through `accelerate launch` and crisp's CLI (tests/distributed_driver.py).
 Stated tolerance: after training, both ranks hold bitwise identical weights, and those equal the
@@ -24,8 +25,9 @@ import yaml
 import crisp
 import crisp.grpo as grpo
 from crisp import cli
-from crisp.distributed import micro_batches, reduce_sum, shard
-from crisp.modeling import load_model
+from crisp.config import ConfigError, LoraSpec
+from crisp.distributed import DistributedType, make_accelerator, micro_batches, prepare, reduce_sum, shard
+from crisp.modeling import load_model, prepare_for_training
 
 from distributed_driver import parity_rewards
 
@@ -52,6 +54,20 @@ def test_every_rank_gets_the_same_number_of_micro_batches(count, size, world):
     for micro in per_rank:
         assert all(len(indices) <= size for indices, _ in micro)
         assert all(indices == [0] for indices, is_real in micro if not is_real)
+
+
+def test_fsdp_refuses_lora_and_checkpoints(tiny_model):
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(ConfigError, match="save_every"):
+        prepare(fsdp, tiny_model, None, checkpoints=True)
+    with pytest.raises(ConfigError, match="model.lora"):
+        prepare(fsdp, prepare_for_training(tiny_model, lora=LoraSpec(r=2)), None)
+
+
+def test_a_launcher_asking_for_another_precision_is_an_error(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --config_file ddp.yaml` sets
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        make_accelerator("no")
 
 
 def test_reduce_sum_in_one_process_returns_the_values():
@@ -164,3 +180,24 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, monkeypatch):
     assert samples[0] == samples[1] and len(samples[0].splitlines()) == 10
     summaries = [json.loads((tmp_path / f"eval-{p}" / "synthetic" / "summary.json").read_text()) for p in (2, 1)]
     assert summaries[0] == summaries[1]
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_student_generates_and_trains_like_an_unsharded_one(tmp_path):
+    """FSDP2 on CPU (torch's fully_shard; accelerate shards on GPUs only): see tests/fsdp_driver.py.
+    Rank 0 makes one generate call and rank 1 two, and rollouts stop at different lengths, so this
+    also shows that generation on a sharded model keeps the ranks' collectives in step."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(crisp.__file__).parents[1]), str(HERE),
+                                          os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(HERE / "fsdp_driver.py"), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [json.loads((tmp_path / f"fsdp-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(r["lengths"]) for r in results] == [2, 4]  # 1 and 2 prompts, 2 samples each
+    assert len({n for r in results for n in r["lengths"]}) > 1  # rollouts stopped at different lengths
+    for r in results:
+        assert r["rollouts_match"] and r["teacher_refreshed"]
+        assert r["grad_diff"] <= 1e-5 * r["grad_scale"]
+        assert r["norms"][0] == pytest.approx(r["norms"][1], rel=1e-5)

@@ -135,3 +135,4 @@ def test_recipe_names_an_accelerate_config_that_agrees_on_precision(recipe):
         assert accelerate_cfg.fsdp_config["fsdp_version"] == 2
         assert accelerate_cfg.fsdp_config["fsdp_reshard_after_forward"] is True  # full shard
         assert "lora" not in data["model"]  # LoRA runs under DDP
+        assert data.get("save_every", 0) == 0 and data.get("resume", "none") == "none"  # no FSDP checkpoints yet

@@ -91,10 +91,15 @@ def grad_sync(accelerator: Accelerator, model: torch.nn.Module, last: bool):
     return accelerator.no_sync(model)
 
 
-def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer):
-    """Move the model to this rank's device and wrap it (and the optimizer) for DDP or FSDP."""
-    if is_peft(model) and accelerator.distributed_type == DistributedType.FSDP:
-        raise ConfigError("model.lora: LoRA runs data-parallel with DDP (configs/accelerate/ddp.yaml), not FSDP")
+def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer, *, checkpoints: bool = False):
+    """Move the model to this rank's device and wrap it (and the optimizer) for DDP or FSDP.
+    `checkpoints`: the run saves or resumes checkpoints, which crisp does not write under FSDP yet."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if is_peft(model):
+            raise ConfigError("model.lora: LoRA runs data-parallel with DDP (configs/accelerate/ddp.yaml), not FSDP")
+        if checkpoints:
+            raise ConfigError("save_every, resume: checkpoints are not written under FSDP yet; set save_every=0 "
+                              "resume=none (the final model is saved), or use DDP")
     return accelerator.prepare(model, optimizer)
 
 

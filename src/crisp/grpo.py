@@ -134,7 +134,8 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     if reference:
         reference.model.to(accelerator.device)
     optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
-    model, optimizer = prepare(accelerator, policy, optimizer)  # model: the wrapped policy that forwards go through
+    # model: the wrapped policy, which every forward pass of the policy goes through (DDP/FSDP)
+    model, optimizer = prepare(accelerator, policy, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
     builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
                             enable_thinking=cfg.prompt.enable_thinking)
     grader = default_grader(problems)

@@ -99,6 +99,22 @@ class SeededSampler(LogitsProcessor):
         return torch.full_like(scores, -float("inf")).scatter_(1, choice, 0.0)  # (B, V)
 
 
+def _fsdp_types() -> tuple[type, ...]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule  # FSDP2, torch >= 2.6
+    except ImportError:
+        return (FullyShardedDataParallel,)
+    return (FullyShardedDataParallel, FSDPModule)
+
+
+def _most_over_ranks(count: int, device: torch.device) -> int:
+    total = torch.tensor(count, device=device)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return int(total)
+
+
 class HFGenerator:
     """Hugging Face `generate`: batched, left-padded, KV-cached, sampled with per-request seeds."""
 
@@ -130,21 +146,34 @@ class HFGenerator:
         requests = [(first_index + i, j, list(p)) for i, p in enumerate(prompts) for j in range(sampling.n)]
         # Similar lengths together: less padding, and each batch stops when its longest one does.
         order = sorted(range(len(requests)), key=lambda r: len(requests[r][2]))
+        starts = range(0, len(order), self.batch_size)
+        # A sharded model runs collectives in every forward pass: every rank makes as many generate
+        # calls as the busiest one (the extra ones on a placeholder) and all stop together.
+        calls = _most_over_ranks(len(starts), next(self.model.parameters()).device) if self.sharded else len(starts)
         results: list[Rollout | None] = [None] * len(requests)
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(order), self.batch_size):
-                chunk = [requests[r] for r in order[start : start + self.batch_size]]
+            for call in range(calls):
+                if call >= len(starts):
+                    self._generate_batch([[self.tokenizer.eos_token_id]], torch.zeros(1, dtype=torch.long), sampling, limit)
+                    continue
+                chunk = [requests[r] for r in order[starts[call] : starts[call] + self.batch_size]]
                 keys = request_keys(seed, [index for index, _, _ in chunk], [j for _, j, _ in chunk])  # (b,)
                 outputs = self._generate_batch([prompt for _, _, prompt in chunk], keys, sampling, limit)
-                for r, (index, _, prompt), rollout in zip(order[start:], chunk, outputs):
+                for r, (index, _, prompt), rollout in zip(order[starts[call] :], chunk, outputs):
                     results[r] = Rollout(index, tuple(prompt), *rollout)
                 if progress is not None:
                     progress.update(len(chunk))
         finally:
             self.model.train(was_training)
         return results  # type: ignore[return-value]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP splits the model's weights over several ranks."""
+        return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and any(
+            isinstance(m, _fsdp_types()) for m in self.model.modules())
 
     def _generate_batch(self, prompts: list[list[int]], keys: torch.Tensor, sampling: SamplingConfig, limit: int):
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
@@ -169,6 +198,7 @@ class HFGenerator:
             pad_token_id=pad,
             eos_token_id=eos,
             use_cache=True,
+            synced_gpus=self.sharded,  # ranks that finish early keep running forward passes for the others
         )
         new_tokens = output[:, width:].tolist()  # (B, <= limit)
         rollouts = []

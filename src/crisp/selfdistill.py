@@ -107,7 +107,8 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
                       ema_decay=cfg.teacher.ema_decay)
     teacher.model.to(accelerator.device)
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
-    model, optimizer = prepare(accelerator, student, optimizer)  # model: the wrapped student that forwards go through
+    # model: the wrapped student, which every forward pass of the student goes through (DDP/FSDP)
+    model, optimizer = prepare(accelerator, student, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
     builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
                             enable_thinking=cfg.prompt.enable_thinking)
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)

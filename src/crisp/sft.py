@@ -165,7 +165,8 @@ def train_sft(cfg: SFTConfig) -> Path:
                             enable_thinking=cfg.prompt.enable_thinking)
     examples = synthetic_examples(cfg, builder) if cfg.data.source == "synthetic" else solution_examples(cfg, builder)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps)
-    wrapped, optimizer = prepare(accelerator, model, optimizer)  # forwards go through the wrapper (DDP)
+    wrapped, optimizer = prepare(accelerator, model, optimizer,  # forwards go through the wrapper (DDP)
+                                 checkpoints=bool(cfg.save_every) or cfg.resume != "none")
     log = MetricsLog(out / "metrics.jsonl")
     timer = Timer()
 
