@@ -315,3 +315,15 @@ def test_cli_eval_bad_k_exits_2(tiny_model_dir, tmp_path, capsys):
                   "--out", str(tmp_path / "x")])
     assert info.value.code == 2
     assert "--k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--benchmark", "synthetic"], "--model, --out"),  # without --config the flags are required
+    (["--config", "eval.yaml", "--model", "m"], "--config"),  # with it, they are overrides
+    (["--model", "m", "--benchmark", "synthetic", "--out", "o", "k=2"], "k=2"),  # overrides need --config
+])
+def test_cli_eval_flag_errors_exit_2_naming_the_flag(argv, named, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", *argv])
+    assert info.value.code == 2
+    assert named in capsys.readouterr().err

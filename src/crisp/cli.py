@@ -62,7 +62,7 @@ def cmd_eval(args) -> None:
             "prompt": {"template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
                        "enable_thinking": args.enable_thinking},
             "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
-            "batch_size": args.batch_size,
+            "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
         }, EvalRunConfig)
         outputs = {args.benchmark: Path(args.out)}
         baselines = {args.benchmark: _summary(Path(args.baseline)) if args.baseline else None}
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grader", choices=["exact", "math-verify"], help="default: exact for synthetic")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
     ev.add_argument("--enable-thinking", type=lambda s: s.lower() == "true", default=None)
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.set_defaults(func=cmd_eval)
