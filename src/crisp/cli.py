@@ -16,17 +16,18 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.method == "sft":
-        from crisp.sft import train_sft
-
-        print(f"model saved to {train_sft(cfg)}")
+        from crisp.sft import train_sft as train
     elif cfg.method == "selfdistill":
-        from crisp.selfdistill import train_selfdistill
-
-        print(f"model saved to {train_selfdistill(cfg)}")
+        from crisp.selfdistill import train_selfdistill as train
     elif cfg.method == "grpo":
-        from crisp.grpo import train_grpo
+        from crisp.grpo import train_grpo as train
+    from crisp.loop import TrainingStopped
 
-        print(f"model saved to {train_grpo(cfg)}")
+    try:
+        print(f"model saved to {train(cfg)}")
+    except TrainingStopped as error:  # the run went wrong, not the input: exit code 1, no traceback
+        print(f"crisp: stopped: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def cmd_eval(args) -> None:

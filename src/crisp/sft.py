@@ -203,7 +203,7 @@ def train_sft(cfg: SFTConfig) -> Path:
             log.write(step, metrics)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             tokens_seen, window_start = 0, time.perf_counter()
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
             checkpoint.save(out / "checkpoints", step, models={"model": (model, tokenizer)},
                             state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                    "epoch": epoch, "position": position}, keep=cfg.keep_checkpoints)
