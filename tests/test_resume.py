@@ -215,3 +215,58 @@ def test_grpo_killed_and_resumed_from_an_older_checkpoint_equals_uninterrupted(a
     metrics = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     assert all(m["train/updated_rollouts"] > 0 for m in metrics)  # every step changed the policy
     assert 0 < sum(m["rollout/accuracy"] for m in metrics) / len(metrics) < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite steps
+# ---------------------------------------------------------------------------------------------
+
+
+def poison_steps(monkeypatch, module, name: str, steps: set[int], calls_per_step: int, make_bad) -> None:
+    """Replace module.name so that its result is made non-finite during the given (1-based) steps."""
+    real, calls = getattr(module, name), []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        return make_bad(result) if (len(calls) - 1) // calls_per_step + 1 in steps else result
+
+    monkeypatch.setattr(module, name, poisoned)
+
+
+@pytest.mark.parametrize("method", ["selfdistill", "grpo"])
+def test_non_finite_steps_are_skipped_then_stop_the_run_keeping_a_good_checkpoint(
+    method, tiny_model_dir, answering_model_and_data, tmp_path, monkeypatch, capsys
+):
+    """Steps 3, 5 and 6 go non-finite (a NaN loss for selfdistill, an infinite gradient norm for
+    GRPO). Each is skipped and counted; with max_skipped_steps=2 the second consecutive one stops
+    the run with exit code 1 and a message, after logging it and before checkpointing it."""
+    if method == "selfdistill":  # 4 rollouts in micro-batches of 2: two loss calls per step
+        poison_steps(monkeypatch, selfdistill, "distill_loss_sum", {3, 5, 6}, 2, lambda loss: loss * math.nan)
+        data = config(SELFDISTILL, tiny_model_dir, tmp_path / "run")
+    else:
+        poison_steps(monkeypatch, grpo, "clip_and_check", {3, 5, 6}, 1, lambda norm: math.inf)
+        model_dir, problems = answering_model_and_data
+        data = config({**GRPO, "data": {"source": str(problems)}}, model_dir, tmp_path / "run")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**data, "max_skipped_steps": 2}))
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", str(path)])
+    assert info.value.code == 1
+    message = capsys.readouterr().err
+    assert "2 consecutive steps had a non-finite loss or gradient (step 6)" in message
+    assert str(tmp_path / "run" / "checkpoints") in message
+
+    out = tmp_path / "run"
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert [m["train/skipped_steps"] for m in metrics] == [0, 0, 1, 1, 2, 3]
+    assert not (out / "model").exists()
+    # checkpoint 6 was never written; checkpoint 5 holds exactly the weights of checkpoint 4
+    four, five = checkpoint.complete_checkpoints(out / "checkpoints")
+    assert (four.name, five.name) == ("step-00000004", "step-00000005")
+    assert checkpoint.latest(out / "checkpoints") == five
+    assert_bitwise_equal(weights(five / "model"), weights(four / "model"))
+    assert all(torch.isfinite(w).all() for w in weights(five / "model").values())
+    assert checkpoint.load_state(five)["consecutive_skips"] == 1
