@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from crisp import checkpoint
+from crisp.config import ConfigError
 from crisp.data import synthetic
 from crisp.loop import ProblemStream
 from crisp.metrics import MetricsLog
@@ -185,3 +186,23 @@ def test_a_problem_stream_resumes_where_it_stopped_across_epochs():
     fresh = ProblemStream(problems, seed=3)
     first, second = [p.id for p in fresh.take(7)], [p.id for p in fresh.take(7)]
     assert sorted(first) == sorted(second) == sorted(p.id for p in problems) and first != second
+
+
+def test_a_fresh_run_refuses_an_output_dir_that_holds_checkpoints(tiny_model, loaded_tokenizer, tmp_path):
+    """Relaunching without resume=auto after a crash would wipe the run's logs and checkpoints."""
+    save(tmp_path / "checkpoints", 7, tiny_model, loaded_tokenizer)
+    with pytest.raises(ConfigError, match=r"^resume: .*step-00000007.*resume=auto"):
+        checkpoint.resolve_resume("none", tmp_path)
+    assert checkpoint.resolve_resume("auto", tmp_path).name == "step-00000007"
+
+
+def test_saving_after_resuming_from_an_older_checkpoint_replaces_the_later_ones(tiny_model, loaded_tokenizer,
+                                                                               tmp_path):
+    """Checkpoints past the one a run resumed from belong to the timeline it replaces; left in place,
+    keep-last-K would delete the new ones first and a later resume=auto would jump back to them."""
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step, tiny_model, loaded_tokenizer, keep=10)
+    (tmp_path / "step-00000001" / checkpoint.MARKER).unlink()  # as a deletion killed midway leaves it
+    save(tmp_path, 2, tiny_model, loaded_tokenizer, keep=2, note="new")
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step-00000002"]
+    assert checkpoint.load_state(checkpoint.latest(tmp_path))["note"] == "new"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import crisp.selfdistill as selfdistill
-from crisp.config import LossConfig, SelfDistillConfig
+from crisp.config import ConfigError, LossConfig, SelfDistillConfig
 from crisp.data import synthetic
 from crisp.modeling import load_model
 from crisp.prompts import PromptBuilder, resolve_instruction
@@ -372,6 +372,9 @@ def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path):
     first = read_metrics(out)
     assert [m["step"] for m in first] == [1, 2]
     assert (out / "checkpoints" / "step-00000002" / "teacher").is_dir()
+    with pytest.raises(ConfigError, match="resume=auto"):  # relaunched without resume: nothing is wiped
+        train_selfdistill(make_cfg(tiny_model_dir, out, max_steps=3, **common))
+    assert read_metrics(out) == first
 
     final = train_selfdistill(make_cfg(tiny_model_dir, out, max_steps=3, resume="auto", **common))
     resumed = read_metrics(out)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crisp.config import ConfigError
+
 MARKER = "COMPLETE"
 
 
@@ -80,8 +82,10 @@ def save(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
-    for stale in directory.glob(".tmp-step-*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    # left by a save that was killed, or by a deletion that was (every checkpoint has its marker)
+    stale = [*directory.glob(".tmp-step-*"), *(p for p in directory.glob("step-*") if not (p / MARKER).exists())]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
     tmp = directory / f".tmp-step-{step:08d}"
     tmp.mkdir()
     try:
@@ -95,8 +99,10 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # written before a resume from an earlier checkpoint (e.g. a broken one was skipped)
-        shutil.rmtree(final)
+    # checkpoints of this step or later were written before a resume from an earlier one (a newer
+    # one was broken, or an older one was named): that run's future, which this run replaces
+    for later in [c for c in directory.glob("step-*") if _step(c) >= step]:
+        shutil.rmtree(later)
     os.replace(tmp, final)
     _fsync_dir(directory)
     for old in complete_checkpoints(directory)[:-keep]:
@@ -104,12 +110,16 @@ def save(
     return final
 
 
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
 def complete_checkpoints(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = [p for p in directory.glob("step-*") if p.is_dir() and (p / MARKER).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=_step)
 
 
 def load_state(checkpoint: str | Path) -> dict:
@@ -147,8 +157,18 @@ def latest(directory: str | Path) -> Path | None:
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """`none` -> None; `auto` -> newest complete checkpoint under output_dir (or None); else a path."""
+    """`none` -> None; `auto` -> newest complete checkpoint under output_dir (or None); else a path.
+
+    `none` where output_dir already holds checkpoints is an error: a fresh run would wipe that
+    run's logs and, as it saves, its checkpoints (relaunching after a crash without resume=auto).
+    """
     if resume == "none":
+        earlier = complete_checkpoints(Path(output_dir) / "checkpoints")
+        if earlier:
+            raise ConfigError(
+                f"resume: none, but {output_dir} already holds checkpoints of a run (the newest is "
+                f"{earlier[-1].name}); set resume=auto to continue it, or choose another output_dir"
+            )
         return None
     if resume == "auto":
         return latest(Path(output_dir) / "checkpoints")
