@@ -138,9 +138,9 @@ def test_scheduled_cap_reaches_generation_and_the_normaliser_ignores_it(
     limits = []
 
     class Recording(HFGenerator):
-        def generate(self, prompts, sampling, *, seed=None, max_new_tokens=None, progress=None):
+        def generate(self, prompts, sampling, *, max_new_tokens=None, **kwargs):
             limits.append(max_new_tokens)
-            rollouts = super().generate(prompts, sampling, seed=seed, max_new_tokens=max_new_tokens)
+            rollouts = super().generate(prompts, sampling, max_new_tokens=max_new_tokens, **kwargs)
             assert all(r.num_tokens <= max_new_tokens for r in rollouts)
             return rollouts
 
@@ -283,6 +283,6 @@ def test_rollout_takes_group_size_and_l_max_and_the_dump_reloads(tmp_path):
 
 def test_siri_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
-    for path in (root / "siri.yaml", root / "demo" / "siri.yaml"):
+    for path in (root / "recipes" / "siri-r1-distill-qwen-1.5b.yaml", root / "demo" / "siri.yaml"):
         cfg = load_config(path)
         assert cfg.method == "grpo" and cfg.schedule.l_min <= cfg.schedule.l_max

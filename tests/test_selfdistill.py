@@ -56,6 +56,11 @@ def perturbed_copy(model, scale=0.05, seed=0):
     return other.requires_grad_(False)
 
 
+def as_teacher(model):
+    """A Teacher that runs `model` as it is."""
+    return Teacher(model, update="live")
+
+
 def explicit_log_probs(model, prompt, response):
     """log_softmax of the full model's logits at the positions predicting each response token."""
     ids = torch.tensor([list(prompt) + list(response)])
@@ -104,7 +109,7 @@ def test_distill_loss_sum_equals_a_loop_by_hand(tiny_model, tiny_tokenizer, batc
     teacher_model = perturbed_copy(tiny_model)
     cfg = Cfg(divergence=kind, forward_weight=0.5, chunk_size=3)  # chunks cross rollout boundaries
     with torch.no_grad():
-        total = distill_loss_sum(tiny_model, teacher_model, student_prompts, teacher_prompts, responses,
+        total = distill_loss_sum(tiny_model, as_teacher(teacher_model), student_prompts, teacher_prompts, responses,
                                  cfg, tiny_tokenizer.pad_token_id)
         expected = 0.0
         for s, t, r in zip(student_prompts, teacher_prompts, responses):
@@ -122,7 +127,7 @@ def test_teacher_prompt_matters_through_alignment(tiny_model, tiny_tokenizer, ba
     cfg = Cfg(divergence="reverse_kl")
     pad = tiny_tokenizer.pad_token_id
     with torch.no_grad():
-        loss = distill_loss_sum(tiny_model, tiny_model, student_prompts, teacher_prompts, responses, cfg, pad)
+        loss = distill_loss_sum(tiny_model, as_teacher(tiny_model), student_prompts, teacher_prompts, responses, cfg, pad)
         expected = sum(
             _by_hand("reverse_kl", explicit_log_probs(tiny_model, s, r), explicit_log_probs(tiny_model, t, r)).sum().item()
             for s, t, r in zip(student_prompts, teacher_prompts, responses)
@@ -135,7 +140,7 @@ def test_kl_is_zero_for_same_prompt_and_a_copy(tiny_model, tiny_tokenizer, batch
     student_prompts, _, responses = batch
     teacher = Teacher(tiny_model, update="frozen")
     for kind in ("reverse_kl", "forward_kl", "jsd", "mixed"):
-        loss = distill_loss_sum(tiny_model, teacher.model, student_prompts, student_prompts, responses,
+        loss = distill_loss_sum(tiny_model, teacher, student_prompts, student_prompts, responses,
                                 Cfg(divergence=kind), tiny_tokenizer.pad_token_id)
         assert abs(loss.item()) < 1e-5, kind
 
@@ -250,12 +255,13 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model, tiny_tokenizer, 
     pad = tiny_tokenizer.pad_token_id
     num_tokens = sum(map(len, responses))
 
-    (distill_loss_sum(tiny_model, teacher_model, student_prompts, teacher_prompts, responses, cfg, pad)
+    teacher = as_teacher(teacher_model)
+    (distill_loss_sum(tiny_model, teacher, student_prompts, teacher_prompts, responses, cfg, pad)
      / num_tokens).backward()
     full = _grads(tiny_model)
     tiny_model.zero_grad(set_to_none=True)
     for i in range(len(responses)):
-        (distill_loss_sum(tiny_model, teacher_model, student_prompts[i:i + 1], teacher_prompts[i:i + 1],
+        (distill_loss_sum(tiny_model, teacher, student_prompts[i:i + 1], teacher_prompts[i:i + 1],
                           responses[i:i + 1], cfg, pad) / num_tokens).backward()
     micro = _grads(tiny_model)
     assert set(full) == set(micro) and full

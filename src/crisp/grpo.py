@@ -14,11 +14,14 @@ One step, top to bottom:
   update    ppo_epochs passes; each pass is one optimizer step over all rollouts in micro-batches:
             DAPO's clipped surrogate (eps_low, eps_high), summed over the response tokens and
             divided by a normaliser that does not depend on L (config.GRPOConfig explains the choice)
+
+Run under `accelerate launch`, the ranks share each step as crisp.distributed describes: each
+generates, grades and rewards a slice of the prompts, all hold every group (so dynamic sampling and
+advantages agree), each updates on a slice of the rollouts with the normaliser of the whole batch.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 from pathlib import Path
 from typing import Sequence
@@ -31,17 +34,19 @@ from tqdm.auto import tqdm
 from crisp.config import GRPOConfig, dump_config
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
+from crisp.distributed import (gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum, save_final,
+                               shard)
 from crisp.evaluate import default_grader, score_rollouts
 from crisp.grading import get_grader, grade
 from crisp.loop import ProblemStream, TrainingRun, training_problems
 from crisp.losses import clipped_surrogate_loss
-from crisp.modeling import load_model, load_tokenizer, save_model
+from crisp.modeling import load_model, load_tokenizer, output_head, prepare_for_training, response_hidden
 from crisp.optim import build_optimizer, clip_and_check
 from crisp.prompts import PromptBuilder
 from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
 from crisp.rollout import HFGenerator, Rollout
 from crisp.schedules import max_length_at
-from crisp.selfdistill import response_hidden
+from crisp.teacher import Teacher
 
 
 def _sampled_logprobs(head, hidden, tokens):
@@ -58,8 +63,14 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[
     each response's end, and the (B, T) bool mask of real response tokens.
     """
     hidden = response_hidden(model, prompts, responses, pad_id)  # (N, H)
+    return logprobs_from_hidden(hidden, output_head(model), responses, chunk_size)
+
+
+def logprobs_from_hidden(hidden: torch.Tensor, lm_head, responses: Sequence[Sequence[int]],
+                         chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs from the (N, H) hidden states at the response positions."""
     tokens = torch.tensor([t for r in responses for t in r], device=hidden.device)  # (N,)
-    head = functools.partial(_sampled_logprobs, model.get_output_embeddings())
+    head = functools.partial(_sampled_logprobs, lm_head)
     pieces = []
     for start in range(0, len(tokens), chunk_size):
         chunk = (hidden[start : start + chunk_size], tokens[start : start + chunk_size])  # (n, H), (n,)
@@ -98,9 +109,12 @@ def loss_normaliser(cfg: GRPOConfig, num_tokens: int) -> float | None:
 
 
 def train_grpo(cfg: GRPOConfig) -> Path:
+    accelerator = make_accelerator(cfg.mixed_precision)
+    main = accelerator.is_main_process  # only rank 0 writes files
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    if main:
+        dump_config(cfg, out / "config.yaml")
     problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
     if cfg.threads:
@@ -108,25 +122,29 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     policy = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    policy = prepare_for_training(policy, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
     policy.train()
-    reference = None
-    if cfg.kl_coef:  # the initial weights, frozen (copied before a resume loads later weights)
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    # The initial weights, frozen (taken before a resume loads later weights); with LoRA, the adapters off.
+    reference = Teacher(policy, update="frozen") if cfg.kl_coef else None
+    if reference:
+        reference.model.to(accelerator.device)
+    optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
+    # model: the wrapped policy, which every forward pass of the policy goes through (DDP/FSDP)
+    model, optimizer = prepare(accelerator, policy, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
     builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
                             enable_thinking=cfg.prompt.enable_thinking)
     grader = default_grader(problems)
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
-    optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
     stream = ProblemStream(problems, cfg.seed)
     # the reference model is the initial weights, rebuilt from model.path: a checkpoint need not hold it
-    run = TrainingRun(cfg, models={"model": policy}, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                      stream=stream, builder=builder, eval_problems=eval_problems)
-    timer = run.timer
+    run = TrainingRun(cfg, accelerator=accelerator, models={"model": policy}, tokenizer=tokenizer, optimizer=optimizer,
+                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems)
+    timer, precision = run.timer, run.precision
     pad_id = tokenizer.pad_token_id
     G = cfg.group_size
 
     step, _ = run.resume()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="siri grpo", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="siri grpo", dynamic_ncols=True, disable=not main)
     while step < cfg.max_steps:
         cap = max_length_at(step, **cfg.schedule.model_dump())
 
@@ -139,12 +157,15 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         rounds = 0
         while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1) and len(train) < cfg.batch_size * G:
             batch: list[Problem] = stream.take(cfg.batch_size)
-            with timer("generate"):
-                rollouts = generator.generate([builder.student_ids(p) for p in batch], cfg.rollout,
-                                              seed=cfg.seed * 1_000_003 + step * 1_000 + rounds, max_new_tokens=cap)
+            mine = shard(len(batch), accelerator)  # this rank's prompts; every rank then gathers all groups
+            with timer("generate"), precision():
+                rollouts = generator.generate([builder.student_ids(batch[i]) for i in mine], cfg.rollout,
+                                              seed=cfg.seed * 1_000_003 + step * 1_000 + rounds, max_new_tokens=cap,
+                                              first_index=mine.start)
             with timer("grade"):
                 records = score_rollouts(batch, rollouts, grader)
                 rewards = capped_rewards(batch, rollouts, records, cap=cap, tokenizer=tokenizer, grader_name=grader)
+            rollouts, records, rewards = (gather(x, accelerator) for x in (rollouts, records, rewards))
             if rounds == 0:
                 samples = [{"cap": cap, "reward": w, **r} for r, w in zip(records[:2], rewards)]
             keep = torch.ones(len(batch), dtype=torch.bool)  # (B,)
@@ -165,17 +186,23 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         # without a KL term it is left out of the forward and backward passes.
         active = [i for i in range(len(train)) if cfg.kl_coef or advantages[i] != 0]
         update = [train[i] for i in active]
-        update_advantages = advantages[active].to(next(policy.parameters()).device) if active else None  # (u,)
-        micro_batches = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(update), cfg.micro_batch_size)]
+        update_advantages = advantages[active].to(accelerator.device) if active else None  # (u,)
+        # This rank's share of the update, in micro-batches (the same number on every rank).
+        micro = micro_batches(len(update), cfg.micro_batch_size, accelerator) if update else []
 
-        def micro_logprobs(model, micro: slice):
-            return token_logprobs(model, [r.prompt_ids for r in update[micro]], [r.token_ids for r in update[micro]],
-                                  pad_id, cfg.chunk_size)  # (b, T), (b, T)
+        def micro_logprobs(indices: list[int]):
+            return token_logprobs(model, [update[i].prompt_ids for i in indices],
+                                  [update[i].token_ids for i in indices], pad_id, cfg.chunk_size)  # (b, T), (b, T)
+
+        def reference_logprobs(indices: list[int]):
+            prompts, responses = [update[i].prompt_ids for i in indices], [update[i].token_ids for i in indices]
+            hidden = reference.hidden(prompts, responses, pad_id)  # (n, H)
+            return logprobs_from_hidden(hidden, reference.head, responses, cfg.chunk_size)[0]  # (b, T)
 
         # Old (and reference) log-probs once, on the same micro-batches the update will use.
-        with timer("old_logprobs"), torch.no_grad():
-            old = [micro_logprobs(policy, micro)[0] for micro in micro_batches] if cfg.ppo_epochs > 1 else None
-            ref = [micro_logprobs(reference, micro)[0] for micro in micro_batches] if reference else None
+        with timer("old_logprobs"), torch.no_grad(), precision():
+            old = [micro_logprobs(indices)[0] for indices, _ in micro] if cfg.ppo_epochs > 1 else None
+            ref = [reference_logprobs(indices) for indices, _ in micro] if reference else None
 
         update_tokens = sum(r.num_tokens for r in update)
         loss, grad_norm, pass_stats = float("nan"), float("nan"), {}
@@ -183,20 +210,24 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             if update:  # empty when no group had mixed rewards: nothing to learn from, no step
                 loss, pass_stats = 0.0, {}
                 with timer("loss_backward"):
-                    for m, micro in enumerate(micro_batches):
-                        logprobs, mask = micro_logprobs(policy, micro)  # (b, T), (b, T)
-                        micro_loss, stats = clipped_surrogate_loss(
-                            logprobs, old[m] if old else logprobs.detach(), update_advantages[micro], mask,
-                            eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
-                            normaliser=normaliser, kl_coef=cfg.kl_coef, ref_logprobs=ref[m] if ref else None,
-                        )
-                        if cfg.aggregation == "sequence":  # a mean over this micro-batch's sequences
-                            micro_loss = micro_loss * len(update[micro]) / len(train)
-                        micro_loss.backward()
-                        loss += micro_loss.item()
-                        share = float(mask.sum()) / update_tokens
+                    for m, (indices, real) in enumerate(micro):
+                        with grad_sync(accelerator, model, last=m == len(micro) - 1):
+                            with precision():
+                                logprobs, mask = micro_logprobs(indices)  # (b, T), (b, T)
+                                micro_loss, stats = clipped_surrogate_loss(
+                                    logprobs, old[m] if old else logprobs.detach(), update_advantages[indices], mask,
+                                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+                                    normaliser=normaliser, kl_coef=cfg.kl_coef, ref_logprobs=ref[m] if ref else None,
+                                )
+                            if cfg.aggregation == "sequence":  # a mean over this micro-batch's sequences
+                                micro_loss = micro_loss * len(indices) / len(train)
+                            # DDP averages gradients over ranks; a placeholder micro-batch weighs nothing
+                            (micro_loss * (accelerator.num_processes if real else 0.0)).backward()
+                        share = float(mask.sum()) / update_tokens if real else 0.0
+                        loss += micro_loss.item() if real else 0.0
                         for key, value in stats.items():  # token-weighted over the micro-batches
                             pass_stats[key] = pass_stats.get(key, 0.0) + value * share
+                    loss, pass_stats = reduce_sum({"loss": loss}, accelerator)["loss"], reduce_sum(pass_stats, accelerator)
                 with timer("step"):
                     grad_norm = clip_and_check(policy, cfg.optim.grad_clip)
                     run.optimizer_step(loss, grad_norm)
@@ -229,5 +260,5 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         run.end_step(step, metrics, samples, loop_state={})
     bar.close()
     final = out / "model"
-    save_model(policy, tokenizer, final)
+    save_final(accelerator, model, tokenizer, final)
     return final

@@ -6,6 +6,10 @@
   a non-finite loss or gradient, and the end of every step: stop after too many consecutive skips,
   evaluate, log, checkpoint.
 
+Under `accelerate launch` every rank keeps the same bookkeeping (the loss and gradient norm it
+sees are already reduced over ranks, so all ranks skip, stop and evaluate together); only rank 0
+writes logs and checkpoints, and every rank resumes from the same checkpoint.
+
 A checkpoint holds everything the next step depends on (weights of every model passed in,
 optimizer, LR schedule, RNG states, data position, skip counts and the loop's own state), so a run
 resumed from checkpoint `s` computes steps s+1, s+2, ... exactly as an uninterrupted run does.
@@ -24,9 +28,10 @@ from crisp import checkpoint
 from crisp.data import synthetic
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
+from crisp.distributed import autocast, load_rng, save_checkpoint
 from crisp.evaluate import evaluate
 from crisp.metrics import MetricsLog, Timer
-from crisp.modeling import load_model
+from crisp.modeling import load_weights
 
 
 class TrainingStopped(RuntimeError):
@@ -82,13 +87,16 @@ class ProblemStream:
 class TrainingRun:
     """The run directory and the per-step bookkeeping of one training loop.
 
-    `models` are the modules a checkpoint holds, by name: "model" (the trained one, saved with the
-    tokenizer) and any other whose weights cannot be rebuilt from the config (e.g. "teacher").
+    `models` are the modules a checkpoint holds, by name, unwrapped (not DDP): "model" (the trained
+    one, saved with the tokenizer; with LoRA its adapters, a teacher adapter included) and any other
+    whose weights cannot be rebuilt from the config (e.g. "teacher").
     """
 
-    def __init__(self, cfg, *, models: dict[str, torch.nn.Module], tokenizer, optimizer, scheduler,
+    def __init__(self, cfg, *, accelerator, models: dict[str, torch.nn.Module], tokenizer, optimizer, scheduler,
                  stream: ProblemStream, builder, eval_problems: Sequence[Problem]):
         self.cfg = cfg
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process  # only rank 0 writes files
         self.out = Path(cfg.output_dir)
         self.models, self.tokenizer = models, tokenizer
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -98,6 +106,10 @@ class TrainingRun:
         self.rollouts = MetricsLog(self.out / "rollouts.jsonl")
         self.timer = Timer()
         self.skipped, self.consecutive_skips = 0, 0
+
+    def precision(self):
+        """bf16 autocast for forward passes when cfg.mixed_precision asks for it."""
+        return autocast(self.cfg.mixed_precision, self.accelerator.device)
 
     def resume(self) -> tuple[int, dict | None]:
         """Load the checkpoint that cfg.resume names, if any: (its step, the loop's saved state).
@@ -110,15 +122,16 @@ class TrainingRun:
         if source is not None:
             state = checkpoint.load_state(source)
             for name, model in self.models.items():
-                model.load_state_dict(load_model(str(source / name), dtype=self.cfg.model.dtype).state_dict())
+                load_weights(model, source / name)  # a LoRA model gets its adapters back
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.stream.load_state_dict(state["data"])
             self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
-            checkpoint.set_rng_state(state["rng"])
+            load_rng(self.accelerator, state)
             step, loop_state = state["step"], state["loop"]
-        self.metrics.truncate_after(step)
-        self.rollouts.truncate_after(step)
+        if self.main:
+            self.metrics.truncate_after(step)
+            self.rollouts.truncate_after(step)
         return step, loop_state
 
     def optimizer_step(self, loss: float, grad_norm: float) -> bool:
@@ -138,15 +151,17 @@ class TrainingRun:
         cfg = self.cfg
         stop = self.consecutive_skips >= cfg.max_skipped_steps
         if cfg.eval and not stop and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
-            with self.timer("eval"):
+            with self.timer("eval"), self.precision():  # every rank evaluates a share of the problems
                 _, summary = evaluate(self.models["model"], self.tokenizer, self.eval_problems, builder=self.builder,
                                       sampling=cfg.eval.sampling, k=cfg.eval.k, seed=cfg.seed,
-                                      batch_size=cfg.eval.batch_size, progress=False)
+                                      batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator)
             metrics.update(eval_metrics(summary))
         if stop or step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
-            self.metrics.write(step, {**metrics, **self.timer.pop()})
-            for sample in samples:
-                self.rollouts.write(step, sample)
+            timings = self.timer.pop()
+            if self.main:
+                self.metrics.write(step, {**metrics, **timings})
+                for sample in samples:
+                    self.rollouts.write(step, sample)
         if stop:
             raise TrainingStopped(
                 f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
@@ -156,9 +171,10 @@ class TrainingRun:
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
             self.save(step, loop_state)
 
-    def save(self, step: int, loop_state: dict) -> Path:
+    def save(self, step: int, loop_state: dict) -> None:
         models = {name: (model, self.tokenizer if name == "model" else None) for name, model in self.models.items()}
-        return checkpoint.save(self.out / "checkpoints", step, models=models, keep=self.cfg.keep_checkpoints, state={
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "data": self.stream.state_dict(), "skipped": self.skipped,
-            "consecutive_skips": self.consecutive_skips, "loop": loop_state})
+        save_checkpoint(self.accelerator, self.out / "checkpoints", step, models=models,
+                        keep=self.cfg.keep_checkpoints, state={
+                            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "data": self.stream.state_dict(), "skipped": self.skipped,
+                            "consecutive_skips": self.consecutive_skips, "loop": loop_state})

@@ -9,6 +9,10 @@ One step, top to bottom:
             (so micro-batching gives the same update as one big batch)
   step      clip, optimizer step (skipped, and counted, when the loss or gradient is not finite)
   refresh   the teacher's update rule (frozen / refresh every M / EMA / live)
+
+Run under `accelerate launch`, the ranks share each step as crisp.distributed describes: each
+generates and grades a slice of the prompts, all hold every rollout, each trains on a slice of
+the kept rollouts with the loss divided by the response tokens of the whole batch.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from tqdm.auto import tqdm
 from crisp.config import SelfDistillConfig, dump_config
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
+from crisp.distributed import (gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum, save_final,
+                               shard)
 from crisp.evaluate import default_grader, score_rollouts
 from crisp.losses import chunked_divergence
 from crisp.loop import ProblemStream, TrainingRun, training_problems
-from crisp.modeling import load_model, load_tokenizer, save_model
+from crisp.modeling import load_model, load_tokenizer, output_head, prepare_for_training, response_hidden
 from crisp.optim import build_optimizer, clip_and_check
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
@@ -40,38 +46,16 @@ def keep_rollouts(correct: Sequence[bool], rule: str) -> list[int]:
     return [i for i, c in enumerate(correct) if c == wanted]
 
 
-def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int):
-    """Final hidden states at the positions that predict each response token, rows concatenated.
-
-    Sequence b is prompt_b + response_b, right-padded; response token j sits at position
-    len(prompt_b) + j and is predicted from position len(prompt_b) + j - 1. Prompts of different
-    lengths (student vs teacher) therefore line up on the same response tokens.
-    """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)  # (B, T)
-    attention = torch.zeros_like(input_ids)  # (B, T)
-    rows, cols = [], []
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[b, : lengths[b]] = torch.tensor(list(p) + list(r))
-        attention[b, : lengths[b]] = 1
-        rows += [b] * len(r)
-        cols += range(len(p) - 1, len(p) - 1 + len(r))
-    device = next(model.parameters()).device
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
-    return hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, H)
-
-
-def distill_loss_sum(student, teacher_model, student_prompts, teacher_prompts, responses, cfg, pad_id):
+def distill_loss_sum(student, teacher: Teacher, student_prompts, teacher_prompts, responses, cfg, pad_id):
     """Sum over the response tokens of the per-token divergence (the caller divides by the count)."""
+    teacher_hidden = teacher.hidden(teacher_prompts, responses, pad_id)  # (N, H), no grad
     student_hidden = response_hidden(student, student_prompts, responses, pad_id)  # (N, H)
-    with torch.no_grad():
-        teacher_hidden = response_hidden(teacher_model, teacher_prompts, responses, pad_id)  # (N, H)
     tokens = torch.tensor([t for r in responses for t in r], device=student_hidden.device)  # (N,)
     per_token = chunked_divergence(
         student_hidden,
         teacher_hidden,
-        student.get_output_embeddings(),
-        teacher_model.get_output_embeddings(),
+        output_head(student),
+        teacher.head,
         chunk_size=cfg.loss.chunk_size,
         tokens=tokens,
         kind=cfg.loss.divergence,
@@ -84,9 +68,12 @@ def distill_loss_sum(student, teacher_model, student_prompts, teacher_prompts, r
 
 
 def train_selfdistill(cfg: SelfDistillConfig) -> Path:
+    accelerator = make_accelerator(cfg.mixed_precision)
+    main = accelerator.is_main_process  # only rank 0 writes files
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    if main:
+        dump_config(cfg, out / "config.yaml")
     problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
     if cfg.threads:
@@ -94,36 +81,45 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     student = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    student = prepare_for_training(student, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
     student.train()
     teacher = Teacher(student, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every,
                       ema_decay=cfg.teacher.ema_decay)
+    teacher.model.to(accelerator.device)
+    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
+    # model: the wrapped student, which every forward pass of the student goes through (DDP/FSDP)
+    model, optimizer = prepare(accelerator, student, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
     builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
                             enable_thinking=cfg.prompt.enable_thinking)
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
     grader = default_grader(problems)
     generator = HFGenerator(student, tokenizer)
-    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
     stream = ProblemStream(problems, cfg.seed)
-    # the teacher's weights go into checkpoints unless it is the student itself (live)
+    # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
     models = {"model": student, **({"teacher": teacher.model} if teacher.owns_weights else {})}
-    run = TrainingRun(cfg, models=models, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                      stream=stream, builder=builder, eval_problems=eval_problems)
-    timer = run.timer
+    run = TrainingRun(cfg, accelerator=accelerator, models=models, tokenizer=tokenizer, optimizer=optimizer,
+                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems)
+    timer, precision = run.timer, run.precision
     pad_id = tokenizer.pad_token_id
 
     step, saved = run.resume()
     if saved is not None:
         teacher.refreshes = saved["refreshes"]
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.teacher.update + " selfdistill", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.teacher.update + " selfdistill", dynamic_ncols=True,
+               disable=not main)
     while step < cfg.max_steps:
         batch: list[Problem] = stream.take(cfg.batch_size)
 
-        with timer("generate"):
+        # Each rank generates and grades its slice of the prompts; then every rank holds the whole batch.
+        mine = shard(len(batch), accelerator)
+        with timer("generate"), precision():
             rollouts: list[Rollout] = generator.generate(
-                [builder.student_ids(p) for p in batch], cfg.rollout, seed=cfg.seed * 1_000_003 + step
+                [builder.student_ids(batch[i]) for i in mine], cfg.rollout, seed=cfg.seed * 1_000_003 + step,
+                first_index=mine.start,
             )
         with timer("grade"):
             records = score_rollouts(batch, rollouts, grader)
+        rollouts, records = gather(rollouts, accelerator), gather(records, accelerator)
         correct = [r["correct"] for r in records]
         kept = keep_rollouts(correct, cfg.rollout_filter)
         teacher_prompts = {}
@@ -135,23 +131,28 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
                         batch[index], instruction=instruction, reference=cfg.teacher.reference_solution
                     )
 
-        num_tokens = sum(rollouts[i].num_tokens for i in kept)
+        num_tokens = sum(rollouts[i].num_tokens for i in kept)  # over the whole batch, every rank
         loss_total = 0.0
         with timer("loss_backward"):
-            for start in range(0, len(kept), cfg.micro_batch_size):
-                micro = [rollouts[i] for i in kept[start : start + cfg.micro_batch_size]]
-                loss_sum = distill_loss_sum(
-                    student,
-                    teacher.model,
-                    [r.prompt_ids for r in micro],
-                    [teacher_prompts[r.prompt_index] for r in micro],
-                    [r.token_ids for r in micro],
-                    cfg,
-                    pad_id,
-                )
-                (loss_sum / num_tokens).backward()
-                loss_total += loss_sum.item()
-        loss = loss_total / num_tokens if num_tokens else float("nan")
+            micro = micro_batches(len(kept), cfg.micro_batch_size, accelerator) if kept else []
+            for m, (indices, real) in enumerate(micro):
+                chosen = [rollouts[kept[i]] for i in indices]
+                with grad_sync(accelerator, model, last=m == len(micro) - 1):
+                    with precision():
+                        loss_sum = distill_loss_sum(
+                            model,
+                            teacher,
+                            [r.prompt_ids for r in chosen],
+                            [teacher_prompts[r.prompt_index] for r in chosen],
+                            [r.token_ids for r in chosen],
+                            cfg,
+                            pad_id,
+                        )
+                    # DDP averages gradients over ranks; a placeholder micro-batch weighs nothing
+                    (loss_sum * (accelerator.num_processes if real else 0) / num_tokens).backward()
+                if real:
+                    loss_total += loss_sum.item()
+        loss = reduce_sum({"loss": loss_total}, accelerator)["loss"] / num_tokens if num_tokens else float("nan")
 
         with timer("step"):
             if not kept:  # the rollout filter kept nothing: no update, but not a failed step either
@@ -184,5 +185,5 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
         run.end_step(step, metrics, samples=records[:2], loop_state={"refreshes": teacher.refreshes})
     bar.close()
     final = out / "model"
-    save_model(student, tokenizer, final)
+    save_final(accelerator, model, tokenizer, final)
     return final
