@@ -26,6 +26,7 @@ global batch of B prompts; then
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 import torch
@@ -138,3 +139,20 @@ def load_rng(accelerator: Accelerator, state: dict) -> None:
     by_rank = state.get("rng_by_rank", [])
     own = by_rank[accelerator.process_index] if len(by_rank) == accelerator.num_processes else state["rng"]
     checkpoint.set_rng_state(own)
+
+
+def end_processes() -> None:
+    """End this process's part in a launched run: call it once, after the last collective, on every rank.
+
+    Gloo runs collectives on worker threads that live as long as the process group object, and a
+    worker lets go of a finished collective (and of the tensors it used, which Python owns) only
+    after `wait()` has returned. If that falls into interpreter shutdown, its request for the GIL
+    ends the thread by unwinding and the process aborts ("terminate called without an active
+    exception", SIGABRT). destroy_process_group alone does not stop the workers while the DDP
+    wrapper and the accelerator, possibly in a reference cycle, still hold the group; collecting
+    them joins the workers while Python still runs. (torch's fully_shard keeps a reference of its
+    own: see tests/fsdp_driver.py.)
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        gc.collect()
