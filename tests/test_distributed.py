@@ -1,5 +1,5 @@
-"""Data parallelism: the sharding helpers, 2 processes on CPU (gloo) against 1 process, and crisp on
-an FSDP2-sharded student.
+"""Data parallelism: the sharding helpers, 2 processes on CPU (gloo) against 1 process, a 2-process
+run resumed from a checkpoint against an uninterrupted one, and crisp on an FSDP2-sharded student.
 
 The 2-process run goes through `accelerate launch` and crisp's CLI (tests/distributed_driver.py).
 Stated tolerance: after training, both ranks hold bitwise identical weights, and those equal the
@@ -24,7 +24,7 @@ import yaml
 
 import crisp
 import crisp.grpo as grpo
-from crisp import cli
+from crisp import checkpoint, cli
 from crisp.config import ConfigError, LoraSpec
 from crisp.distributed import DistributedType, make_accelerator, micro_batches, prepare, reduce_sum, shard
 from crisp.modeling import load_model, prepare_for_training
@@ -223,3 +223,30 @@ def test_fsdp2_sharded_student_generates_and_trains_like_an_unsharded_one(tmp_pa
         assert r["grad_diff"] <= 1e-5 * r["grad_scale"]
         assert r["norms"][0] == pytest.approx(r["norms"][1], rel=1e-5)
 
+
+@pytest.mark.slow
+def test_two_processes_resumed_from_a_checkpoint_equal_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Under DDP, rank 0 writes each checkpoint and every rank resumes from the same one: its LoRA
+    adapters (the teacher's included) and its own RNG state (the ranks' sequences differ in length,
+    so their LoRA dropout draws differ). A run resumed from step 1 of a 3-step run ends with bitwise
+    the same weights on both ranks as that run, and logs steps 2 and 3 once, as that run did."""
+    data = configs(tmp_path, tiny_model_dir)["selfdistill"]
+    data = {**data, "model": {**data["model"], "lora": {"r": 4, "alpha": 8, "dropout": 0.2}}, "eval": None,
+            "save_every": 1, "keep_checkpoints": 3}
+    path = tmp_path / "selfdistill.yaml"
+    path.write_text(yaml.safe_dump(data))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch_two_processes(tmp_path, [
+        ["train", str(path), f"output_dir={straight}"],
+        ["train", str(path), f"output_dir={resumed}", f"resume={straight / 'checkpoints' / 'step-00000001'}"],
+    ])
+
+    assert [c.name for c in checkpoint.complete_checkpoints(resumed / "checkpoints")] == ["step-00000002",
+                                                                                          "step-00000003"]
+    assert metrics(resumed) == metrics(straight)[1:]  # steps 2 and 3, each written once
+    for rank in (0, 1):
+        a, b = (torch.load(run / f"weights-rank{rank}.pt") for run in (straight, resumed))
+        assert a.keys() == b.keys()
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], rank
+    a, b = weights(straight / "model"), weights(resumed / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)

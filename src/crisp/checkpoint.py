@@ -29,7 +29,8 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        # numpy's uint32 keys as int64: a uint32 tensor does not survive pickling (the ranks' gather)
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -38,7 +39,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(_tuples(state["python"]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
