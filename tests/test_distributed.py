@@ -1,5 +1,5 @@
-"""Data parallelism: the sharding helpers, 2 processes on CPU (gloo) against 1 process, and crisp on
-an FSDP2-sharded student.
+"""Data parallelism: the sharding helpers, 2 processes on CPU (gloo) against 1 process, a 2-process
+run resumed from a checkpoint against an uninterrupted one, and crisp on an FSDP2-sharded student.
 
 The 2-process run goes through `accelerate launch` and crisp's CLI (tests/distributed_driver.py).
 Stated tolerance: after training, both ranks hold bitwise identical weights, and those equal the
@@ -24,7 +24,7 @@ import yaml
 
 import crisp
 import crisp.grpo as grpo
-from crisp import cli
+from crisp import checkpoint, cli
 from crisp.config import ConfigError, LoraSpec
 from crisp.distributed import DistributedType, make_accelerator, micro_batches, prepare, reduce_sum, shard
 from crisp.modeling import load_model, prepare_for_training
@@ -68,6 +68,17 @@ def test_a_launcher_asking_for_another_precision_is_an_error(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --config_file ddp.yaml` sets
     with pytest.raises(ConfigError, match="mixed_precision"):
         make_accelerator("no")
+
+
+def test_the_program_ends_the_process_group_after_its_command(monkeypatch, capsys):
+    """`crisp` (cli.main) ends the process group once its command is done, after bad input too
+    (every rank stops alike), and only then exits with the command's code."""
+    ended = []
+    monkeypatch.setattr("crisp.distributed.end_processes", lambda: ended.append(capsys.readouterr().err))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--benchmark", "synthetic"])  # no --model, no --out: bad input
+    assert info.value.code == 2
+    assert ended == ["crisp: error: --model, --out: required without --config\n"]
 
 
 def test_reduce_sum_in_one_process_returns_the_values():
@@ -127,17 +138,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(command_lines: list[list[str]]) -> None:
+def launch_two_processes(folder: Path, command_lines: list[list[str]]) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            # the crisp this test imported, whether installed or from a source tree
            "PYTHONPATH": os.pathsep.join([str(Path(crisp.__file__).parents[1]), str(HERE),
                                           os.environ.get("PYTHONPATH", "")])}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(HERE / "distributed_driver.py")]
+              "--main_process_port", str(free_port()), str(HERE / "distributed_driver.py"), str(folder)]
     done = subprocess.run(launch + [" ".join(c) for c in command_lines], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert_no_gloo_threads_left(folder)
+
+
+def assert_no_gloo_threads_left(folder: Path) -> None:
+    """After crisp.distributed.end_processes, gloo's worker threads are gone on every rank: none is left
+    to let go of a collective's tensors while the interpreter shuts down (which aborts the process)."""
+    for rank in (0, 1):
+        names = json.loads((folder / f"threads-rank{rank}.json").read_text())
+        if names is not None:  # (None: no /proc to list threads from)
+            assert not [n for n in names if "gloo" in n], (rank, names)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -152,7 +173,7 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path, monkeypatch):
-    launch_two_processes(commands(tmp_path, tiny_model_dir, processes=2))
+    launch_two_processes(tmp_path, commands(tmp_path, tiny_model_dir, processes=2))
     monkeypatch.setattr(grpo, "capped_rewards", parity_rewards)
     for command in commands(tmp_path, tiny_model_dir, processes=1):
         cli.main(command)
@@ -201,3 +222,31 @@ def test_fsdp2_sharded_student_generates_and_trains_like_an_unsharded_one(tmp_pa
         assert r["rollouts_match"] and r["teacher_refreshed"]
         assert r["grad_diff"] <= 1e-5 * r["grad_scale"]
         assert r["norms"][0] == pytest.approx(r["norms"][1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_from_a_checkpoint_equal_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Under DDP, rank 0 writes each checkpoint and every rank resumes from the same one: its LoRA
+    adapters (the teacher's included) and its own RNG state (the ranks' sequences differ in length,
+    so their LoRA dropout draws differ). A run resumed from step 1 of a 3-step run ends with bitwise
+    the same weights on both ranks as that run, and logs steps 2 and 3 once, as that run did."""
+    data = configs(tmp_path, tiny_model_dir)["selfdistill"]
+    data = {**data, "model": {**data["model"], "lora": {"r": 4, "alpha": 8, "dropout": 0.2}}, "eval": None,
+            "save_every": 1, "keep_checkpoints": 3}
+    path = tmp_path / "selfdistill.yaml"
+    path.write_text(yaml.safe_dump(data))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch_two_processes(tmp_path, [
+        ["train", str(path), f"output_dir={straight}"],
+        ["train", str(path), f"output_dir={resumed}", f"resume={straight / 'checkpoints' / 'step-00000001'}"],
+    ])
+
+    assert [c.name for c in checkpoint.complete_checkpoints(resumed / "checkpoints")] == ["step-00000002",
+                                                                                          "step-00000003"]
+    assert metrics(resumed) == metrics(straight)[1:]  # steps 2 and 3, each written once
+    for rank in (0, 1):
+        a, b = (torch.load(run / f"weights-rank{rank}.pt") for run in (straight, resumed))
+        assert a.keys() == b.keys()
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], rank
+    a, b = weights(straight / "model"), weights(resumed / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -188,8 +188,7 @@ def test_lora_selfdistill_trains_a_low_rank_update_saves_merged_and_resumes(tiny
 
     final = train_selfdistill(make_cfg(tiny_model_dir, out, max_steps=3, resume="auto", **common))
     resumed = read_metrics(out)
-    assert [m["step"] for m in resumed] == [1, 2, 3] and resumed[0] == first[0]
-    assert _comparable(resumed[1]) == pytest.approx(_comparable(first[1]), rel=1e-4, abs=2e-6)
+    assert [m["step"] for m in resumed] == [1, 2, 3] and resumed[:2] == first  # the last step was checkpointed
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
 
     base, trained = _weights(tiny_model_dir), _weights(final)  # the final model is merged: a plain HF model
@@ -201,8 +200,7 @@ def test_lora_selfdistill_trains_a_low_rank_update_saves_merged_and_resumes(tiny
 
     straight = train_selfdistill(make_cfg(tiny_model_dir, tmp_path / "straight", max_steps=3, **common))
     again = _weights(straight)
-    for k in trained:
-        torch.testing.assert_close(trained[k], again[k], rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(trained[k], again[k]) for k in trained)  # the adapters came back exactly
 
 
 def test_lora_grpo_with_a_kl_term_to_the_adapter_free_base(tiny_model_dir, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from crisp.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -28,9 +28,17 @@ def cmd_train(args) -> None:
         from crisp.selfdistill import train_selfdistill as train
     else:
         from crisp.grpo import train_grpo as train
-    final = train(cfg)
+    from crisp.loop import TrainingStopped
+
+    try:
+        final = train(cfg)
+    except TrainingStopped as error:  # the run went wrong, not the input: exit code 1, no traceback
+        if is_main_process():
+            print(f"crisp: stopped: {error}", file=sys.stderr)
+        return 1
     if is_main_process():
         print(f"model saved to {final}")
+    return 0
 
 
 def cmd_eval(args) -> None:
@@ -143,13 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code: 0, 1 for a stopped run, 2 for bad input (the message
+    printed says what to fix). A process may run several; `main` ends the process's part."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, DataError, FileNotFoundError) as error:  # the message says what to fix
         print(f"crisp: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `crisp` program: one command, then, in a run started by `accelerate launch`, the end of
+    this rank's process group (see crisp.distributed.end_processes), then the exit code."""
+    code = run(argv)
+    if "torch.distributed" in sys.modules:  # a command that never imported it started no process group
+        from crisp.distributed import end_processes
+
+        end_processes()  # every rank gets here alike: the errors above are the same on every rank
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

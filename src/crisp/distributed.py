@@ -19,17 +19,21 @@ global batch of B prompts; then
                    whose slice has run out runs a placeholder micro-batch with weight 0.
   logs, files      the loss and loss statistics are summed over ranks; rank 0 writes metrics,
                    samples, checkpoints and the final model.
+  checkpoints      hold every rank's RNG state besides rank 0's files; on resume every rank loads
+                   the same checkpoint and takes back its own RNG state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
+from crisp import checkpoint
 from crisp.config import ConfigError
 from crisp.modeling import is_peft, save_model, unwrap
 
@@ -116,3 +120,39 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, tokenizer, dire
     if accelerator.is_main_process:
         save_model(unwrap(model), tokenizer, directory, state_dict=state_dict)
     accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator: Accelerator, directory, step: int, *, models: dict, state: dict, keep: int) -> None:
+    """checkpoint.save by rank 0, with every rank's RNG state (the ranks' draws differ where their
+    shares do, e.g. dropout); returns on every rank once the checkpoint is complete on disk.
+
+    The gather is a collective, so rank 0 cannot delete a checkpoint (keep-last-K) before every rank
+    has finished reading the one it resumed from."""
+    rng_by_rank = gather([checkpoint.rng_state()], accelerator)
+    if accelerator.is_main_process:
+        checkpoint.save(directory, step, models=models, state={**state, "rng_by_rank": rng_by_rank}, keep=keep)
+    accelerator.wait_for_everyone()
+
+
+def load_rng(accelerator: Accelerator, state: dict) -> None:
+    """This rank's RNG state from a checkpoint's state (rank 0's if another number of ranks saved it)."""
+    by_rank = state.get("rng_by_rank", [])
+    own = by_rank[accelerator.process_index] if len(by_rank) == accelerator.num_processes else state["rng"]
+    checkpoint.set_rng_state(own)
+
+
+def end_processes() -> None:
+    """End this process's part in a launched run: call it once, after the last collective, on every rank.
+
+    Gloo runs collectives on worker threads that live as long as the process group object, and a
+    worker lets go of a finished collective (and of the tensors it used, which Python owns) only
+    after `wait()` has returned. If that falls into interpreter shutdown, its request for the GIL
+    ends the thread by unwinding and the process aborts ("terminate called without an active
+    exception", SIGABRT). destroy_process_group alone does not stop the workers while the DDP
+    wrapper and the accelerator, possibly in a reference cycle, still hold the group; collecting
+    them joins the workers while Python still runs. (torch's fully_shard keeps a reference of its
+    own: see tests/fsdp_driver.py.)
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        gc.collect()

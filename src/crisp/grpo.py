@@ -23,9 +23,6 @@ advantages agree), each updates on a slice of the rollouts with the normaliser o
 from __future__ import annotations
 
 import functools
-import json
-import math
-import random
 from pathlib import Path
 from typing import Sequence
 
@@ -34,23 +31,21 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from crisp import checkpoint as checkpoints
 from crisp.config import GRPOConfig, dump_config
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
-from crisp.distributed import (autocast, gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum,
-                               save_final, shard)
-from crisp.evaluate import default_grader, evaluate, score_rollouts
+from crisp.distributed import (gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum, save_final,
+                               shard)
+from crisp.evaluate import default_grader, score_rollouts
 from crisp.grading import get_grader, grade
+from crisp.loop import ProblemStream, TrainingRun, training_problems
 from crisp.losses import clipped_surrogate_loss
-from crisp.metrics import MetricsLog, Timer
-from crisp.modeling import load_model, load_tokenizer, load_weights, output_head, prepare_for_training, response_hidden
+from crisp.modeling import load_model, load_tokenizer, output_head, prepare_for_training, response_hidden
 from crisp.optim import build_optimizer, clip_and_check
 from crisp.prompts import PromptBuilder
 from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
 from crisp.rollout import HFGenerator, Rollout
 from crisp.schedules import max_length_at
-from crisp.selfdistill import eval_metrics, training_problems
 from crisp.teacher import Teacher
 
 
@@ -140,45 +135,15 @@ def train_grpo(cfg: GRPOConfig) -> Path:
                             enable_thinking=cfg.prompt.enable_thinking)
     grader = default_grader(problems)
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
-    log = MetricsLog(out / "metrics.jsonl")
-    timer = Timer()
+    stream = ProblemStream(problems, cfg.seed)
+    # the reference model is the initial weights, rebuilt from model.path: a checkpoint need not hold it
+    run = TrainingRun(cfg, accelerator=accelerator, models={"model": policy}, tokenizer=tokenizer, optimizer=optimizer,
+                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems)
+    timer, precision = run.timer, run.precision
     pad_id = tokenizer.pad_token_id
     G = cfg.group_size
 
-    def precision():
-        return autocast(cfg.mixed_precision, accelerator.device)
-
-    step, epoch, position, skipped, consecutive_skips = 0, 0, 0, 0, 0
-    resume_from = checkpoints.resolve_resume(cfg.resume, out)
-    if resume_from is not None:
-        state = checkpoints.load_state(resume_from)
-        load_weights(policy, resume_from / "model")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoints.set_rng_state(state["rng"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
-        if main:
-            log.truncate_after(step)
-
-    def epoch_order(epoch: int) -> list[int]:
-        order = list(range(len(problems)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        return order
-
-    order = epoch_order(epoch)
-
-    def next_prompts(count: int) -> list[Problem]:
-        nonlocal epoch, position, order
-        batch = []
-        while len(batch) < count:
-            if position == len(order):
-                epoch, position = epoch + 1, 0
-                order = epoch_order(epoch)
-            batch.append(problems[order[position]])
-            position += 1
-        return batch
-
+    step, _ = run.resume()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="siri grpo", dynamic_ncols=True, disable=not main)
     while step < cfg.max_steps:
         cap = max_length_at(step, **cfg.schedule.model_dump())
@@ -191,7 +156,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         train_rewards: list[float] = []
         rounds = 0
         while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1) and len(train) < cfg.batch_size * G:
-            batch = next_prompts(cfg.batch_size)
+            batch: list[Problem] = stream.take(cfg.batch_size)
             mine = shard(len(batch), accelerator)  # this rank's prompts; every rank then gathers all groups
             with timer("generate"), precision():
                 rollouts = generator.generate([builder.student_ids(batch[i]) for i in mine], cfg.rollout,
@@ -202,7 +167,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
                 rewards = capped_rewards(batch, rollouts, records, cap=cap, tokenizer=tokenizer, grader_name=grader)
             rollouts, records, rewards = (gather(x, accelerator) for x in (rollouts, records, rewards))
             if rounds == 0:
-                samples = [{"step": step + 1, "cap": cap, "reward": w, **r} for r, w in zip(records[:2], rewards)]
+                samples = [{"cap": cap, "reward": w, **r} for r, w in zip(records[:2], rewards)]
             keep = torch.ones(len(batch), dtype=torch.bool)  # (B,)
             if cfg.dynamic_sampling:
                 keep = dynamic_sampling_mask(torch.tensor(rewards).view(-1, G))  # (B,)
@@ -265,12 +230,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
                     loss, pass_stats = reduce_sum({"loss": loss}, accelerator)["loss"], reduce_sum(pass_stats, accelerator)
                 with timer("step"):
                     grad_norm = clip_and_check(policy, cfg.optim.grad_clip)
-                    if math.isfinite(loss) and math.isfinite(grad_norm):
-                        optimizer.step()
-                        consecutive_skips = 0
-                    else:
-                        skipped += 1
-                        consecutive_skips += 1
+                    run.optimizer_step(loss, grad_norm)
                     optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         step += 1
@@ -281,7 +241,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             "train/loss": loss,
             "train/grad_norm": grad_norm,
             "train/lr": scheduler.get_last_lr()[0],
-            "train/skipped_steps": skipped,
+            "train/skipped_steps": run.skipped,
             "train/loss_normaliser": normaliser,
             "train/updated_rollouts": len(update),
             **{f"train/{key}": value for key, value in pass_stats.items()},  # last pass: clip fractions, ratio, kl
@@ -297,28 +257,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", reward=f"{metrics['rollout/reward_mean']:.2f}",
                         len=f"{metrics['rollout/mean_tokens']:.0f}", L=cap)
-        if consecutive_skips >= cfg.max_skipped_steps:
-            raise RuntimeError(
-                f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
-                f"stopping. The last good checkpoint is in {out / 'checkpoints'}; lower optim.lr or check the data."
-            )
-        if cfg.eval and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
-            with timer("eval"), precision():
-                _, summary = evaluate(policy, tokenizer, eval_problems, builder=builder, sampling=cfg.eval.sampling,
-                                      k=cfg.eval.k, seed=cfg.seed, batch_size=cfg.eval.batch_size, progress=False,
-                                      accelerator=accelerator)
-            metrics.update(eval_metrics(summary))
-        if main and (step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics):
-            log.write(step, {**metrics, **timer.pop()})
-            with (out / "rollouts.jsonl").open("a") as f:
-                for sample in samples:
-                    f.write(json.dumps(sample) + "\n")
-        if main and cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoints.save(out / "checkpoints", step, models={"model": (policy, tokenizer)},
-                             keep=cfg.keep_checkpoints, state={
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "epoch": epoch, "position": position, "skipped": skipped,
-                                 "consecutive_skips": consecutive_skips})
+        run.end_step(step, metrics, samples, loop_state={})
     bar.close()
     final = out / "model"
     save_final(accelerator, model, tokenizer, final)

@@ -116,7 +116,21 @@ def build_tiny_model(
     return model
 
 
+def check_model_path(path: str) -> None:
+    """A clear FileNotFoundError for a local model path that is not there (Hugging Face would call it
+    an invalid repo id); a hub id such as "Qwen/Qwen3-8B" passes through."""
+    local = Path(path)
+    if local.exists() and not local.is_dir():
+        raise FileNotFoundError(f"model path {path} is a file; give the directory holding config.json")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(
+            f"model path {path} does not exist (train a base model first, e.g. "
+            "`crisp train configs/demo/base.yaml`, or give a Hugging Face model id)"
+        )
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    check_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -126,14 +140,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
     """An HF causal LM from a local directory or hub id; weights are read as safetensors only."""
-    local = Path(path)
-    if local.exists() and not local.is_dir():
-        raise FileNotFoundError(f"model path {path} is a file; give the directory holding config.json")
-    if not local.exists() and (path.startswith((".", "/")) or path.count("/") > 1):
-        raise FileNotFoundError(
-            f"model path {path} does not exist (train a base model first, e.g. "
-            "`crisp train configs/demo/base.yaml`, or give a Hugging Face model id)"
-        )
+    check_model_path(path)
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
     )

@@ -17,37 +17,25 @@ the kept rollouts with the loss divided by the response tokens of the whole batc
 
 from __future__ import annotations
 
-import json
-import math
-import random
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from crisp import checkpoint
 from crisp.config import SelfDistillConfig, dump_config
-from crisp.data import synthetic
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
-from crisp.distributed import (autocast, gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum,
-                               save_final, shard)
-from crisp.evaluate import default_grader, evaluate, score_rollouts
+from crisp.distributed import (gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum, save_final,
+                               shard)
+from crisp.evaluate import default_grader, score_rollouts
 from crisp.losses import chunked_divergence
-from crisp.metrics import MetricsLog, Timer
-from crisp.modeling import (load_model, load_tokenizer, load_weights, output_head, prepare_for_training,
-                            response_hidden)
+from crisp.loop import ProblemStream, TrainingRun, training_problems
+from crisp.modeling import load_model, load_tokenizer, output_head, prepare_for_training, response_hidden
 from crisp.optim import build_optimizer, clip_and_check
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
 from crisp.teacher import Teacher
-
-
-def training_problems(cfg) -> list[Problem]:
-    if cfg.data.source == "synthetic":
-        return synthetic.train_problems(cfg.seed, cfg.data.size, tuple(cfg.data.levels))
-    return load_problems(cfg.data.source, limit=cfg.data.limit)
 
 
 def keep_rollouts(correct: Sequence[bool], rule: str) -> list[int]:
@@ -79,14 +67,6 @@ def distill_loss_sum(student, teacher: Teacher, student_prompts, teacher_prompts
     return per_token.sum()
 
 
-def eval_metrics(summary: dict) -> dict:
-    metrics = {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]}
-    for level, figures in summary["by_difficulty"].items():
-        metrics[f"eval/L{level}_accuracy"] = figures["accuracy"]
-        metrics[f"eval/L{level}_mean_tokens"] = figures["mean_tokens"]
-    return metrics
-
-
 def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     accelerator = make_accelerator(cfg.mixed_precision)
     main = accelerator.is_main_process  # only rank 0 writes files
@@ -114,47 +94,21 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
     grader = default_grader(problems)
     generator = HFGenerator(student, tokenizer)
-    log = MetricsLog(out / "metrics.jsonl")
-    timer = Timer()
+    stream = ProblemStream(problems, cfg.seed)
+    # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
+    models = {"model": student, **({"teacher": teacher.model} if teacher.owns_weights else {})}
+    run = TrainingRun(cfg, accelerator=accelerator, models=models, tokenizer=tokenizer, optimizer=optimizer,
+                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems)
+    timer, precision = run.timer, run.precision
     pad_id = tokenizer.pad_token_id
 
-    def precision():
-        return autocast(cfg.mixed_precision, accelerator.device)
-
-    step, epoch, position, skipped, consecutive_skips = 0, 0, 0, 0, 0
-    resume_from = checkpoint.resolve_resume(cfg.resume, out)
-    if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
-        load_weights(student, resume_from / "model")  # with LoRA: the student's and the teacher's adapters
-        if teacher.owns_weights:
-            teacher.model.load_state_dict(load_model(str(resume_from / "teacher")).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
-        teacher.refreshes = state["refreshes"]
-
-    def epoch_order(epoch: int) -> list[int]:
-        order = list(range(len(problems)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        return order
-
-    order = epoch_order(epoch)
-    if main:
-        log.truncate_after(step)
-        if step == 0:
-            (out / "rollouts.jsonl").unlink(missing_ok=True)
+    step, saved = run.resume()
+    if saved is not None:
+        teacher.refreshes = saved["refreshes"]
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.teacher.update + " selfdistill", dynamic_ncols=True,
                disable=not main)
     while step < cfg.max_steps:
-        batch: list[Problem] = []
-        while len(batch) < cfg.batch_size:
-            if position == len(order):
-                epoch, position = epoch + 1, 0
-                order = epoch_order(epoch)
-            batch.append(problems[order[position]])
-            position += 1
+        batch: list[Problem] = stream.take(cfg.batch_size)
 
         # Each rank generates and grades its slice of the prompts; then every rank holds the whole batch.
         mine = shard(len(batch), accelerator)
@@ -205,12 +159,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
                 grad_norm = float("nan")
             else:
                 grad_norm = clip_and_check(student, cfg.optim.grad_clip)
-                if math.isfinite(loss) and math.isfinite(grad_norm):
-                    optimizer.step()
-                    consecutive_skips = 0
-                else:
-                    skipped += 1
-                    consecutive_skips += 1
+                run.optimizer_step(loss, grad_norm)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         step += 1
@@ -222,7 +171,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
             "train/loss": loss,
             "train/grad_norm": grad_norm,
             "train/lr": scheduler.get_last_lr()[0],
-            "train/skipped_steps": skipped,
+            "train/skipped_steps": run.skipped,
             "rollout/accuracy": sum(correct) / len(correct),
             "rollout/mean_tokens": sum(lengths) / len(lengths),
             "rollout/truncation_rate": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
@@ -233,30 +182,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", len=f"{metrics['rollout/mean_tokens']:.0f}",
                         acc=f"{metrics['rollout/accuracy']:.2f}")
-        if consecutive_skips >= cfg.max_skipped_steps:
-            raise RuntimeError(
-                f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
-                f"stopping. The last good checkpoint is in {out / 'checkpoints'}; lower optim.lr or check the data."
-            )
-        if cfg.eval and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
-            with timer("eval"), precision():
-                _, summary = evaluate(student, tokenizer, eval_problems, builder=builder, sampling=cfg.eval.sampling,
-                                      k=cfg.eval.k, seed=cfg.seed, batch_size=cfg.eval.batch_size, progress=False,
-                                      accelerator=accelerator)
-            metrics.update(eval_metrics(summary))
-        if main and (step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics):
-            log.write(step, {**metrics, **timer.pop()})
-            with (out / "rollouts.jsonl").open("a") as f:
-                for r in records[:2]:
-                    f.write(json.dumps({"step": step, **r}) + "\n")
-        if main and cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            models = {"model": (student, tokenizer)}
-            if teacher.owns_weights:
-                models["teacher"] = (teacher.model, None)
-            checkpoint.save(out / "checkpoints", step, models=models, keep=cfg.keep_checkpoints, state={
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "position": position, "skipped": skipped, "consecutive_skips": consecutive_skips,
-                "refreshes": teacher.refreshes})
+        run.end_step(step, metrics, samples=records[:2], loop_state={"refreshes": teacher.refreshes})
     bar.close()
     final = out / "model"
     save_final(accelerator, model, tokenizer, final)

@@ -24,7 +24,8 @@ from crisp import checkpoint
 from crisp.config import SFTConfig, dump_config
 from crisp.data import synthetic
 from crisp.data.loaders import load_problems
-from crisp.distributed import autocast, make_accelerator, prepare, reduce_sum, save_final, shard
+from crisp.distributed import (autocast, load_rng, make_accelerator, prepare, reduce_sum, save_checkpoint, save_final,
+                               shard)
 from crisp.metrics import MetricsLog, Timer
 from crisp.modeling import (build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, load_weights,
                             prepare_for_training)
@@ -179,7 +180,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         load_weights(model, resume_from / "model")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        load_rng(accelerator, state)
         step, epoch, position = state["step"], state["epoch"], state["position"]
 
     def epoch_batches(epoch: int) -> list[list[int]]:  # deterministic shuffle per epoch
@@ -228,8 +229,8 @@ def train_sft(cfg: SFTConfig) -> Path:
                 log.write(step, metrics)
             bar.set_postfix(loss=f"{loss:.3f}")
             tokens_seen, window_start = 0, time.perf_counter()
-        if main and cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoint.save(out / "checkpoints", step, models={"model": (model, tokenizer)},
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save_checkpoint(accelerator, out / "checkpoints", step, models={"model": (model, tokenizer)},
                             state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                    "epoch": epoch, "position": position}, keep=cfg.keep_checkpoints)
     bar.close()
