@@ -5,6 +5,9 @@ reverse KL, then forward KL, the mixed divergence and JSD with a frozen teacher.
 the same base, budget and seed; each is evaluated like the demo (held-out split, k samples).
 
     python bench/ablations.py --base runs/demo/base/model --out runs/ablations
+
+Variants already evaluated under --out are read back, not retrained, so the grid can be split over
+several processes with --only and then gathered by a last run without --only.
 """
 
 from __future__ import annotations
@@ -45,9 +48,18 @@ def main() -> None:
     eval_cfg = validate(yaml.safe_load((configs / "demo" / "eval.yaml").read_text()), EvalConfig)
     template = load_config(configs / "demo" / "base.yaml").prompt.template
     names = args.only.split(",") if args.only else list(VARIANTS)
-    rows = {"base": evaluate_row(Path(args.base), eval_cfg, out / "base", instruction=None, template=template)}
+    def evaluated(directory: Path, model_dir: Path) -> dict:  # reuse a finished evaluation (runs can be split)
+        summary = directory / "summary.json"
+        if summary.is_file():
+            return json.loads(summary.read_text())
+        return evaluate_row(model_dir, eval_cfg, directory, instruction=None, template=template)
+
+    rows = {"base": evaluated(out / "base", Path(args.base))}
     for name in names:
         slug = name.replace(" ", "_").replace("=", "")
+        if (out / slug / "eval" / "summary.json").is_file():
+            rows[name] = evaluated(out / slug / "eval", out / slug / "model")
+            continue
         overrides = [f"output_dir={out / slug}", f"model.path={args.base}", *VARIANTS[name]]
         if args.steps:
             overrides.append(f"max_steps={args.steps}")

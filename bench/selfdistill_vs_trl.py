@@ -118,7 +118,7 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
 
     for step in range(1, cfg.max_steps + 1):
         wall, cpu = time.perf_counter(), time.process_time()
-        loss = distill_backward(student, teacher.model, rollouts, batch["teacher_ids"], cfg, tokenizer.pad_token_id)
+        loss = distill_backward(student, teacher, rollouts, batch["teacher_ids"], cfg, tokenizer.pad_token_id)
         grad_norm, _ = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
         scheduler.step()
         teacher.after_step(step, student)

@@ -292,3 +292,29 @@ def test_cli_train_good_config_reaches_training(tmp_path, monkeypatch, capsys):
     cli.main(["train", str(write(tmp_path, BASE)), "optim.lr=1e-5"])
     assert len(seen) == 1 and seen[0].optim.lr == 1e-5
     assert "DIR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lr=-3e-4"], "optim.lr"),
+    (["method=grpo", "eps_low=0.3", "eps_high=0.2"], "eps_high"),
+    (["method=grpo", "schedule.l_min=4096", "schedule.l_max=2048"], "schedule.l_max"),
+    (["teacher.refresh_every=-1"], "teacher.refresh_every"),  # M < 0
+    (["eval.k=0"], "eval.k"),
+    (["keep_checkpoints=0"], "keep_checkpoints"),
+    (["max_skipped_steps=0"], "max_skipped_steps"),
+    (["optim.lrr=1e-5"], "optim.lrr"),
+    (["max_steps=ten"], "max_steps"),
+], ids=["lr-zero", "lr-negative", "eps-high-below-low", "l-min-above-l-max", "m-negative", "k-zero",
+        "keep-zero", "max-skipped-zero", "unknown-key", "wrong-type"])
+def test_cli_train_rejects_each_bad_value_before_any_compute(tmp_path, monkeypatch, capsys, overrides, key):
+    """Every bad value the reliability issue lists: exit code 2, the key first in the message,
+    no training started and no run directory created."""
+    _forbid_training(monkeypatch)
+    path = write(tmp_path, {**BASE, "output_dir": str(tmp_path / "run")})
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", str(path), *overrides])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"crisp: error: {key}"), err
+    assert not (tmp_path / "run").exists()

@@ -139,9 +139,9 @@ def test_scheduled_cap_reaches_generation_and_the_normaliser_ignores_it(
     limits = []
 
     class Recording(HFGenerator):
-        def generate(self, prompts, sampling, *, seed=None, max_new_tokens=None, progress=None):
+        def generate(self, prompts, sampling, *, max_new_tokens=None, **kwargs):
             limits.append(max_new_tokens)
-            rollouts = super().generate(prompts, sampling, seed=seed, max_new_tokens=max_new_tokens)
+            rollouts = super().generate(prompts, sampling, max_new_tokens=max_new_tokens, **kwargs)
             assert all(r.num_tokens <= max_new_tokens for r in rollouts)
             return rollouts
 
@@ -237,18 +237,17 @@ def test_a_step_without_mixed_groups_makes_no_update_and_is_not_a_failure(tiny_m
         assert m["rollout/train_groups"] == 0 and m["train/skipped_steps"] == 0
 
 
-def test_resume_continues_without_duplicate_steps(tiny_model_dir, tmp_path, alternating_rewards):
+def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path, alternating_rewards):
     out = tmp_path / "run"
     train_grpo(make_cfg(tiny_model_dir, out, save_every=1))
     first = read_metrics(out)
     final = train_grpo(make_cfg(tiny_model_dir, out, max_steps=3, save_every=1, resume="auto"))
     resumed = read_metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3]
-    assert resumed[0] == first[0]
+    assert resumed[:2] == first  # the last step was checkpointed: not redone, timings included
     straight = train_grpo(make_cfg(tiny_model_dir, tmp_path / "straight", max_steps=3))
     a, b = _state(load_model(str(final))), _state(load_model(str(straight)))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert _same(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +284,6 @@ def test_rollout_takes_group_size_and_l_max_and_the_dump_reloads(tmp_path):
 
 def test_siri_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
-    for path in (root / "siri.yaml", root / "demo" / "siri.yaml"):
+    for path in (root / "recipes" / "siri-r1-distill-qwen-1.5b.yaml", root / "demo" / "siri.yaml"):
         cfg = load_config(path)
         assert cfg.method == "grpo" and cfg.schedule.l_min <= cfg.schedule.l_max

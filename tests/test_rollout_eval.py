@@ -18,7 +18,7 @@ from crisp.data import synthetic
 from crisp.evaluate import compare_to_baseline, summarize
 from crisp.modeling import build_tiny_model
 from crisp.prompts import PromptBuilder
-from crisp.rollout import HFGenerator, KVCacheGenerator, next_token
+from crisp.rollout import HFGenerator, KVCacheGenerator, SeededSampler, request_keys
 
 from conftest import TINY
 
@@ -120,6 +120,52 @@ def test_left_padding_does_not_change_greedy_tokens(sharp_model, tiny_tokenizer,
     assert together == one_by_one
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 4, 1.0), (1.3, 0, 0.8)])
+def test_seeded_sampler_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    """20,000 requests, one distribution: the sampled frequencies match softmax(logits / T) restricted
+    to the top-k / top-p set (a token outside it is never drawn)."""
+    rows, vocab = 20_000, 10
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0])
+    keys = request_keys(7, range(rows), [0] * rows)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    scores = SeededSampler(keys, prompt_width=3, sampling=sampling)(torch.zeros(rows, 5, dtype=torch.long),
+                                                                    logits.expand(rows, vocab).clone())
+    assert (scores.max(dim=1).values == 0).all() and torch.isinf(scores).sum() == rows * (vocab - 1)
+    frequencies = torch.bincount(scores.argmax(dim=1), minlength=vocab) / rows
+    probs = torch.softmax(logits / temperature, dim=0)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    if top_k:
+        allowed[top_k:] = False
+    if top_p < 1:  # the smallest prefix of the sorted tokens whose mass reaches top_p
+        allowed = torch.cumsum(probs, 0) - probs < top_p
+    assert 1 < allowed.sum() < vocab or not (top_k or top_p < 1)
+    expected = torch.where(allowed, probs, 0.0) / probs[allowed].sum()
+    assert (frequencies[~allowed] == 0).all()
+    assert (frequencies - expected).abs().max() < 0.015  # ~4 standard errors at 20,000 draws
+
+
+def test_noise_depends_on_seed_position_and_request():
+    keys = request_keys(3, [0, 0, 1], [0, 1, 0])
+    assert len(set(keys.tolist())) == 3
+    assert torch.equal(keys, request_keys(3, [0, 0, 1], [0, 1, 0]))
+    assert not torch.equal(keys, request_keys(4, [0, 0, 1], [0, 1, 0]))
+    assert not torch.equal(keys, request_keys(3 + 2**32, [0, 0, 1], [0, 1, 0]))  # the seed's high bits count
+
+
+@BACKENDS
+def test_a_prompt_gets_the_same_rollouts_in_any_batch(sharp_model, tiny_tokenizer, prompts, backend):
+    """What data parallelism relies on: a prompt's samples depend on its index in the global batch,
+    not on which other prompts share its call or generation chunk."""
+    everything = backend(sharp_model, tiny_tokenizer).generate(prompts, SAMPLING, seed=11)
+    n = SAMPLING.n
+    for first, stop, batch_size in [(0, 4, 256), (4, len(prompts), 256), (2, 7, 2)]:
+        part = backend(sharp_model, tiny_tokenizer, batch_size=batch_size).generate(
+            prompts[first:stop], SAMPLING, seed=11, first_index=first)
+        assert part == everything[first * n : stop * n]
+    shifted = backend(sharp_model, tiny_tokenizer).generate(prompts[2:7], SAMPLING, seed=11)
+    assert [r.token_ids for r in shifted] != [r.token_ids for r in everything[2 * n : 7 * n]]
+
+
 @BACKENDS
 def test_generate_restores_training_mode(tiny_model, tiny_tokenizer, prompts, backend):
     tiny_model.train()
@@ -144,20 +190,6 @@ def test_plain_loop_returns_hf_generate_tokens(sharp_model, tiny_tokenizer, prom
     assert plain == hf
     assert len({r.token_ids for r in hf}) > len(prompts) // 2  # varied outputs, not one repeated string
     assert {r.finish_reason for r in hf} == {"stop", "length"} or sampling.temperature == 0
-
-
-def test_next_token_filters_by_hand():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # (1, 4)
-    assert next_token(logits, SamplingConfig(temperature=0.0)).item() == 0
-    torch.manual_seed(0)
-    draws = Counter(next_token(logits.expand(4000, 4), SamplingConfig(top_k=2)).tolist())
-    assert set(draws) == {0, 1} and draws[0] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)
-    draws = Counter(next_token(logits.expand(4000, 4), SamplingConfig(top_p=0.85)).tolist())  # 0.5 + 0.3 < 0.85
-    assert set(draws) == {0, 1, 2}
-    draws = Counter(next_token(logits.expand(4000, 4), SamplingConfig(top_p=0.75)).tolist())  # 0.5 + 0.3 covers it
-    assert set(draws) == {0, 1}
-    draws = Counter(next_token(logits.expand(4000, 4), SamplingConfig(temperature=1e-3, top_p=1.0)).tolist())
-    assert set(draws) == {0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,3 +341,15 @@ def test_cli_eval_bad_k_exits_2(tiny_model_dir, tmp_path, capsys):
                   "--out", str(tmp_path / "x")])
     assert info.value.code == 2
     assert "--k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--benchmark", "synthetic"], "--model, --out"),  # without --config the flags are required
+    (["--config", "eval.yaml", "--model", "m"], "--config"),  # with it, they are overrides
+    (["--model", "m", "--benchmark", "synthetic", "--out", "o", "k=2"], "k=2"),  # overrides need --config
+])
+def test_cli_eval_flag_errors_exit_2_naming_the_flag(argv, named, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", *argv])
+    assert info.value.code == 2
+    assert named in capsys.readouterr().err

@@ -161,9 +161,13 @@ def test_every_trace_line_is_arithmetically_right(style):
 
 def test_switching_traces_are_arithmetically_right():
     rng = random.Random(1)
+    slips = {kind: 0 for kind in synthetic.SFT_KINDS}
     for chain in synthetic.train_chains(seed=7, count=300):
-        _, lines = synthetic.sft_example(rng, chain, instructed=True, verbose_prefix=True)
-        check_trace(chain.question(), synthetic.trace_text(lines))
+        for kind in synthetic.SFT_KINDS:
+            lines = synthetic.sft_example(rng, chain, kind=kind, verbose_prefix=True)
+            slips[kind] += check_trace(chain.question(), synthetic.trace_text(lines))["slips"]
+    # a writer who can read the reference solution never slips; the others do
+    assert slips["reference"] == 0 and slips["plain"] > 0 and slips["instructed"] > 0
 
 
 def test_no_slips_without_slip_probability():

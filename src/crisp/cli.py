@@ -11,54 +11,85 @@ from crisp.config import ConfigError
 from crisp.data.loaders import DataError
 
 
-def cmd_train(args) -> None:
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of an `accelerate launch` (they print nothing)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def cmd_train(args) -> int:
     from crisp.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if cfg.method == "sft":
-        from crisp.sft import train_sft
-
-        print(f"model saved to {train_sft(cfg)}")
+        from crisp.sft import train_sft as train
     elif cfg.method == "selfdistill":
-        from crisp.selfdistill import train_selfdistill
+        from crisp.selfdistill import train_selfdistill as train
+    else:
+        from crisp.grpo import train_grpo as train
+    from crisp.loop import TrainingStopped
 
-        print(f"model saved to {train_selfdistill(cfg)}")
-    elif cfg.method == "grpo":
-        from crisp.grpo import train_grpo
-
-        print(f"model saved to {train_grpo(cfg)}")
+    try:
+        final = train(cfg)
+    except TrainingStopped as error:  # the run went wrong, not the input: exit code 1, no traceback
+        if is_main_process():
+            print(f"crisp: stopped: {error}", file=sys.stderr)
+        return 1
+    if is_main_process():
+        print(f"model saved to {final}")
+    return 0
 
 
 def cmd_eval(args) -> None:
-    from crisp.config import SamplingConfig, validate
-    from crisp.data.loaders import load_problems
-    from crisp.evaluate import compare_to_baseline, evaluate, format_table, write_results
-    from crisp.modeling import load_model, load_tokenizer
-    from crisp.prompts import PromptBuilder, resolve_instruction
+    from crisp.config import EvalRunConfig, load_config, validate
+    from crisp.evaluate import evaluate_benchmarks, format_table
 
-    if args.k < 1:
-        raise ConfigError("--k: must be at least 1")
-    sampling = validate(
-        {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-         "max_new_tokens": args.max_new_tokens},
-        SamplingConfig,
-    )
-    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-    problems = load_problems(args.benchmark, limit=args.limit)  # bad data fails before the model loads
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    builder = PromptBuilder(tokenizer, template=args.template, enable_thinking=args.enable_thinking)
-    records, summary = evaluate(
-        model, tokenizer, problems, builder=builder, sampling=sampling, k=args.k, seed=args.seed,
-        instruction=resolve_instruction(args.instruction), grader=args.grader, batch_size=args.batch_size,
-    )
-    summary.update({"model": args.model, "benchmark": args.benchmark})
-    if baseline is not None:
-        summary["vs_baseline"] = compare_to_baseline(summary, baseline)
-    write_results(args.out, records, summary)
-    rows = {"baseline": baseline, Path(args.model).name: summary} if baseline else {Path(args.model).name: summary}
-    print(format_table(rows, baseline="baseline" if baseline else None))
-    print(f"wrote {args.out}/summary.json and samples.jsonl")
+    if args.config:
+        if args.model or args.benchmark or args.out:
+            raise ConfigError("--config: give --model, --benchmark and --out as overrides (model.path=..., "
+                              "benchmarks=[...], output_dir=...) or leave --config out")
+        cfg = load_config(args.config, args.overrides, EvalRunConfig)
+        outputs = {name: Path(cfg.output_dir) / Path(name).stem for name in cfg.benchmarks}
+        baselines = {name: _summary(Path(cfg.baseline) / Path(name).stem / "summary.json") if cfg.baseline else None
+                     for name in cfg.benchmarks}
+    else:
+        missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark),
+                                            ("--out", args.out)) if not value]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: required without --config")
+        if args.overrides:
+            raise ConfigError(f"{args.overrides[0]}: key=value overrides need --config")
+        if args.k < 1:
+            raise ConfigError("--k: must be at least 1")
+        cfg = validate({
+            "model": {"path": args.model, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code},
+            "benchmarks": [args.benchmark], "output_dir": args.out, "k": args.k,
+            "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                         "max_new_tokens": args.max_new_tokens},
+            "prompt": {"template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
+                       "enable_thinking": args.enable_thinking},
+            "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
+            "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+        }, EvalRunConfig)
+        outputs = {args.benchmark: Path(args.out)}
+        baselines = {args.benchmark: _summary(Path(args.baseline)) if args.baseline else None}
+    summaries = evaluate_benchmarks(cfg, outputs, baselines)
+    if not is_main_process():
+        return
+    name = Path(cfg.model.path).name
+    for benchmark, summary in summaries.items():
+        baseline = baselines[benchmark]
+        rows = {"baseline": baseline, name: summary} if baseline else {name: summary}
+        print(f"{benchmark}:")
+        print(format_table(rows, baseline="baseline" if baseline else None))
+        print(f"wrote {outputs[benchmark]}/summary.json and samples.jsonl")
+
+
+def _summary(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"baseline {path} does not exist (run `crisp eval` for the baseline first)")
+    return json.loads(path.read_text())
 
 
 def cmd_demo(args) -> None:
@@ -82,11 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a model on a benchmark")
-    ev.add_argument("--model", required=True, help="local model directory or HF id")
-    ev.add_argument("--benchmark", required=True, help="synthetic, math500, aime24, aime25, gsm8k, or a file")
+    ev = sub.add_parser("eval", help="evaluate a model on a benchmark, or on several with --config")
+    ev.add_argument("--config", help="an evaluation YAML (e.g. configs/recipes/eval.yaml) instead of the flags")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides of --config, e.g. model.path=runs/x/model")
+    ev.add_argument("--model", help="local model directory or HF id")
+    ev.add_argument("--benchmark", help="synthetic, math500, aime24, aime25, gsm8k, or a file")
     ev.add_argument("--k", type=int, default=1, help="samples per problem")
-    ev.add_argument("--out", required=True)
+    ev.add_argument("--out", help="folder for samples.jsonl and summary.json")
     ev.add_argument("--baseline", help="a baseline summary.json: adds compression ratio and dAcc/CR")
     ev.add_argument("--instruction", help="prepend an instruction (v1, v2, percent, word_limit or text)")
     ev.add_argument("--template", default=None, help="student prompt template (default: plain for synthetic, else dapo)")
@@ -99,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grader", choices=["exact", "math-verify"], help="default: exact for synthetic")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
     ev.add_argument("--enable-thinking", type=lambda s: s.lower() == "true", default=None)
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.set_defaults(func=cmd_eval)
@@ -117,15 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code: 0, 1 for a stopped run, 2 for bad input (the message
+    printed says what to fix). A process may run several; `main` ends the process's part."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "template", "unset") is None:
-        args.template = "plain" if args.benchmark == "synthetic" else "dapo"
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, DataError, FileNotFoundError) as error:  # the message says what to fix
         print(f"crisp: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `crisp` program: one command, then, in a run started by `accelerate launch`, the end of
+    this rank's process group (see crisp.distributed.end_processes), then the exit code."""
+    code = run(argv)
+    if "torch.distributed" in sys.modules:  # a command that never imported it started no process group
+        from crisp.distributed import end_processes
+
+        end_processes()  # every rank gets here alike: the errors above are the same on every rank
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

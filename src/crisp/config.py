@@ -39,7 +39,7 @@ class Strict(BaseModel):
 class TinyModelSpec(Strict):
     """Build a randomly initialised model from scratch (the built-in demo)."""
 
-    architecture: Literal["llama", "qwen3"] = "llama"
+    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
     hidden_size: PositiveInt = 128
     num_layers: PositiveInt = 2
     num_heads: PositiveInt = 4
@@ -47,11 +47,35 @@ class TinyModelSpec(Strict):
     max_positions: PositiveInt = 512
 
 
+class LoraSpec(Strict):
+    """LoRA adapters (peft) on the model's linear layers; only the adapters train.
+
+    The LM head and the embeddings stay outside LoRA: a self-distillation teacher that is another
+    adapter on the same base model shares them with the student.
+    """
+
+    r: PositiveInt = 64
+    alpha: PositiveFloat = 128
+    dropout: Probability = 0.0
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_head_or_embeddings(cls, modules):
+        shared = [m for m in modules if "lm_head" in m or "embed" in m] if isinstance(modules, list) else []
+        if shared:
+            raise ValueError(f"{', '.join(shared)}: the LM head and embeddings stay outside LoRA "
+                             "(the teacher adapter shares them with the student)")
+        return modules
+
+
 class ModelConfig(Strict):
     path: str | None = None  # a local HF directory or a hub id
     tiny: TinyModelSpec | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # how the weights are stored
     trust_remote_code: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, ~30% more time
+    lora: LoraSpec | None = None  # train LoRA adapters instead of every weight
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -118,14 +142,24 @@ class RunConfig(Strict):
     threads: PositiveInt | None = None
     save_every: Annotated[int, Field(ge=0)] = 0  # 0 = only the final model
     keep_checkpoints: PositiveInt = 2
+    # "bf16": every forward pass (training, teacher, generation) runs under bf16 autocast; the
+    # weights keep model.dtype (float32 weights + bf16 compute is the usual full fine-tuning setup).
+    mixed_precision: Literal["no", "bf16"] = "no"
 
 
 class SFTMix(Strict):
     """How the synthetic SFT corpus mixes instructed and plain traces."""
 
     instruction: str = "v1"
-    instructed_fraction: Probability = 0.5
-    verbose_prefix_fraction: Probability = 0.5  # instructed traces that start verbose, then switch
+    instructed_fraction: Probability = 0.5  # prompts with the concise instruction
+    reference_fraction: Probability = 0.0  # prompts with OPSD's reference solution (the rest are plain)
+    verbose_prefix_fraction: Probability = 0.5  # instructed/reference traces that start verbose, then switch
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> "SFTMix":
+        if self.instructed_fraction + self.reference_fraction > 1:
+            raise ValueError("instructed_fraction + reference_fraction must be at most 1")
+        return self
 
 
 class SFTConfig(RunConfig):
@@ -249,6 +283,31 @@ class GRPOConfig(RunConfig):
     def _rollout_without_derived(self, rollout: SamplingConfig) -> dict:
         """The dumped config leaves out the derived n and max_new_tokens, so it reloads with overrides."""
         return rollout.model_dump(exclude={"n", "max_new_tokens"})
+
+
+class EvalModelConfig(Strict):
+    path: str  # a local HF directory or a hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class EvalRunConfig(Strict):
+    """`crisp eval --config FILE`: one model, several benchmarks, one protocol. Each benchmark's
+    samples.jsonl and summary.json go to output_dir/<benchmark name>/."""
+
+    model: EvalModelConfig
+    benchmarks: Annotated[list[str], Field(min_length=1)]  # names (math500, aime24, ...) or files
+    output_dir: str
+    k: PositiveInt = 8  # samples per problem: accuracy is mean@k
+    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=30_000)
+    prompt: PromptConfig = PromptConfig()
+    instruction: str | None = None  # prepend an instruction preset or text (the prompt-only baseline)
+    grader: Literal["exact", "math-verify"] | None = None  # None: exact for synthetic, else math-verify
+    limit: PositiveInt | None = None  # only the first N problems of each benchmark
+    seed: int = 0
+    batch_size: PositiveInt = 256  # sequences per generate call
+    baseline: str | None = None  # the output_dir of an earlier `crisp eval --config`: adds compression ratios
+    mixed_precision: Literal["no", "bf16"] = "no"
 
 
 TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig, GRPOConfig], Field(discriminator="method")]

@@ -15,10 +15,13 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from crisp.config import SamplingConfig
+from crisp.config import EvalRunConfig, SamplingConfig
+from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
+from crisp.distributed import autocast, gather, make_accelerator, shard
 from crisp.grading import get_grader, grade
-from crisp.prompts import PromptBuilder
+from crisp.modeling import load_model, load_tokenizer
+from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
 
 
@@ -126,18 +129,26 @@ def evaluate(
     grader: str | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    accelerator=None,
 ) -> tuple[list[dict], dict]:
-    """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them."""
+    """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them.
+
+    With an `accelerator` of several processes, each samples and grades a slice of the problems and
+    every process returns all the records (the same ones one process would produce)."""
     grader = grader or default_grader(problems)
     if instruction:
         prompts = [builder.teacher_ids(p, instruction=instruction) for p in problems]
     else:
         prompts = [builder.student_ids(p) for p in problems]
     sampling = sampling.model_copy(update={"n": k})
-    bar = tqdm(total=len(prompts) * k, desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
-    rollouts = HFGenerator(model, tokenizer, batch_size=batch_size).generate(prompts, sampling, seed=seed, progress=bar)
+    mine = shard(len(prompts), accelerator) if accelerator else range(len(prompts))
+    bar = tqdm(total=len(mine) * k, desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
+    rollouts = HFGenerator(model, tokenizer, batch_size=batch_size).generate(
+        [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
     records = score_rollouts(problems, rollouts, grader)
+    if accelerator:
+        records = gather(records, accelerator)
     summary = summarize(records)
     grader_obj = get_grader(grader)
     summary.update(
@@ -151,6 +162,32 @@ def evaluate(
         }
     )
     return records, summary
+
+
+def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines: dict[str, dict | None]) -> dict:
+    """Evaluate cfg.model on each benchmark (data-parallel under `accelerate launch`); rank 0 writes
+    each one's samples.jsonl and summary.json to outputs[benchmark]. Returns the summaries."""
+    accelerator = make_accelerator(cfg.mixed_precision)
+    problems = {name: load_problems(name, limit=cfg.limit) for name in cfg.benchmarks}  # bad data fails first
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model.to(accelerator.device)
+    builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
+                            enable_thinking=cfg.prompt.enable_thinking)
+    summaries = {}
+    for name, benchmark in problems.items():
+        with autocast(cfg.mixed_precision, accelerator.device):
+            records, summary = evaluate(model, tokenizer, benchmark, builder=builder, sampling=cfg.sampling, k=cfg.k,
+                                        seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
+                                        grader=cfg.grader, batch_size=cfg.batch_size,
+                                        progress=accelerator.is_main_process, accelerator=accelerator)
+        summary.update({"model": cfg.model.path, "benchmark": name})
+        if baselines.get(name) is not None:
+            summary["vs_baseline"] = compare_to_baseline(summary, baselines[name])
+        if accelerator.is_main_process:
+            write_results(outputs[name], records, summary)
+        summaries[name] = summary
+    return summaries
 
 
 def write_results(out_dir: str | Path, records: Sequence[dict], summary: dict) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -25,7 +26,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Protocol
 
 from crisp import __version__
@@ -60,9 +60,10 @@ def extract_answer_line(text: str) -> str | None:
     for marker in ("**", "__"):
         value = value.removeprefix(marker).removesuffix(marker).strip()
     value = _strip_math_delimiters(value.rstrip(".").strip()).rstrip(".").strip()
-    boxes = extract_boxed(value)
+    boxes = _box_spans(value)
     if len(boxes) == 1 and _BOX_START.match(value) and value.endswith("}"):
-        value = boxes[0].strip()
+        start, end = boxes[0]
+        value = value[start:end].strip()
     return value or None
 
 
@@ -77,48 +78,50 @@ def _strip_math_delimiters(value: str) -> str:
 
 def extract_boxed(text: str) -> list[str]:
     """Contents of every ``\\boxed{...}`` / ``\\fbox{...}``, in order; unclosed boxes are skipped."""
-    found = []
-    for match in _BOX_START.finditer(text):
-        content = _braced_content(text, match.end())
-        if content is not None:
-            found.append(content)
-    return found
+    return [text[start:end] for start, end in _box_spans(text)]
 
 
-def _braced_content(text: str, start: int) -> str | None:
-    """Text from ``start`` up to the brace closing the one just before it; None if never closed."""
-    depth = 1
-    i = start
+def _box_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every closed box's content, ordered by start, in one pass over the text.
+
+    One pass, not one scan per box: thousands of unclosed ``\\boxed{`` (a degenerate rollout)
+    would otherwise cost quadratic time. An escaped character, e.g. ``\\{`` or ``\\}``, does not count.
+    """
+    box_braces = {match.end() - 1 for match in _BOX_START.finditer(text)}
+    open_boxes: list[tuple[int, int]] = []  # (brace depth inside the box, content start)
+    spans = []
+    depth, i = 0, 0
     while i < len(text):
         char = text[i]
         if char == "\\":
-            i += 2  # an escaped character, e.g. \{ or \}, does not count
+            i += 2
             continue
         if char == "{":
             depth += 1
+            if i in box_braces:
+                open_boxes.append((depth, i + 1))
         elif char == "}":
+            if open_boxes and open_boxes[-1][0] == depth:
+                spans.append((open_boxes.pop()[1], i))
             depth -= 1
-            if depth == 0:
-                return text[start:i]
         i += 1
-    return None
+    return sorted(spans)
 
 
 def _candidates(response: str) -> list[tuple[str, str]]:
     """(path, candidate) pairs: the answer line, then boxes from last to first; distinct, at most
     MAX_CANDIDATES."""
-    pairs = []
+    paths: dict[str, str] = {}  # candidate -> where it came from, in order
     line = extract_answer_line(response)
     if line is not None:
-        pairs.append(("answer_line", line))
-    pairs += [("boxed", box.strip()) for box in reversed(extract_boxed(response)) if box.strip()]
-    seen: set[str] = set()
-    unique = []
-    for path, candidate in pairs:
-        if candidate not in seen:
-            seen.add(candidate)
-            unique.append((path, candidate))
-    return unique[:MAX_CANDIDATES]
+        paths[line] = "answer_line"
+    for start, end in reversed(_box_spans(response)):
+        if len(paths) == MAX_CANDIDATES:
+            break
+        box = response[start:end].strip()
+        if box:
+            paths.setdefault(box, "boxed")
+    return [(path, candidate) for candidate, path in paths.items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +166,11 @@ def _normalise_latex(text: str) -> str:
 
 
 class MathVerifyGrader:
-    """math-verify equivalence with a hard per-call timeout that works from any thread."""
+    """math-verify equivalence with a hard time limit that works from any thread.
+
+    ``timeout`` bounds the time math-verify spends on one response in ``grade``, however many
+    candidates it holds (plus the time to start a worker process when none is running).
+    """
 
     def __init__(self, timeout: float = 5.0) -> None:
         if timeout <= 0:
@@ -175,25 +182,32 @@ class MathVerifyGrader:
             version = "missing"
         self.name = f"math-verify=={version}"
 
-    def check(self, candidate: str, gold: str) -> bool:
+    def check(self, candidate: str, gold: str, *, deadline: float | None = None) -> bool:
+        """``deadline``: a time.monotonic() value to give up at, if sooner than ``timeout`` from now."""
         if _normalise_latex(candidate) == _normalise_latex(gold):
             return True  # fast path: the common case never leaves this process
         if len(candidate) > MAX_CANDIDATE_CHARS:
             raise ValueError(f"candidate has {len(candidate)} chars (> {MAX_CANDIDATE_CHARS}); not verified")
+        limit = self.timeout if deadline is None else min(self.timeout, deadline - time.monotonic())
+        if limit <= 0:
+            raise TimeoutError("this response's math-verify time is spent")
         with _borrow_worker() as worker:
-            return worker.verify(candidate, gold, self.timeout)
+            return worker.verify(candidate, gold, limit)
 
 
 def _normalise_exact(text: str) -> str:
     text = re.sub(r"\s+", "", _strip_math_delimiters(text.strip())).rstrip(".").removeprefix("+")
     if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", text):
         text = text.replace(",", "")  # thousands separators
-    if re.fullmatch(r"[+-]?(?:\d+\.?\d*|\.\d+)", text):
-        with contextlib.suppress(InvalidOperation):
-            number = Decimal(text)
-            if number == number.to_integral_value():
-                return str(int(number))  # "07", "7.0", "+7" -> "7"; "-0" -> "0"
-            return format(number.normalize(), "f")
+    # one way to match each number (no nested quantifiers: linear time on 10,000 digits); string
+    # operations, not Decimal, so that no digit is rounded away and no length limit applies
+    if re.fullmatch(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)", text):
+        sign = "-" if text.startswith("-") else ""
+        whole, _, fraction = text.lstrip("+-").partition(".")
+        whole, fraction = whole.lstrip("0") or "0", fraction.rstrip("0")
+        if whole == "0" and not fraction:
+            return "0"  # "-0", "0.00"
+        return sign + whole + ("." + fraction if fraction else "")  # "07", "7.0", "+7" -> "7"
     return text
 
 
@@ -222,19 +236,23 @@ def get_grader(name: str, *, timeout: float = 5.0) -> Grader:
 def grade(response: str, gold: str, *, grader: Grader | None = None, timeout: float = 5.0) -> GradeResult:
     """Grade a response against the gold answer. Never raises.
 
-    Returns within about MAX_CANDIDATES x (timeout + a worker restart) in the worst case, in
-    microseconds when the answer matches the gold as a string. ``timeout`` is used only when
-    ``grader`` is None (a MathVerifyGrader); a given grader keeps its own.
+    With math-verify, returns within the grader's timeout (plus a worker start when none is
+    running), in microseconds when the answer matches the gold as a string; candidates left when
+    the time is spent count as timed out. ``timeout`` is used only when ``grader`` is None (a
+    MathVerifyGrader); a given grader keeps its own.
     """
     name = getattr(grader, "name", "math-verify")
     try:
         grader = grader if grader is not None else MathVerifyGrader(timeout)
         name = grader.name
+        check = grader.check
+        if isinstance(grader, MathVerifyGrader):  # one time limit for the whole response
+            check = functools.partial(grader.check, deadline=time.monotonic() + grader.timeout)
         candidates = _candidates(response)
         timed_out, error = False, None
         for path, candidate in candidates:
             try:
-                if grader.check(candidate, str(gold)):
+                if check(candidate, str(gold)):
                     return GradeResult(True, candidate, path, name, timed_out, error)
             except TimeoutError:
                 timed_out = True
@@ -361,7 +379,6 @@ def _close_workers() -> None:
 
 def _worker_main() -> None:
     """Body of the worker process: one JSON request per stdin line, one JSON reply per line."""
-    import functools
     import logging
 
     from math_verify import parse, verify

@@ -14,14 +14,16 @@ One step, top to bottom:
   update    ppo_epochs passes; each pass is one optimizer step over all rollouts in micro-batches:
             DAPO's clipped surrogate (eps_low, eps_high), summed over the response tokens and
             divided by a normaliser that does not depend on L (config.GRPOConfig explains the choice)
+
+Run under `accelerate launch`, the ranks share each step as crisp.distributed describes: each
+generates, grades and rewards a slice of the prompts, all hold every group (so dynamic sampling and
+advantages agree), each updates on a slice of the rollouts with the normaliser of the whole batch.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
-import json
-import random
 from pathlib import Path
 from typing import Sequence
 
@@ -30,21 +32,22 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from crisp import checkpoint as checkpoints
 from crisp.config import GRPOConfig, dump_config
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
-from crisp.evaluate import default_grader, evaluate, score_rollouts
+from crisp.distributed import (gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum, save_final,
+                               shard)
+from crisp.evaluate import default_grader, score_rollouts
 from crisp.grading import get_grader, grade
+from crisp.loop import ProblemStream, TrainingRun, training_problems
 from crisp.losses import clipped_surrogate_loss
-from crisp.metrics import MetricsLog, Timer
-from crisp.modeling import load_model, load_tokenizer, save_model
+from crisp.modeling import load_model, load_tokenizer, output_head, prepare_for_training, response_hidden
 from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder
 from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
 from crisp.rollout import HFGenerator, Rollout
 from crisp.schedules import max_length_at
-from crisp.selfdistill import eval_metrics, response_hidden, training_problems
+from crisp.teacher import Teacher
 
 
 def _sampled_logprobs(head, hidden, tokens):
@@ -61,8 +64,14 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[
     each response's end, and the (B, T) bool mask of real response tokens.
     """
     hidden = response_hidden(model, prompts, responses, pad_id)  # (N, H)
+    return logprobs_from_hidden(hidden, output_head(model), responses, chunk_size)
+
+
+def logprobs_from_hidden(hidden: torch.Tensor, lm_head, responses: Sequence[Sequence[int]],
+                         chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs from the (N, H) hidden states at the response positions."""
     tokens = torch.tensor([t for r in responses for t in r], device=hidden.device)  # (N,)
-    head = functools.partial(_sampled_logprobs, model.get_output_embeddings())
+    head = functools.partial(_sampled_logprobs, lm_head)
     pieces = []
     for start in range(0, len(tokens), chunk_size):
         chunk = (hidden[start : start + chunk_size], tokens[start : start + chunk_size])  # (n, H), (n,)
@@ -74,45 +83,58 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[
     return logprobs, mask
 
 
-def micro_slices(count: int, size: int) -> list[slice]:
-    return [slice(i, i + size) for i in range(0, count, size)]
-
-
 def micro_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, chunk_size: int) -> torch.Tensor:
     """(b, T) log-probs of the rollouts' response tokens under `model` (zero past each response's end)."""
     return token_logprobs(model, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts], pad_id,
                           chunk_size)[0]
 
 
-def surrogate_backward(policy, update: Sequence[Rollout], advantages: torch.Tensor, cfg: GRPOConfig, pad_id: int, *,
-                       normaliser: float | None, num_train: int, old: list | None = None,
-                       ref: list | None = None) -> tuple[float, dict[str, float]]:
-    """One pass of DAPO's clipped surrogate over `update` in micro-batches, with backward.
+def reference_logprobs(reference: Teacher, rollouts: Sequence[Rollout], pad_id: int, chunk_size: int) -> torch.Tensor:
+    """micro_logprobs under the frozen reference (with LoRA, the policy with its adapters off)."""
+    responses = [r.token_ids for r in rollouts]
+    hidden = reference.hidden([r.prompt_ids for r in rollouts], responses, pad_id)  # (n, H)
+    return logprobs_from_hidden(hidden, reference.head, responses, chunk_size)[0]  # (b, T)
 
-    `advantages` is (len(update),); `old`/`ref` hold per-micro-batch (b, T) log-probs (None: the
-    pass's own detached log-probs are the old ones, exact when the weights that sampled are the
-    current ones). `num_train` counts every rollout the step trains on, skipped ones included (the
-    sequence mean divides by it). Returns the loss and the token-weighted clip/ratio stats.
+
+def surrogate_backward(model, update: Sequence[Rollout], advantages: torch.Tensor, cfg: GRPOConfig, pad_id: int, *,
+                       normaliser: float | None, num_train: int, micro: list | None = None, old: list | None = None,
+                       ref: list | None = None, accelerator=None,
+                       precision=contextlib.nullcontext) -> tuple[float, dict[str, float]]:
+    """One pass of DAPO's clipped surrogate over this rank's share of `update`, with backward.
+
+    `advantages` is (len(update),); `micro` is crisp.distributed.micro_batches of `update` (computed
+    here when not given; without an accelerator, all of `update` in one process); `old`/`ref` hold
+    per-micro-batch (b, T) log-probs on those micro-batches (old None: the pass's own detached
+    log-probs are the old ones, exact when the weights that sampled are the current ones).
+    `num_train` counts every rollout the step trains on, skipped ones included (the sequence mean
+    divides by it). Each rank's loss is scaled by the number of ranks, which DDP averages over.
+    Returns the loss and the token-weighted clip/ratio stats, summed over ranks.
     """
+    if micro is None:
+        micro = micro_batches(len(update), cfg.micro_batch_size, accelerator)
+    world = accelerator.num_processes if accelerator is not None else 1
     loss, stats = 0.0, {}
     update_tokens = sum(r.num_tokens for r in update)
-    for m, micro in enumerate(micro_slices(len(update), cfg.micro_batch_size)):
-        rollouts = update[micro]
-        logprobs, mask = token_logprobs(policy, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
-                                        pad_id, cfg.chunk_size)  # (b, T), (b, T)
-        micro_loss, micro_stats = clipped_surrogate_loss(
-            logprobs, old[m] if old else logprobs.detach(), advantages[micro], mask,
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
-            normaliser=normaliser, kl_coef=cfg.kl_coef, ref_logprobs=ref[m] if ref else None,
-        )
-        if cfg.aggregation == "sequence":  # a mean over this micro-batch's sequences
-            micro_loss = micro_loss * len(rollouts) / num_train
-        micro_loss.backward()
-        loss += micro_loss.item()
-        share = float(mask.sum()) / update_tokens
+    for m, (indices, real) in enumerate(micro):
+        with grad_sync(accelerator, model, last=m == len(micro) - 1):
+            with precision():
+                chosen = [update[i] for i in indices]
+                logprobs, mask = token_logprobs(model, [r.prompt_ids for r in chosen], [r.token_ids for r in chosen],
+                                                pad_id, cfg.chunk_size)  # (b, T), (b, T)
+                micro_loss, micro_stats = clipped_surrogate_loss(
+                    logprobs, old[m] if old else logprobs.detach(), advantages[indices], mask,
+                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+                    normaliser=normaliser, kl_coef=cfg.kl_coef, ref_logprobs=ref[m] if ref else None,
+                )
+            if cfg.aggregation == "sequence":  # a mean over this micro-batch's sequences
+                micro_loss = micro_loss * len(indices) / num_train
+            # DDP averages gradients over ranks; a placeholder micro-batch weighs nothing
+            (micro_loss * (world if real else 0.0)).backward()
+        share = float(mask.sum()) / update_tokens if real else 0.0
+        loss += micro_loss.item() if real else 0.0
         for key, value in micro_stats.items():  # token-weighted over the micro-batches
             stats[key] = stats.get(key, 0.0) + value * share
-    return loss, stats
+    return reduce_sum({"loss": loss}, accelerator)["loss"], reduce_sum(stats, accelerator)
 
 
 def capped_rewards(batch: Sequence[Problem], rollouts: Sequence[Rollout], records: Sequence[dict], *, cap: int,
@@ -142,9 +164,12 @@ def loss_normaliser(cfg: GRPOConfig, num_tokens: int) -> float | None:
 
 
 def train_grpo(cfg: GRPOConfig) -> Path:
+    accelerator = make_accelerator(cfg.mixed_precision)
+    main = accelerator.is_main_process  # only rank 0 writes files
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    if main:
+        dump_config(cfg, out / "config.yaml")
     problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
     if cfg.threads:
@@ -152,51 +177,29 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     policy = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    policy = prepare_for_training(policy, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
     policy.train()
-    reference = None
-    if cfg.kl_coef:  # the initial weights, frozen (copied before a resume loads later weights)
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    # The initial weights, frozen (taken before a resume loads later weights); with LoRA, the adapters off.
+    reference = Teacher(policy, update="frozen") if cfg.kl_coef else None
+    if reference:
+        reference.model.to(accelerator.device)
+    optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
+    # model: the wrapped policy, which every forward pass of the policy goes through (DDP/FSDP)
+    model, optimizer = prepare(accelerator, policy, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
     builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
                             enable_thinking=cfg.prompt.enable_thinking)
     grader = default_grader(problems)
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
-    optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
-    log = MetricsLog(out / "metrics.jsonl")
-    timer = Timer()
+    stream = ProblemStream(problems, cfg.seed)
+    # the reference model is the initial weights, rebuilt from model.path: a checkpoint need not hold it
+    run = TrainingRun(cfg, accelerator=accelerator, models={"model": policy}, tokenizer=tokenizer, optimizer=optimizer,
+                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems)
+    timer, precision = run.timer, run.precision
     pad_id = tokenizer.pad_token_id
     G = cfg.group_size
 
-    step, epoch, position, skipped, consecutive_skips = 0, 0, 0, 0, 0
-    resume_from = checkpoints.resolve_resume(cfg.resume, out)
-    if resume_from is not None:
-        state = checkpoints.load_state(resume_from)
-        policy.load_state_dict(load_model(str(resume_from / "model")).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoints.set_rng_state(state["rng"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
-        log.truncate_after(step)
-
-    def epoch_order(epoch: int) -> list[int]:
-        order = list(range(len(problems)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        return order
-
-    order = epoch_order(epoch)
-
-    def next_prompts(count: int) -> list[Problem]:
-        nonlocal epoch, position, order
-        batch = []
-        while len(batch) < count:
-            if position == len(order):
-                epoch, position = epoch + 1, 0
-                order = epoch_order(epoch)
-            batch.append(problems[order[position]])
-            position += 1
-        return batch
-
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="siri grpo", dynamic_ncols=True)
+    step, _ = run.resume()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="siri grpo", dynamic_ncols=True, disable=not main)
     while step < cfg.max_steps:
         cap = max_length_at(step, **cfg.schedule.model_dump())
 
@@ -208,15 +211,18 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         train_rewards: list[float] = []
         rounds = 0
         while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1) and len(train) < cfg.batch_size * G:
-            batch = next_prompts(cfg.batch_size)
-            with timer("generate"):
-                rollouts = generator.generate([builder.student_ids(p) for p in batch], cfg.rollout,
-                                              seed=cfg.seed * 1_000_003 + step * 1_000 + rounds, max_new_tokens=cap)
+            batch: list[Problem] = stream.take(cfg.batch_size)
+            mine = shard(len(batch), accelerator)  # this rank's prompts; every rank then gathers all groups
+            with timer("generate"), precision():
+                rollouts = generator.generate([builder.student_ids(batch[i]) for i in mine], cfg.rollout,
+                                              seed=cfg.seed * 1_000_003 + step * 1_000 + rounds, max_new_tokens=cap,
+                                              first_index=mine.start)
             with timer("grade"):
                 records = score_rollouts(batch, rollouts, grader)
                 rewards = capped_rewards(batch, rollouts, records, cap=cap, tokenizer=tokenizer, grader_name=grader)
+            rollouts, records, rewards = (gather(x, accelerator) for x in (rollouts, records, rewards))
             if rounds == 0:
-                samples = [{"step": step + 1, "cap": cap, "reward": w, **r} for r, w in zip(records[:2], rewards)]
+                samples = [{"cap": cap, "reward": w, **r} for r, w in zip(records[:2], rewards)]
             keep = torch.ones(len(batch), dtype=torch.bool)  # (B,)
             if cfg.dynamic_sampling:
                 keep = dynamic_sampling_mask(torch.tensor(rewards).view(-1, G))  # (B,)
@@ -235,25 +241,27 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         # without a KL term it is left out of the forward and backward passes.
         active = [i for i in range(len(train)) if cfg.kl_coef or advantages[i] != 0]
         update = [train[i] for i in active]
-        update_advantages = advantages[active].to(next(policy.parameters()).device) if active else None  # (u,)
-        micro_batches = micro_slices(len(update), cfg.micro_batch_size)
+        update_advantages = advantages[active].to(accelerator.device) if active else None  # (u,)
+        # This rank's share of the update, in micro-batches (the same number on every rank).
+        micro = micro_batches(len(update), cfg.micro_batch_size, accelerator) if update else []
 
         # Old (and reference) log-probs once, on the same micro-batches the update will use.
-        with timer("old_logprobs"), torch.no_grad():
-            old = [micro_logprobs(policy, update[m], pad_id, cfg.chunk_size) for m in micro_batches] \
-                if cfg.ppo_epochs > 1 else None
-            ref = [micro_logprobs(reference, update[m], pad_id, cfg.chunk_size) for m in micro_batches] \
-                if reference else None
+        with timer("old_logprobs"), torch.no_grad(), precision():
+            old = [micro_logprobs(model, [update[i] for i in indices], pad_id, cfg.chunk_size)
+                   for indices, _ in micro] if cfg.ppo_epochs > 1 else None
+            ref = [reference_logprobs(reference, [update[i] for i in indices], pad_id, cfg.chunk_size)
+                   for indices, _ in micro] if reference else None
 
         loss, grad_norm, pass_stats = float("nan"), float("nan"), {}
         for _ in range(cfg.ppo_epochs):
             if update:  # empty when no group had mixed rewards: nothing to learn from, no step
                 with timer("loss_backward"):
-                    loss, pass_stats = surrogate_backward(policy, update, update_advantages, cfg, pad_id,
-                                                          normaliser=normaliser, num_train=len(train), old=old, ref=ref)
+                    loss, pass_stats = surrogate_backward(
+                        model, update, update_advantages, cfg, pad_id, normaliser=normaliser, num_train=len(train),
+                        micro=micro, old=old, ref=ref, accelerator=accelerator, precision=precision)
                 with timer("step"):
                     grad_norm, stepped = step_if_finite(policy, optimizer, loss, cfg.optim.grad_clip)
-                    skipped, consecutive_skips = (skipped, 0) if stepped else (skipped + 1, consecutive_skips + 1)
+                    run.count_step(stepped)
             scheduler.step()
         step += 1
 
@@ -263,7 +271,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             "train/loss": loss,
             "train/grad_norm": grad_norm,
             "train/lr": scheduler.get_last_lr()[0],
-            "train/skipped_steps": skipped,
+            "train/skipped_steps": run.skipped,
             "train/loss_normaliser": normaliser,
             "train/updated_rollouts": len(update),
             **{f"train/{key}": value for key, value in pass_stats.items()},  # last pass: clip fractions, ratio, kl
@@ -279,28 +287,8 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", reward=f"{metrics['rollout/reward_mean']:.2f}",
                         len=f"{metrics['rollout/mean_tokens']:.0f}", L=cap)
-        if consecutive_skips >= cfg.max_skipped_steps:
-            raise RuntimeError(
-                f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
-                f"stopping. The last good checkpoint is in {out / 'checkpoints'}; lower optim.lr or check the data."
-            )
-        if cfg.eval and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
-            with timer("eval"):
-                _, summary = evaluate(policy, tokenizer, eval_problems, builder=builder, sampling=cfg.eval.sampling,
-                                      k=cfg.eval.k, seed=cfg.seed, batch_size=cfg.eval.batch_size, progress=False)
-            metrics.update(eval_metrics(summary))
-        if step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
-            log.write(step, {**metrics, **timer.pop()})
-            with (out / "rollouts.jsonl").open("a") as f:
-                for sample in samples:
-                    f.write(json.dumps(sample) + "\n")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoints.save(out / "checkpoints", step, models={"model": (policy, tokenizer)},
-                             keep=cfg.keep_checkpoints, state={
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "epoch": epoch, "position": position, "skipped": skipped,
-                                 "consecutive_skips": consecutive_skips})
+        run.end_step(step, metrics, samples, loop_state={})
     bar.close()
     final = out / "model"
-    save_model(policy, tokenizer, final)
+    save_final(accelerator, model, tokenizer, final)
     return final

@@ -1,9 +1,11 @@
-"""metrics.jsonl: one JSON object per logged step, namespaced keys (train/, rollout/, eval/, time/)."""
+"""metrics.jsonl (and rollouts.jsonl): one JSON object per record, with its step; metric keys are
+namespaced (train/, rollout/, eval/, time/)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,11 +17,24 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step`: a resumed run rewrites them, a fresh run (step 0) starts empty."""
+        """Drop records past `step`: a resumed run rewrites them, a fresh run (step 0) starts empty.
+
+        A line that is not JSON can only be the last one, cut by a crash in the middle of a write;
+        it is dropped too.
+        """
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["step"] <= step:
+                keep.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)  # a crash here leaves the old file or the new one, never half of one
 
     def write(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

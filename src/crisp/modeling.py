@@ -1,22 +1,29 @@
-"""Loading Hugging Face models, and building the tiny word-level model of the built-in demo.
+"""Loading, preparing, running and saving Hugging Face models; the tiny word-level demo model.
 
-The tiny model is an ordinary HF checkpoint: a Llama or Qwen3 config with random weights, a
+The tiny model is an ordinary HF checkpoint: a Llama, Qwen2 or Qwen3 config with random weights, a
 `PreTrainedTokenizerFast` with a chat template, saved with `save_pretrained` and loadable with
 `AutoModelForCausalLM` / `AutoTokenizer`, so every later stage treats it like a real model.
+
+A training model may be wrapped twice: in a peft `PeftModel` (LoRA) and, once prepared by
+accelerate, in DDP. Forward passes go through the outermost wrapper (DDP synchronises gradients
+only for passes through its own forward); `unwrap` reaches the HF model inside for everything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
     Qwen3Config,
 )
 
@@ -96,10 +103,12 @@ def build_tiny_model(
     )
     if architecture == "llama":
         config = LlamaConfig(**common)
+    elif architecture == "qwen2":
+        config = Qwen2Config(**common)
     elif architecture == "qwen3":
         config = Qwen3Config(head_dim=hidden_size // num_heads, **common)
     else:
-        raise ValueError(f"unknown tiny architecture {architecture!r}; use 'llama' or 'qwen3'")
+        raise ValueError(f"unknown tiny architecture {architecture!r}; use 'llama', 'qwen2' or 'qwen3'")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -107,7 +116,21 @@ def build_tiny_model(
     return model
 
 
+def check_model_path(path: str) -> None:
+    """A clear FileNotFoundError for a local model path that is not there (Hugging Face would call it
+    an invalid repo id); a hub id such as "Qwen/Qwen3-8B" passes through."""
+    local = Path(path)
+    if local.exists() and not local.is_dir():
+        raise FileNotFoundError(f"model path {path} is a file; give the directory holding config.json")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(
+            f"model path {path} does not exist (train a base model first, e.g. "
+            "`crisp train configs/demo/base.yaml`, or give a Hugging Face model id)"
+        )
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    check_model_path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -117,21 +140,111 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> torch.nn.Module:
     """An HF causal LM from a local directory or hub id; weights are read as safetensors only."""
-    local = Path(path)
-    if local.exists() and not local.is_dir():
-        raise FileNotFoundError(f"model path {path} is a file; give the directory holding config.json")
-    if not local.exists() and (path.startswith((".", "/")) or path.count("/") > 1):
-        raise FileNotFoundError(
-            f"model path {path} does not exist (train a base model first, e.g. "
-            "`crisp train configs/demo/base.yaml`, or give a Hugging Face model id)"
-        )
+    check_model_path(path)
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
     )
 
 
-def save_model(model: torch.nn.Module, tokenizer, directory: str | Path) -> None:
+def is_peft(model: torch.nn.Module) -> bool:
+    """Whether the model (inside any DDP wrapper) is a peft PeftModel, which carries a peft_config."""
+    return hasattr(unwrap(model), "peft_config")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP/FSDP wrapper (a PeftModel stays a PeftModel)."""
+    return extract_model_from_parallel(model)
+
+
+def prepare_for_training(model: torch.nn.Module, *, gradient_checkpointing: bool = False, lora=None) -> torch.nn.Module:
+    """Switch on gradient checkpointing and wrap in LoRA adapters (a config.LoraSpec) as asked."""
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings (LoRA) work.
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5 on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    spec = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, spec)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run a block with the model in eval mode, then restore its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                    **forward_kwargs) -> torch.Tensor:
+    """Final hidden states at the positions that predict each response token, rows concatenated.
+
+    Sequence b is prompt_b + response_b, right-padded; response token j sits at position
+    len(prompt_b) + j and is predicted from position len(prompt_b) + j - 1. Prompts of different
+    lengths (student vs teacher) therefore line up on the same response tokens.
+
+    The pass goes through `model` itself (so a DDP wrapper sees it) with logits for the last
+    position only; the decoder's output, the final normed hidden states, is caught by a hook.
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)  # (B, T)
+    attention = torch.zeros_like(input_ids)  # (B, T)
+    rows, cols = [], []
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[b, : lengths[b]] = torch.tensor(list(p) + list(r))
+        attention[b, : lengths[b]] = 1
+        rows += [b] * len(r)
+        cols += range(len(p) - 1, len(p) - 1 + len(r))
+    device = next(model.parameters()).device
+    caught = []
+    hook = unwrap(model).get_decoder().register_forward_hook(lambda module, args, output: caught.append(output[0]))
+    try:
+        model(input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=1, use_cache=False,
+              **forward_kwargs)
+    finally:
+        hook.remove()
+    hidden = caught[0]  # (B, T, H)
+    return hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, H)
+
+
+def output_head(model) -> torch.nn.Module:
+    """The LM head (maps (n, H) hidden states to (n, V) logits)."""
+    return unwrap(model).get_output_embeddings()
+
+
+def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load weights saved by `save_pretrained` into `model` in place: every weight of a plain model,
+    or every adapter of a PeftModel (adapter "default" at the top, others in a subfolder each)."""
+    directory = Path(directory)
+    if not is_peft(model):
+        model.load_state_dict(load_model(str(directory)).state_dict())
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for name in model.peft_config:
+        folder = directory if name == "default" else directory / name
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"), adapter_name=name)
+
+
+def save_model(model: torch.nn.Module, tokenizer, directory: str | Path, *, state_dict: dict | None = None) -> None:
+    """save_pretrained of the model and tokenizer. A PeftModel is saved as an ordinary model with the
+    LoRA update merged in (what `crisp eval` loads), its adapter in `directory/adapter`; merging
+    changes the model in place, so this is the last thing done with it. `state_dict` is the full
+    weights where the model is sharded (FSDP)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    if is_peft(model):
+        model.save_pretrained(directory / "adapter", selected_adapters=["default"])
+        model = model.merge_and_unload(adapter_names=["default"])
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)

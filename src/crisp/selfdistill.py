@@ -9,37 +9,34 @@ One step, top to bottom:
             (so micro-batching gives the same update as one big batch)
   step      clip, optimizer step (skipped, and counted, when the loss or gradient is not finite)
   refresh   the teacher's update rule (frozen / refresh every M / EMA / live)
+
+Run under `accelerate launch`, the ranks share each step as crisp.distributed describes: each
+generates and grades a slice of the prompts, all hold every rollout, each trains on a slice of
+the kept rollouts with the loss divided by the response tokens of the whole batch.
 """
 
 from __future__ import annotations
 
-import json
-import random
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from crisp import checkpoint
 from crisp.config import SelfDistillConfig, dump_config
-from crisp.data import synthetic
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
-from crisp.evaluate import default_grader, evaluate, score_rollouts
+from crisp.distributed import (gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum, save_final,
+                               shard)
+from crisp.evaluate import default_grader, score_rollouts
 from crisp.losses import divergence_sum
-from crisp.metrics import MetricsLog, Timer
-from crisp.modeling import load_model, load_tokenizer, save_model
+from crisp.loop import ProblemStream, TrainingRun, training_problems
+from crisp.modeling import load_model, load_tokenizer, output_head, prepare_for_training, response_hidden
 from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
 from crisp.teacher import Teacher
-
-
-def training_problems(cfg) -> list[Problem]:
-    if cfg.data.source == "synthetic":
-        return synthetic.train_problems(cfg.seed, cfg.data.size, tuple(cfg.data.levels))
-    return load_problems(cfg.data.source, limit=cfg.data.limit)
 
 
 def keep_rollouts(correct: Sequence[bool], rule: str) -> list[int]:
@@ -50,40 +47,17 @@ def keep_rollouts(correct: Sequence[bool], rule: str) -> list[int]:
     return [i for i, c in enumerate(correct) if c == wanted]
 
 
-def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int):
-    """Final hidden states at the positions that predict each response token, rows concatenated.
-
-    Sequence b is prompt_b + response_b, right-padded; response token j sits at position
-    len(prompt_b) + j and is predicted from position len(prompt_b) + j - 1. Prompts of different
-    lengths (student vs teacher) therefore line up on the same response tokens.
-    """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)  # (B, T)
-    attention = torch.zeros_like(input_ids)  # (B, T)
-    rows, cols = [], []
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[b, : lengths[b]] = torch.tensor(list(p) + list(r))
-        attention[b, : lengths[b]] = 1
-        rows += [b] * len(r)
-        cols += range(len(p) - 1, len(p) - 1 + len(r))
-    device = next(model.parameters()).device
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                              use_cache=False).last_hidden_state  # (B, T, H)
-    return hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, H)
-
-
-def distill_loss_sum(student, teacher_model, student_prompts, teacher_prompts, responses, cfg, pad_id):
+def distill_loss_sum(student, teacher: Teacher, student_prompts, teacher_prompts, responses, cfg, pad_id):
     """Sum over the response tokens of the per-token divergence (the caller divides by the count).
 
-    The teacher runs under inference mode (no autograd bookkeeping at all) and only its hidden
-    states at the response positions reach the loss; both LM heads run inside `divergence_sum`,
-    chunk by chunk, so neither side's full-vocabulary logits are ever held.
+    The teacher runs under inference mode and only its hidden states at the response positions
+    reach the loss; both LM heads run inside `divergence_sum`, chunk by chunk, so neither side's
+    full-vocabulary logits are ever held.
     """
+    teacher_hidden = teacher.hidden(teacher_prompts, responses, pad_id)  # (N, H), no grad
     student_hidden = response_hidden(student, student_prompts, responses, pad_id)  # (N, H)
-    with torch.inference_mode():
-        teacher_hidden = response_hidden(teacher_model, teacher_prompts, responses, pad_id)  # (N, H)
     tokens = torch.tensor([t for r in responses for t in r], device=student_hidden.device)  # (N,)
-    student_head, teacher_head = student.get_output_embeddings(), teacher_model.get_output_embeddings()
+    student_head, teacher_head = output_head(student), teacher.head
     total, _ = divergence_sum(
         student_hidden,
         student_head.weight,
@@ -102,49 +76,53 @@ def distill_loss_sum(student, teacher_model, student_prompts, teacher_prompts, r
     return total
 
 
-def distill_backward(student, teacher_model, rollouts: Sequence[Rollout], teacher_prompts: Sequence[Sequence[int]],
-                     cfg, pad_id: int) -> float:
+def distill_backward(model, teacher: Teacher, rollouts: Sequence[Rollout], teacher_prompts: Sequence[Sequence[int]],
+                     cfg, pad_id: int, *, accelerator=None, precision=contextlib.nullcontext) -> float:
     """Loss and backward of one step: the mean divergence per response token (nan if there is none).
 
-    Rollouts go through in micro-batches of `cfg.micro_batch_size`; each micro-batch's summed
-    divergence is divided by the step's token count, so the accumulated gradient is that of one big
-    batch. With more than one micro-batch the rollouts are first ordered by length, so that each
-    micro-batch pads to a length close to its own (the gradient is the same, only summed in
-    another order).
+    `rollouts` are the step's whole batch (every rank holds it); this rank trains on its share of
+    them (crisp.distributed.micro_batches; all of them without an accelerator) in micro-batches of
+    `cfg.micro_batch_size`. Each micro-batch's summed divergence is divided by the batch's token
+    count (times the number of ranks, which DDP averages over), so the accumulated gradient is that
+    of one big batch. With more than one micro-batch the share is first ordered by length, so that
+    each micro-batch pads to a length close to its own (the gradient is the same, only summed in
+    another order). `model` is the (possibly wrapped) student every forward goes through;
+    `precision` the autocast context of the forward passes.
     """
-    num_tokens = sum(r.num_tokens for r in rollouts)
-    order = list(range(len(rollouts)))
-    if len(rollouts) > cfg.micro_batch_size:
-        order.sort(key=lambda i: len(rollouts[i].prompt_ids) + rollouts[i].num_tokens)
+    num_tokens = sum(r.num_tokens for r in rollouts)  # over the whole batch, every rank
+    if not num_tokens:
+        return float("nan")
+    world = accelerator.num_processes if accelerator is not None else 1
+    micro = micro_batches(len(rollouts), cfg.micro_batch_size, accelerator,
+                          length=lambda i: len(rollouts[i].prompt_ids) + rollouts[i].num_tokens)
     loss_total = 0.0
-    for start in range(0, len(order), cfg.micro_batch_size):
-        micro = order[start : start + cfg.micro_batch_size]
-        loss_sum = distill_loss_sum(
-            student,
-            teacher_model,
-            [rollouts[i].prompt_ids for i in micro],
-            [teacher_prompts[i] for i in micro],
-            [rollouts[i].token_ids for i in micro],
-            cfg,
-            pad_id,
-        )
-        (loss_sum / num_tokens).backward()
-        loss_total += loss_sum.item()
-    return loss_total / num_tokens if num_tokens else float("nan")
-
-
-def eval_metrics(summary: dict) -> dict:
-    metrics = {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]}
-    for level, figures in summary["by_difficulty"].items():
-        metrics[f"eval/L{level}_accuracy"] = figures["accuracy"]
-        metrics[f"eval/L{level}_mean_tokens"] = figures["mean_tokens"]
-    return metrics
+    for m, (indices, real) in enumerate(micro):
+        chosen = [rollouts[i] for i in indices]
+        with grad_sync(accelerator, model, last=m == len(micro) - 1):
+            with precision():
+                loss_sum = distill_loss_sum(
+                    model,
+                    teacher,
+                    [r.prompt_ids for r in chosen],
+                    [teacher_prompts[i] for i in indices],
+                    [r.token_ids for r in chosen],
+                    cfg,
+                    pad_id,
+                )
+            # DDP averages gradients over ranks; a placeholder micro-batch weighs nothing
+            (loss_sum * (world if real else 0) / num_tokens).backward()
+        if real:
+            loss_total += loss_sum.item()
+    return reduce_sum({"loss": loss_total}, accelerator)["loss"] / num_tokens
 
 
 def train_selfdistill(cfg: SelfDistillConfig) -> Path:
+    accelerator = make_accelerator(cfg.mixed_precision)
+    main = accelerator.is_main_process  # only rank 0 writes files
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    if main:
+        dump_config(cfg, out / "config.yaml")
     problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
     if cfg.threads:
@@ -152,58 +130,45 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     student = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    student = prepare_for_training(student, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
     student.train()
     teacher = Teacher(student, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every,
                       ema_decay=cfg.teacher.ema_decay)
+    teacher.model.to(accelerator.device)
+    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
+    # model: the wrapped student, which every forward pass of the student goes through (DDP/FSDP)
+    model, optimizer = prepare(accelerator, student, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
     builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
                             enable_thinking=cfg.prompt.enable_thinking)
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
     grader = default_grader(problems)
     generator = HFGenerator(student, tokenizer)
-    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
-    log = MetricsLog(out / "metrics.jsonl")
-    timer = Timer()
+    stream = ProblemStream(problems, cfg.seed)
+    # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
+    models = {"model": student, **({"teacher": teacher.model} if teacher.owns_weights else {})}
+    run = TrainingRun(cfg, accelerator=accelerator, models=models, tokenizer=tokenizer, optimizer=optimizer,
+                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems)
+    timer, precision = run.timer, run.precision
     pad_id = tokenizer.pad_token_id
 
-    step, epoch, position, skipped, consecutive_skips = 0, 0, 0, 0, 0
-    resume_from = checkpoint.resolve_resume(cfg.resume, out)
-    if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
-        student.load_state_dict(load_model(str(resume_from / "model")).state_dict())
-        if teacher.owns_weights:
-            teacher.model.load_state_dict(load_model(str(resume_from / "teacher")).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
-        teacher.refreshes = state["refreshes"]
-
-    def epoch_order(epoch: int) -> list[int]:
-        order = list(range(len(problems)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        return order
-
-    order = epoch_order(epoch)
-    log.truncate_after(step)
-    if step == 0:
-        (out / "rollouts.jsonl").unlink(missing_ok=True)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.teacher.update + " selfdistill", dynamic_ncols=True)
+    step, saved = run.resume()
+    if saved is not None:
+        teacher.refreshes = saved["refreshes"]
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.teacher.update + " selfdistill", dynamic_ncols=True,
+               disable=not main)
     while step < cfg.max_steps:
-        batch: list[Problem] = []
-        while len(batch) < cfg.batch_size:
-            if position == len(order):
-                epoch, position = epoch + 1, 0
-                order = epoch_order(epoch)
-            batch.append(problems[order[position]])
-            position += 1
+        batch: list[Problem] = stream.take(cfg.batch_size)
 
-        with timer("generate"):
+        # Each rank generates and grades its slice of the prompts; then every rank holds the whole batch.
+        mine = shard(len(batch), accelerator)
+        with timer("generate"), precision():
             rollouts: list[Rollout] = generator.generate(
-                [builder.student_ids(p) for p in batch], cfg.rollout, seed=cfg.seed * 1_000_003 + step
+                [builder.student_ids(batch[i]) for i in mine], cfg.rollout, seed=cfg.seed * 1_000_003 + step,
+                first_index=mine.start,
             )
         with timer("grade"):
             records = score_rollouts(batch, rollouts, grader)
+        rollouts, records = gather(rollouts, accelerator), gather(records, accelerator)
         correct = [r["correct"] for r in records]
         kept = keep_rollouts(correct, cfg.rollout_filter)
         teacher_prompts = {}
@@ -217,15 +182,16 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
 
         with timer("loss_backward"):
             kept_rollouts = [rollouts[i] for i in kept]
-            loss = distill_backward(student, teacher.model, kept_rollouts,
-                                    [teacher_prompts[r.prompt_index] for r in kept_rollouts], cfg, pad_id)
+            loss = distill_backward(model, teacher, kept_rollouts,
+                                    [teacher_prompts[r.prompt_index] for r in kept_rollouts], cfg, pad_id,
+                                    accelerator=accelerator, precision=precision)
 
         with timer("step"):
             if not kept:  # the rollout filter kept nothing: no update, but not a failed step either
                 grad_norm = float("nan")
             else:
                 grad_norm, stepped = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
-                skipped, consecutive_skips = (skipped, 0) if stepped else (skipped + 1, consecutive_skips + 1)
+                run.count_step(stepped)
             scheduler.step()
         step += 1
         with timer("teacher_update"):
@@ -236,7 +202,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
             "train/loss": loss,
             "train/grad_norm": grad_norm,
             "train/lr": scheduler.get_last_lr()[0],
-            "train/skipped_steps": skipped,
+            "train/skipped_steps": run.skipped,
             "rollout/accuracy": sum(correct) / len(correct),
             "rollout/mean_tokens": sum(lengths) / len(lengths),
             "rollout/truncation_rate": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
@@ -247,30 +213,8 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", len=f"{metrics['rollout/mean_tokens']:.0f}",
                         acc=f"{metrics['rollout/accuracy']:.2f}")
-        if consecutive_skips >= cfg.max_skipped_steps:
-            raise RuntimeError(
-                f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
-                f"stopping. The last good checkpoint is in {out / 'checkpoints'}; lower optim.lr or check the data."
-            )
-        if cfg.eval and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
-            with timer("eval"):
-                _, summary = evaluate(student, tokenizer, eval_problems, builder=builder, sampling=cfg.eval.sampling,
-                                      k=cfg.eval.k, seed=cfg.seed, batch_size=cfg.eval.batch_size, progress=False)
-            metrics.update(eval_metrics(summary))
-        if step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
-            log.write(step, {**metrics, **timer.pop()})
-            with (out / "rollouts.jsonl").open("a") as f:
-                for r in records[:2]:
-                    f.write(json.dumps({"step": step, **r}) + "\n")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            models = {"model": (student, tokenizer)}
-            if teacher.owns_weights:
-                models["teacher"] = (teacher.model, None)
-            checkpoint.save(out / "checkpoints", step, models=models, keep=cfg.keep_checkpoints, state={
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "position": position, "skipped": skipped, "consecutive_skips": consecutive_skips,
-                "refreshes": teacher.refreshes})
+        run.end_step(step, metrics, samples=records[:2], loop_state={"refreshes": teacher.refreshes})
     bar.close()
     final = out / "model"
-    save_model(student, tokenizer, final)
+    save_final(accelerator, model, tokenizer, final)
     return final

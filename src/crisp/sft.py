@@ -1,8 +1,12 @@
 """Supervised fine-tuning: builds the demo's base model and SFT baselines.
 
-On the synthetic task the corpus mixes plain (verbose) traces and instructed (concise) ones, some
-of which start verbose and switch; the loss covers response tokens only, and not the verbose
+On the synthetic task the corpus mixes plain (verbose) traces, instructed (concise) ones and, for
+OPSD's teacher, concise traces under a reference-solution prompt; the last two sometimes start
+verbose and switch; the loss covers response tokens only, and not the verbose
 prefix of a switching trace. On any other problem source it trains on the reference solutions.
+
+Under `accelerate launch` every rank reads the same batch and trains on a contiguous slice of its
+rows; the loss is divided by the trained tokens of the whole batch (see crisp.distributed).
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from crisp import checkpoint
 from crisp.config import SFTConfig, dump_config
 from crisp.data import synthetic
 from crisp.data.loaders import load_problems
+from crisp.distributed import (autocast, load_rng, make_accelerator, prepare, reduce_sum, save_checkpoint, save_final,
+                               shard)
 from crisp.metrics import MetricsLog, Timer
-from crisp.modeling import build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, save_model
+from crisp.modeling import (build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, load_weights,
+                            prepare_for_training)
 from crisp.optim import build_optimizer, clip_and_check
 from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, PromptBuilder, resolve_instruction
 
@@ -41,14 +48,15 @@ def synthetic_examples(cfg: SFTConfig, builder: PromptBuilder) -> list[Example]:
     prompts, traces = [], []
     for chain in synthetic.train_chains(cfg.seed, cfg.data.size, tuple(cfg.data.levels)):
         problem = synthetic.to_problem(chain, 0, "train")
-        instructed, lines = synthetic.sft_example(
-            rng,
-            chain,
-            instructed=rng.random() < cfg.mix.instructed_fraction,
-            verbose_prefix=rng.random() < cfg.mix.verbose_prefix_fraction,
-        )
-        text = builder.teacher_text(problem, instruction=instruction, reference=False) if instructed else (
-            builder.student_text(problem))
+        draw = rng.random()
+        kind = ("instructed" if draw < cfg.mix.instructed_fraction else
+                "reference" if draw < cfg.mix.instructed_fraction + cfg.mix.reference_fraction else "plain")
+        lines = synthetic.sft_example(rng, chain, kind=kind, verbose_prefix=rng.random() < cfg.mix.verbose_prefix_fraction)
+        if kind == "plain":
+            text = builder.student_text(problem)
+        else:
+            text = builder.teacher_text(problem, instruction=instruction if kind == "instructed" else None,
+                                        reference=kind == "reference")
         prompts.append(builder.render(text))
         traces.append(lines)
     # One batched call to the Rust tokenizer: per-call and per-text wrapper overhead dominates here.
@@ -114,6 +122,7 @@ def collate(examples: list[Example], pad_id: int):
 
 
 def response_loss(model, input_ids, attention, labels) -> torch.Tensor:
+    """Cross-entropy averaged over the trained tokens (labels != -100)."""
     logits = model(input_ids=input_ids, attention_mask=attention).logits  # (B, T, V)
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
@@ -144,17 +153,23 @@ def build_model_and_tokenizer(cfg: SFTConfig):
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the directory of the final model (output_dir/model)."""
+    accelerator = make_accelerator(cfg.mixed_precision)
+    main = accelerator.is_main_process  # only rank 0 writes files
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    if main:
+        dump_config(cfg, out / "config.yaml")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model_and_tokenizer(cfg)
+    model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
     builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
                             enable_thinking=cfg.prompt.enable_thinking)
     examples = synthetic_examples(cfg, builder) if cfg.data.source == "synthetic" else solution_examples(cfg, builder)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps)
+    wrapped, optimizer = prepare(accelerator, model, optimizer,  # forwards go through the wrapper (DDP)
+                                 checkpoints=bool(cfg.save_every) or cfg.resume != "none")
     log = MetricsLog(out / "metrics.jsonl")
     timer = Timer()
 
@@ -162,10 +177,10 @@ def train_sft(cfg: SFTConfig) -> Path:
     resume_from = checkpoint.resolve_resume(cfg.resume, out)
     if resume_from is not None:
         state = checkpoint.load_state(resume_from)
-        model.load_state_dict(load_model(str(resume_from / "model")).state_dict())
+        load_weights(model, resume_from / "model")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        load_rng(accelerator, state)
         step, epoch, position = state["step"], state["epoch"], state["position"]
 
     def epoch_batches(epoch: int) -> list[list[int]]:  # deterministic shuffle per epoch
@@ -174,41 +189,53 @@ def train_sft(cfg: SFTConfig) -> Path:
     if resume_from is None:
         epoch, position = 0, 0
     batches = epoch_batches(epoch)
-    log.truncate_after(step)
+    if main:
+        log.truncate_after(step)
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not main)
     tokens_seen, window_start = 0, time.perf_counter()
     while step < cfg.max_steps:
         if position >= len(batches):
             epoch, position = epoch + 1, 0
             batches = epoch_batches(epoch)
         with timer("data"):
-            input_ids, attention, labels = collate([examples[i] for i in batches[position]], tokenizer.pad_token_id)
+            rows = [examples[i] for i in batches[position]]
             position += 1
+            mine = [rows[i] for i in shard(len(rows), accelerator)]
+            input_ids, attention, labels = collate(mine or rows[:1], tokenizer.pad_token_id)  # (B, T) each
+            my_tokens = sum(sum(e.loss_mask) for e in mine)
+            trained_tokens = sum(sum(e.loss_mask) for e in rows)  # the whole batch's, on every rank
         with timer("forward_backward"):
-            loss = response_loss(model, input_ids, attention, labels)
-            loss.backward()
+            with autocast(cfg.mixed_precision, accelerator.device):
+                loss = response_loss(wrapped, input_ids.to(accelerator.device), attention.to(accelerator.device),
+                                     labels.to(accelerator.device))
+            # This rank's mean, reweighted to its share of the batch's tokens, times the ranks that DDP
+            # averages over (exactly 1 in one process); a rank without rows runs one row with weight 0.
+            (loss * (accelerator.num_processes * my_tokens / trained_tokens)).backward()
+            loss = reduce_sum({"loss": loss.item() * my_tokens}, accelerator)["loss"] / trained_tokens
         with timer("step"):
             grad_norm = clip_and_check(model, cfg.optim.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += int(attention.sum())
+        tokens_seen += sum(len(e.prompt_ids) + len(e.response_ids) for e in rows)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
-            metrics = {"train/loss": loss.item(), "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+            metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": tokens_seen / elapsed, **timer.pop()}
-            log.write(step, metrics)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if main:
+                log.write(step, metrics)
+            bar.set_postfix(loss=f"{loss:.3f}")
             tokens_seen, window_start = 0, time.perf_counter()
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoint.save(out / "checkpoints", step, models={"model": (model, tokenizer)},
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save_checkpoint(accelerator, out / "checkpoints", step, models={"model": (model, tokenizer)},
                             state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                    "epoch": epoch, "position": position}, keep=cfg.keep_checkpoints)
     bar.close()
     final = out / "model"
-    save_model(model, tokenizer, final)
-    dump_config(cfg, final / "crisp_config.yaml")  # marks the model complete, and what built it
+    save_final(accelerator, wrapped, tokenizer, final)
+    if main:
+        dump_config(cfg, final / "crisp_config.yaml")  # marks the model complete, and what built it
     return final

@@ -211,18 +211,24 @@ def trace_text(lines: list[TraceLine]) -> str:
     return "\n".join(line.text for line in lines)
 
 
-def sft_example(
-    rng: random.Random,
-    chain: Chain,
-    *,
-    instructed: bool,
-    verbose_prefix: bool,
-) -> tuple[bool, list[TraceLine]]:
-    """One SFT trace: plain traces are verbose; instructed ones concise, sometimes after a verbose start."""
-    if not instructed:
-        return False, sample_trace(rng, chain, VERBOSE)
+SFT_KINDS = ("plain", "instructed", "reference")
+
+
+def sft_example(rng: random.Random, chain: Chain, *, kind: str, verbose_prefix: bool) -> list[TraceLine]:
+    """One SFT trace for a prompt of the given kind.
+
+    plain: verbose. instructed (the concise instruction in the prompt): concise. reference (OPSD's
+    privileged solution in the prompt): concise and slip-free, since the writer can read every total.
+    Instructed and reference traces sometimes start verbose and switch, so those prompts have seen
+    verbose prefixes too.
+    """
+    if kind not in SFT_KINDS:
+        raise ValueError(f"unknown SFT example kind {kind!r}; expected one of {SFT_KINDS}")
+    if kind == "plain":
+        return sample_trace(rng, chain, VERBOSE)
     switch_at = rng.randint(1, 2 * chain.level + 3) if verbose_prefix else None
-    return True, sample_trace(rng, chain, CONCISE, switch_at=switch_at)
+    slip = 0.0 if kind == "reference" else SLIP
+    return sample_trace(rng, chain, CONCISE, switch_at=switch_at, slip=slip)
 
 
 def vocabulary_texts(seed: int = 0, traces: int = 4000) -> list[str]:

@@ -1,0 +1,177 @@
+"""What the self-distillation and GRPO loops share around their own step.
+
+- `ProblemStream`: the training problems in a seeded shuffle, epoch after epoch; its (epoch,
+  position) is the data position a checkpoint saves.
+- `TrainingRun`: the run directory's logs, resume from a checkpoint, the skip-or-step decision for
+  a non-finite loss or gradient, and the end of every step: stop after too many consecutive skips,
+  evaluate, log, checkpoint.
+
+Under `accelerate launch` every rank keeps the same bookkeeping (the loss and gradient norm it
+sees are already reduced over ranks, so all ranks skip, stop and evaluate together); only rank 0
+writes logs and checkpoints, and every rank resumes from the same checkpoint.
+
+A checkpoint holds everything the next step depends on (weights of every model passed in,
+optimizer, LR schedule, RNG states, data position, skip counts and the loop's own state), so a run
+resumed from checkpoint `s` computes steps s+1, s+2, ... exactly as an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from crisp import checkpoint
+from crisp.data import synthetic
+from crisp.data.loaders import load_problems
+from crisp.data.problems import Problem
+from crisp.distributed import autocast, load_rng, save_checkpoint
+from crisp.evaluate import evaluate
+from crisp.metrics import MetricsLog, Timer
+from crisp.modeling import load_weights
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many consecutive non-finite steps); the message says what to do."""
+
+
+def training_problems(cfg) -> list[Problem]:
+    if cfg.data.source == "synthetic":
+        return synthetic.train_problems(cfg.seed, cfg.data.size, tuple(cfg.data.levels))
+    return load_problems(cfg.data.source, limit=cfg.data.limit)
+
+
+def eval_metrics(summary: dict) -> dict:
+    metrics = {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]}
+    for level, figures in summary["by_difficulty"].items():
+        metrics[f"eval/L{level}_accuracy"] = figures["accuracy"]
+        metrics[f"eval/L{level}_mean_tokens"] = figures["mean_tokens"]
+    return metrics
+
+
+class ProblemStream:
+    """Problems in a fresh seeded shuffle every epoch; `take` continues where the last call stopped."""
+
+    def __init__(self, problems: Sequence[Problem], seed: int):
+        self.problems = problems
+        self.seed = seed
+        self.epoch, self.position = 0, 0
+        self.order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.problems)))
+        random.Random(self.seed * 1000 + epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[Problem]:
+        batch = []
+        while len(batch) < count:
+            if self.position == len(self.order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.order = self._shuffled(self.epoch)
+            batch.append(self.problems[self.order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.order = self._shuffled(self.epoch)
+
+
+class TrainingRun:
+    """The run directory and the per-step bookkeeping of one training loop.
+
+    `models` are the modules a checkpoint holds, by name, unwrapped (not DDP): "model" (the trained
+    one, saved with the tokenizer; with LoRA its adapters, a teacher adapter included) and any other
+    whose weights cannot be rebuilt from the config (e.g. "teacher").
+    """
+
+    def __init__(self, cfg, *, accelerator, models: dict[str, torch.nn.Module], tokenizer, optimizer, scheduler,
+                 stream: ProblemStream, builder, eval_problems: Sequence[Problem]):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process  # only rank 0 writes files
+        self.out = Path(cfg.output_dir)
+        self.models, self.tokenizer = models, tokenizer
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.stream = stream
+        self.builder, self.eval_problems = builder, eval_problems
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.rollouts = MetricsLog(self.out / "rollouts.jsonl")
+        self.timer = Timer()
+        self.skipped, self.consecutive_skips = 0, 0
+
+    def precision(self):
+        """bf16 autocast for forward passes when cfg.mixed_precision asks for it."""
+        return autocast(self.cfg.mixed_precision, self.accelerator.device)
+
+    def resume(self) -> tuple[int, dict | None]:
+        """Load the checkpoint that cfg.resume names, if any: (its step, the loop's saved state).
+
+        Log records past that step are dropped, so the resumed steps are written once; a fresh run
+        (step 0) starts with empty logs.
+        """
+        step, loop_state = 0, None
+        source = checkpoint.resolve_resume(self.cfg.resume, self.out)
+        if source is not None:
+            state = checkpoint.load_state(source)
+            for name, model in self.models.items():
+                load_weights(model, source / name)  # a LoRA model gets its adapters back
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.stream.load_state_dict(state["data"])
+            self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
+            load_rng(self.accelerator, state)
+            step, loop_state = state["step"], state["loop"]
+        if self.main:
+            self.metrics.truncate_after(step)
+            self.rollouts.truncate_after(step)
+        return step, loop_state
+
+    def count_step(self, stepped: bool) -> None:
+        """Count a step that optim.step_if_finite skipped (non-finite loss or gradient norm)."""
+        if stepped:
+            self.consecutive_skips = 0
+        else:
+            self.skipped += 1
+            self.consecutive_skips += 1
+
+    def end_step(self, step: int, metrics: dict, samples: Sequence[dict], loop_state: dict) -> None:
+        """After optimizer step `step`: evaluate and log when due, stop after too many consecutive
+        skipped steps (before saving, so the last checkpoint is a good one), checkpoint when due
+        and at the last step (so that extending a finished run with resume=auto redoes nothing)."""
+        cfg = self.cfg
+        stop = self.consecutive_skips >= cfg.max_skipped_steps
+        if cfg.eval and not stop and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
+            with self.timer("eval"), self.precision():  # every rank evaluates a share of the problems
+                _, summary = evaluate(self.models["model"], self.tokenizer, self.eval_problems, builder=self.builder,
+                                      sampling=cfg.eval.sampling, k=cfg.eval.k, seed=cfg.seed,
+                                      batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator)
+            metrics.update(eval_metrics(summary))
+        if stop or step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
+            timings = self.timer.pop()
+            if self.main:
+                self.metrics.write(step, {**metrics, **timings})
+                for sample in samples:
+                    self.rollouts.write(step, sample)
+        if stop:
+            raise TrainingStopped(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
+                f"stopping. The last good checkpoint is in {self.out / 'checkpoints'}; "
+                "lower optim.lr or check the data."
+            )
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            self.save(step, loop_state)
+
+    def save(self, step: int, loop_state: dict) -> None:
+        models = {name: (model, self.tokenizer if name == "model" else None) for name, model in self.models.items()}
+        save_checkpoint(self.accelerator, self.out / "checkpoints", step, models=models,
+                        keep=self.cfg.keep_checkpoints, state={
+                            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "data": self.stream.state_dict(), "skipped": self.skipped,
+                            "consecutive_skips": self.consecutive_skips, "loop": loop_state})

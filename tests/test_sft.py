@@ -1,0 +1,90 @@
+"""SFT on the synthetic mix: which prompt gets which trace, what the loss covers, and that it learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from crisp.config import SFTConfig, validate
+from crisp.modeling import load_model
+from crisp.prompts import REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
+from crisp.sft import build_model_and_tokenizer, collate, response_loss, synthetic_examples, train_sft
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+
+
+def make_cfg(out, **overrides):
+    raw = {"method": "sft", "output_dir": str(out), "max_steps": 2, "seed": 0, "threads": 1,
+           "model": {"tiny": TINY}, "prompt": {"template": "plain"},
+           "data": {"source": "synthetic", "size": 400, "levels": [3, 4]},
+           "mix": {"instructed_fraction": 0.3, "reference_fraction": 0.3, "verbose_prefix_fraction": 0.5},
+           "batch_tokens": 1024, "optim": {"lr": 3e-3, "schedule": "constant"}, "log_every": 1}
+    for key, value in overrides.items():
+        raw[key] = value
+    return validate(raw, SFTConfig)
+
+
+@pytest.fixture(scope="module")
+def mix(tmp_path_factory):
+    cfg = make_cfg(tmp_path_factory.mktemp("sft"))
+    _, tokenizer = build_model_and_tokenizer(cfg)
+    return cfg, tokenizer, synthetic_examples(cfg, PromptBuilder(tokenizer, template="plain"))
+
+
+def kind_of(prompt: str) -> str:
+    if REFERENCE_TEMPLATE.split("{solution}")[0].split("{question}")[1].strip() in prompt:
+        return "reference"
+    return "instructed" if resolve_instruction("v1") in prompt else "plain"
+
+
+def test_mix_gives_each_prompt_kind_its_own_trace_style(mix):
+    _, tokenizer, examples = mix
+    kinds = [kind_of(tokenizer.decode(e.prompt_ids)) for e in examples]
+    shares = {k: kinds.count(k) / len(kinds) for k in ("plain", "instructed", "reference")}
+    assert abs(shares["instructed"] - 0.3) < 0.07 and abs(shares["reference"] - 0.3) < 0.07, shares
+
+    def trained_text(e) -> str:
+        return tokenizer.decode([t for t, m in zip(e.response_ids, e.loss_mask) if m])
+
+    lengths = {k: [len(trained_text(e).split()) for e, kind in zip(examples, kinds) if kind == k] for k in shares}
+    mean = {k: sum(v) / len(v) for k, v in lengths.items()}
+    assert mean["plain"] > 2 * mean["instructed"] and mean["plain"] > 2 * mean["reference"], mean
+    # a reference-prompted writer never slips, so a trained line never says "not <wrong total>"
+    assert not any(", not " in trained_text(e) for e, k in zip(examples, kinds) if k == "reference")
+    assert any(", not " in trained_text(e) for e, k in zip(examples, kinds) if k == "instructed")
+    # switching traces: the verbose prefix is in the response but not in the loss
+    masked = [e for e in examples if 0 in e.loss_mask]
+    assert masked and all(kind != "plain" for e, kind in zip(examples, kinds) if 0 in e.loss_mask)
+    for e in masked:  # the prefix is one leading block (rarely the whole trace, when it never switched)
+        first_trained = e.loss_mask.index(1) if 1 in e.loss_mask else len(e.loss_mask)
+        assert 0 not in e.loss_mask[first_trained:]
+
+
+def test_collate_labels_only_trained_response_tokens(mix):
+    _, tokenizer, examples = mix
+    examples = examples[:4]
+    input_ids, attention, labels = collate(examples, tokenizer.pad_token_id)  # (B, T) each
+    for row, e in enumerate(examples):
+        expected = [t if m else -100 for t, m in zip(e.response_ids, e.loss_mask)]
+        start = len(e.prompt_ids)
+        assert labels[row, :start].eq(-100).all()
+        assert labels[row, start : start + len(e.response_ids)].tolist() == expected
+        assert attention[row].sum() == len(e.prompt_ids) + len(e.response_ids)
+
+
+def test_short_run_lowers_the_loss_and_saves_a_loadable_model(mix, tmp_path):
+    _, tokenizer, examples = mix
+    cfg = make_cfg(tmp_path / "run", max_steps=40)
+    batch = collate(examples[:16], tokenizer.pad_token_id)
+    torch.manual_seed(cfg.seed)
+    untrained, _ = build_model_and_tokenizer(cfg)
+    final = train_sft(cfg)
+    trained = load_model(str(final))
+    with torch.no_grad():
+        before, after = response_loss(untrained, *batch).item(), response_loss(trained, *batch).item()
+    assert after < 0.8 * before, (before, after)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+    assert (final / "crisp_config.yaml").is_file()
