@@ -26,7 +26,7 @@ from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.selfdistill import train_selfdistill
 from crisp.teacher import Teacher
 
-from test_selfdistill import _comparable, make_cfg, read_metrics
+from test_selfdistill import make_cfg, read_metrics
 
 LORA = LoraSpec(r=4, alpha=8)
 

@@ -28,7 +28,6 @@ from crisp import checkpoint, cli
 from crisp.config import validate
 from crisp.data import synthetic
 from crisp.grpo import train_grpo
-from crisp.loop import TrainingStopped
 from crisp.modeling import load_model, save_model
 from crisp.prompts import PromptBuilder
 from crisp.selfdistill import train_selfdistill
