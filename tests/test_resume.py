@@ -21,7 +21,6 @@ import torch
 import yaml
 
 import crisp
-import crisp.grpo as grpo
 import crisp.optim as optim
 import crisp.selfdistill as selfdistill
 from crisp import checkpoint, cli
