@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
-import torch
 from torch import Tensor
 
 __all__ = ["group_advantages", "length_capped_reward", "dynamic_sampling_mask"]
