@@ -9,12 +9,14 @@ and reports medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -158,3 +160,93 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}; torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------- crisp against a peer
+
+SIDES = ("crisp", "trl")
+
+
+def add_model_args(parser) -> None:
+    """The random model's shape, the repetitions and the worker plumbing both TRL benchmarks share."""
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--reps", type=int, default=3, help="runs per side, alternating")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", help=argparse.SUPPRESS)
+
+
+def serve_worker(args, workers: dict) -> bool:
+    """In a worker process (--worker SIDE): run that side on the saved batch, report, return True."""
+    if not args.worker:
+        return False
+    torch.set_num_threads(args.threads)
+    batch = json.loads(Path(args.batch).read_text())
+    with tempfile.TemporaryDirectory() as out:
+        report(workers[args.worker](args, batch, Path(out)))
+    return True
+
+
+def alternate_sides(script: str, args, make_batch, *, own_flags=(), extra_flags=lambda rep: []) -> tuple[dict, dict]:
+    """Build the random model and the batch once, then run each side `reps` times in fresh
+    processes, alternating the order. `own_flags`: option names the caller passes itself through
+    `extra_flags(rep)`. Returns (batch, runs per side)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        model_dir, words = build_model(scratch / "model", vocab=args.vocab, hidden=args.hidden,
+                                       layers=args.layers, heads=args.heads, intermediate=args.intermediate)
+        batch = make_batch(model_dir, words, args)
+        (scratch / "batch.json").write_text(json.dumps(batch))
+        skip = {"worker", "batch", *own_flags}
+        runs = {side: [] for side in SIDES}
+        for rep in range(args.reps):
+            for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
+                flags = ["--worker", side, "--batch", str(scratch / "batch.json")]
+                flags += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip and v is not None]
+                runs[side].append(run_worker(script, flags + extra_flags(rep), args.threads))
+                print(f"run {rep + 1}/{args.reps} {side}: step times "
+                      f"{', '.join(f'{t:.2f}' for t in runs[side][-1]['times'])} s", flush=True)
+    return batch, runs
+
+
+def side_figures(runs: dict) -> dict:
+    """Per side: median step time and CPU time over every timed step, median peak RSS and peak RSS
+    above the loaded model over the runs."""
+    return {side: {
+        "time": median([t for run in runs[side] for t in run["times"]]),
+        "cpu": median([t for run in runs[side] for t in run["cpu_times"]]),
+        "peak": median([run["peak_rss_mb"] for run in runs[side]]),
+        "extra": median([run["peak_rss_mb"] - run["loaded_rss_mb"] for run in runs[side]]),
+    } for side in SIDES}
+
+
+def ratio_rows(crisp: dict, trl: dict) -> list[list[str]]:
+    return [
+        ["time per step, median (s)", f"{crisp['time']:.3f}", f"{trl['time']:.3f}", f"{crisp['time'] / trl['time']:.2f}"],
+        ["CPU time per step, median (s)", f"{crisp['cpu']:.3f}", f"{trl['cpu']:.3f}", f"{crisp['cpu'] / trl['cpu']:.2f}"],
+        ["peak RSS during the timed steps (MiB)", f"{crisp['peak']:.0f}", f"{trl['peak']:.0f}",
+         f"{crisp['peak'] / trl['peak']:.2f}"],
+        ["peak RSS above the loaded model (MiB)", f"{crisp['extra']:.0f}", f"{trl['extra']:.0f}",
+         f"{crisp['extra'] / trl['extra']:.2f}"],
+    ]
+
+
+def print_ratios(runs: dict, crisp: dict, trl: dict) -> None:
+    """The run-by-run time ratios, a note where peaks include set-up, and the RESULT line."""
+    paired = [median(c["times"]) / median(t["times"]) for c, t in zip(runs["crisp"], runs["trl"])]
+    print(f"\ncrisp / TRL time, run by run (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}")
+    if not all(run["peak_reset"] for side in SIDES for run in runs[side]):
+        print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
+    print(f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "
+          f"cpu_ratio={crisp['cpu'] / trl['cpu']:.3f} extra_memory_ratio={crisp['extra'] / trl['extra']:.3f}")
+
+
+def trl_version() -> str:
+    from importlib.metadata import version
+
+    return version("trl")

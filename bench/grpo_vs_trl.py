@@ -31,16 +31,12 @@ Needs `pip install 'crisp[bench]'` (trl==1.16.0).
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import common
-
-SIDES = ("crisp", "trl")
 
 
 def parse_args(argv=None):
@@ -49,16 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--group-size", type=int, default=8, help="G rollouts per prompt")
     parser.add_argument("--prompt-len", type=int, default=64, help="words in each prompt")
     parser.add_argument("--response-len", type=int, default=256, help="tokens in each rollout")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
-    parser.add_argument("--reps", type=int, default=3, help="runs per side, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--batch", help=argparse.SUPPRESS)
+    common.add_model_args(parser)
     return parser.parse_args(argv)
 
 
@@ -206,71 +193,25 @@ def advantage_scale(rewards: list[float], group_size: int) -> float:
 
 def main() -> None:
     args = parse_args()
-    if args.worker:
-        torch.set_num_threads(args.threads)
-        batch = json.loads(Path(args.batch).read_text())
-        with tempfile.TemporaryDirectory() as out:
-            work = worker_crisp if args.worker == "crisp" else worker_trl
-            common.report(work(args, batch, Path(out)))
+    if common.serve_worker(args, {"crisp": worker_crisp, "trl": worker_trl}):
         return
-
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        model_dir, words = common.build_model(scratch / "model", vocab=args.vocab, hidden=args.hidden,
-                                              layers=args.layers, heads=args.heads, intermediate=args.intermediate)
-        batch = make_batch(model_dir, words, args)
-        (scratch / "batch.json").write_text(json.dumps(batch))
-        runs = {side: [] for side in SIDES}
-        for rep in range(args.reps):
-            for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
-                flags = ["--worker", side, "--batch", str(scratch / "batch.json")]
-                flags += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                          if k not in ("worker", "batch") and v is not None]
-                runs[side].append(common.run_worker(__file__, flags, args.threads))
-                print(f"run {rep + 1}/{args.reps} {side}: step times "
-                      f"{', '.join(f'{t:.2f}' for t in runs[side][-1]['times'])} s", flush=True)
-
-    figures = {}
-    for side in SIDES:
-        figures[side] = {
-            "time": common.median([t for run in runs[side] for t in run["times"]]),
-            "cpu": common.median([t for run in runs[side] for t in run["cpu_times"]]),
-            "peak": common.median([run["peak_rss_mb"] for run in runs[side]]),
-            "extra": common.median([run["peak_rss_mb"] - run["loaded_rss_mb"] for run in runs[side]]),
-        }
-    crisp, trl = figures["crisp"], figures["trl"]
+    batch, runs = common.alternate_sides(__file__, args, make_batch)
+    figures = common.side_figures(runs)
     scale = advantage_scale(batch["rewards"], args.group_size)
-    norms = {side: runs[side][0]["grad_norm"] for side in SIDES}
+    norms = {side: runs[side][0]["grad_norm"] for side in common.SIDES}
     prompt_tokens = len(batch["prompt_ids"][0])
 
-    print(f"\nGRPO (DAPO) step, crisp vs TRL {trl_version()} GRPOTrainer (fp32, {args.threads} thread(s))")
+    print(f"\nGRPO (DAPO) step, crisp vs TRL {common.trl_version()} GRPOTrainer (fp32, {args.threads} thread(s))")
     print(f"machine: {common.machine()}")
     print(f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
           f"batch: {args.prompts} prompt(s) of {prompt_tokens} tokens x G = {args.group_size} rollouts of "
           f"{args.response_len} tokens; {args.reps} runs x {args.steps} timed steps per side\n")
-    rows = [
-        ["time per step, median (s)", f"{crisp['time']:.3f}", f"{trl['time']:.3f}", f"{crisp['time'] / trl['time']:.2f}"],
-        ["CPU time per step, median (s)", f"{crisp['cpu']:.3f}", f"{trl['cpu']:.3f}", f"{crisp['cpu'] / trl['cpu']:.2f}"],
-        ["peak RSS during the timed steps (MiB)", f"{crisp['peak']:.0f}", f"{trl['peak']:.0f}",
-         f"{crisp['peak'] / trl['peak']:.2f}"],
-        ["peak RSS above the loaded model (MiB)", f"{crisp['extra']:.0f}", f"{trl['extra']:.0f}",
-         f"{crisp['extra'] / trl['extra']:.2f}"],
+    rows = common.ratio_rows(figures["crisp"], figures["trl"]) + [
         ["gradient norm at step 1 (TRL's x the advantage factor)", f"{norms['crisp']:.6g}",
          f"{norms['trl'] * scale:.6g}", ""],
     ]
     print(common.table(["", "crisp", "TRL", "crisp / TRL"], rows))
-    paired = [common.median(c["times"]) / common.median(t["times"]) for c, t in zip(runs["crisp"], runs["trl"])]
-    print(f"\ncrisp / TRL time, run by run (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}")
-    if not all(run["peak_reset"] for side in SIDES for run in runs[side]):
-        print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
-    print(f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "
-          f"cpu_ratio={crisp['cpu'] / trl['cpu']:.3f} extra_memory_ratio={crisp['extra'] / trl['extra']:.3f}")
-
-
-def trl_version() -> str:
-    from importlib.metadata import version
-
-    return version("trl")
+    common.print_ratios(runs, figures["crisp"], figures["trl"])
 
 
 if __name__ == "__main__":

@@ -32,16 +32,12 @@ Needs `pip install 'crisp[bench]'` (trl==1.16.0).
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import common
-
-SIDES = ("crisp", "trl")
 
 
 def parse_args(argv=None):
@@ -50,20 +46,11 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-len", type=int, default=64, help="words in each prompt")
     parser.add_argument("--context-len", type=int, default=32, help="extra words in each teacher prompt")
     parser.add_argument("--response-len", type=int, default=256, help="tokens in each rollout")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=768)
     parser.add_argument("--chunk-size", type=int, default=128, help="crisp's loss.chunk_size")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
-    parser.add_argument("--reps", type=int, default=3, help="runs per side, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in every run")
     parser.add_argument("--no-generation", action="store_true", help="skip timing HF generate for the batch")
     parser.add_argument("--trl-bf16", action="store_true",
                         help="leave TRL on its CPU default, bf16 autocast (crisp stays fp32): not the same arithmetic")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--batch", help=argparse.SUPPRESS)
+    common.add_model_args(parser)
     return parser.parse_args(argv)
 
 
@@ -214,67 +201,29 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    if args.worker:
-        torch.set_num_threads(args.threads)
-        args.generate = not args.no_generation
-        batch = json.loads(Path(args.batch).read_text())
-        with tempfile.TemporaryDirectory() as out:
-            work = worker_crisp if args.worker == "crisp" else worker_trl
-            common.report(work(args, batch, Path(out)))
+    args.generate = not args.no_generation
+    if common.serve_worker(args, {"crisp": worker_crisp, "trl": worker_trl}):
         return
 
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        model_dir, words = common.build_model(scratch / "model", vocab=args.vocab, hidden=args.hidden,
-                                              layers=args.layers, heads=args.heads, intermediate=args.intermediate)
-        batch = make_batch(model_dir, words, args)
-        (scratch / "batch.json").write_text(json.dumps(batch))
-        runs = {side: [] for side in SIDES}
-        for rep in range(args.reps):
-            for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
-                flags = ["--worker", side, "--batch", str(scratch / "batch.json")]
-                flags += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                          if k not in ("worker", "batch", "no_generation", "trl_bf16") and v is not None]
-                if args.no_generation or rep > 0:
-                    flags.append("--no-generation")
-                if args.trl_bf16:
-                    flags.append("--trl-bf16")
-                runs[side].append(common.run_worker(__file__, flags, args.threads))
-                print(f"run {rep + 1}/{args.reps} {side}: step times "
-                      f"{', '.join(f'{t:.2f}' for t in runs[side][-1]['times'])} s", flush=True)
+    def extra_flags(rep: int) -> list[str]:  # generation is timed once, in the first pair of runs
+        return (["--no-generation"] if args.no_generation or rep > 0 else []) + (["--trl-bf16"] if args.trl_bf16 else [])
 
-    def pooled(side, key):
-        return common.median([value for run in runs[side] for value in run[key]])
-
-    def per_run(side, key):
-        return common.median([run[key] for run in runs[side]])
-
-    figures = {}
-    for side in SIDES:
-        figures[side] = {
-            "time": pooled(side, "times"),
-            "cpu": pooled(side, "cpu_times"),
-            "peak": per_run(side, "peak_rss_mb"),
-            "extra": common.median([run["peak_rss_mb"] - run["loaded_rss_mb"] for run in runs[side]]),
-        }
-    crisp, trl = figures["crisp"], figures["trl"]
-    first = {side: runs[side][0] for side in SIDES}
+    batch, runs = common.alternate_sides(__file__, args, make_batch, own_flags=("no_generation", "trl_bf16", "generate"),
+                                         extra_flags=extra_flags)
+    figures = common.side_figures(runs)
+    crisp = figures["crisp"]
+    first = {side: runs[side][0] for side in common.SIDES}
     prompt_tokens = sum(map(len, batch["student_ids"])) / args.rollouts
     teacher_tokens = sum(map(len, batch["teacher_ids"])) / args.rollouts
 
     precision = "crisp fp32, TRL bf16 autocast" if args.trl_bf16 else "fp32"
-    print(f"\nSelf-distillation step, crisp vs TRL {trl_version()} SDFTTrainer ({precision}, {args.threads} thread(s))")
+    print(f"\nSelf-distillation step, crisp vs TRL {common.trl_version()} SDFTTrainer ({precision}, "
+          f"{args.threads} thread(s))")
     print(f"machine: {common.machine()}")
     print(f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
           f"batch: {args.rollouts} rollouts x {args.response_len} tokens, prompts {prompt_tokens:.0f} tokens, "
           f"teacher prompts {teacher_tokens:.0f} tokens; {args.reps} runs x {args.steps} timed steps per side\n")
-    rows = [
-        ["time per step, median (s)", f"{crisp['time']:.3f}", f"{trl['time']:.3f}", f"{crisp['time'] / trl['time']:.2f}"],
-        ["CPU time per step, median (s)", f"{crisp['cpu']:.3f}", f"{trl['cpu']:.3f}", f"{crisp['cpu'] / trl['cpu']:.2f}"],
-        ["peak RSS during the timed steps (MiB)", f"{crisp['peak']:.0f}", f"{trl['peak']:.0f}",
-         f"{crisp['peak'] / trl['peak']:.2f}"],
-        ["peak RSS above the loaded model (MiB)", f"{crisp['extra']:.0f}", f"{trl['extra']:.0f}",
-         f"{crisp['extra'] / trl['extra']:.2f}"],
+    rows = common.ratio_rows(crisp, figures["trl"]) + [
         ["loss at step 1 / step 2", " / ".join(f"{x:.6g}" for x in first["crisp"]["losses"][:2]),
          " / ".join(f"{x:.6g}" for x in first["trl"]["losses"][:2]), ""],
         ["gradient norm at step 1", f"{first['crisp']['grad_norm']:.6g}", f"{first['trl']['grad_norm']:.6g}", ""],
@@ -285,18 +234,7 @@ def main() -> None:
         print(f"\nGenerating this batch with HF generate (not in the timed step): {generation:.2f} s for "
               f"{first['crisp']['generated_tokens']} tokens; with it a crisp step would be "
               f"{generation + crisp['time']:.2f} s, {100 * generation / (generation + crisp['time']):.0f}% generating.")
-    paired = [common.median(c["times"]) / common.median(t["times"]) for c, t in zip(runs["crisp"], runs["trl"])]
-    print(f"\ncrisp / TRL time, run by run (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}")
-    if not all(run["peak_reset"] for side in SIDES for run in runs[side]):
-        print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
-    print(f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "
-          f"cpu_ratio={crisp['cpu'] / trl['cpu']:.3f} extra_memory_ratio={crisp['extra'] / trl['extra']:.3f}")
-
-
-def trl_version() -> str:
-    from importlib.metadata import version
-
-    return version("trl")
+    common.print_ratios(runs, crisp, figures["trl"])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import yaml
 
 import crisp
 import crisp.grpo
+import crisp.loop
 import crisp.selfdistill
 from crisp import checkpoint, cli
 from crisp.config import validate
@@ -37,9 +38,9 @@ def no_model_loading(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    for module in (crisp.selfdistill, crisp.grpo):
-        monkeypatch.setattr(module, "load_tokenizer", boom)
-        monkeypatch.setattr(module, "load_model", boom)
+    # both loops load their model through crisp.loop.trainable_model
+    monkeypatch.setattr(crisp.loop, "load_tokenizer", boom)
+    monkeypatch.setattr(crisp.loop, "load_model", boom)
 
 
 def cli_error(tmp_path: Path, data: dict, capsys) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import crisp.grpo as grpo
 import crisp.optim as optim
-from crisp.config import ConfigError, GRPOConfig, dump_config, load_config, validate
+from crisp.config import ConfigError, GRPOConfig, dump_config, load_config, set_path, validate
 from crisp.data import synthetic
 from crisp.grpo import token_logprobs, train_grpo
 from crisp.modeling import load_model
@@ -42,11 +42,7 @@ def make_cfg(model_dir, out, **overrides) -> GRPOConfig:
         "log_every": 1,
     }
     for key, value in overrides.items():
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_path(data, key.split("."), value)
     return validate(data)
 
 
@@ -172,17 +168,22 @@ def test_first_pass_ratio_is_one(tiny_model_dir, tmp_path, alternating_rewards, 
     assert any(not torch.allclose(c["logprobs"], c["old"]) for c in second)
 
 
-@pytest.mark.parametrize("aggregation", ["token", "sequence"])
-def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, monkeypatch, alternating_rewards,
-                                                    aggregation):
-    grads = []
+@pytest.fixture()
+def grads(monkeypatch) -> list[dict]:
+    """The parameter gradients at every optimizer step, recorded just before clipping."""
+    recorded = []
     real = optim.clip_and_check
 
     def recording(model, max_norm):
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        recorded.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         return real(model, max_norm)
 
     monkeypatch.setattr(optim, "clip_and_check", recording)
+    return recorded
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, alternating_rewards, grads, aggregation):
     for size in (1, 8):
         train_grpo(make_cfg(tiny_model_dir, tmp_path / f"micro{size}", max_steps=1, micro_batch_size=size,
                             aggregation=aggregation))
@@ -193,20 +194,12 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, mo
 
 
 def test_zero_advantage_rollouts_are_skipped_without_changing_the_gradient(
-    tiny_model_dir, tmp_path, monkeypatch, surrogate_calls
+    tiny_model_dir, tmp_path, monkeypatch, surrogate_calls, grads
 ):
     """Group 0's rewards all agree (zero advantages). Without a KL term its rollouts are left out of
     the update; with kl_coef > 0 every rollout goes through, but at the first step the reference is
     the policy and the k3 term has a zero gradient, so both gradients must agree."""
     monkeypatch.setattr(grpo, "capped_rewards", lambda batch, rollouts, *a, **k: [1.0] * 4 + [1.0, 0.0] * 2)
-    grads = []
-    real = optim.clip_and_check
-
-    def recording(model, max_norm):
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return real(model, max_norm)
-
-    monkeypatch.setattr(optim, "clip_and_check", recording)
     for kl_coef in (0.0, 1.0):
         train_grpo(make_cfg(tiny_model_dir, tmp_path / f"kl{kl_coef}", max_steps=1, kl_coef=kl_coef))
     rows = [int(call["mask"].shape[0]) for call in surrogate_calls]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import crisp.selfdistill as selfdistill
-from crisp.config import ConfigError, LossConfig, SelfDistillConfig
+from crisp.config import ConfigError, LossConfig, SelfDistillConfig, set_path
 from crisp.data import synthetic
 from crisp.losses import per_token_divergence
 from crisp.modeling import load_model
@@ -358,11 +358,7 @@ def make_cfg(model_dir, out, **overrides) -> SelfDistillConfig:
         "log_every": 1,
     }
     for key, value in overrides.items():
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_path(data, key.split("."), value)
     return SelfDistillConfig.model_validate(data)
 
 

@@ -322,18 +322,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
 
 
+def set_path(data: dict, path: list[str], value) -> None:
+    """data[path[0]][path[1]]... = value, creating missing sections."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_path(data, *parse_override(item))
     return data
 
 

@@ -171,8 +171,7 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines:
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model.to(accelerator.device)
-    builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
-                            enable_thinking=cfg.prompt.enable_thinking)
+    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     summaries = {}
     for name, benchmark in problems.items():
         with autocast(cfg.mixed_precision, accelerator.device):

@@ -32,16 +32,16 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from crisp.config import GRPOConfig, dump_config
+from crisp.config import GRPOConfig
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
-from crisp.distributed import (gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum, save_final,
+from crisp.distributed import (gather, grad_sync, micro_batches, prepare, reduce_sum, save_final,
                                shard)
 from crisp.evaluate import default_grader, score_rollouts
 from crisp.grading import get_grader, grade
-from crisp.loop import ProblemStream, TrainingRun, training_problems
+from crisp.loop import ProblemStream, TrainingRun, open_run, trainable_model, training_problems
 from crisp.losses import clipped_surrogate_loss
-from crisp.modeling import load_model, load_tokenizer, output_head, prepare_for_training, response_hidden
+from crisp.modeling import output_head, response_hidden
 from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder
 from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
@@ -164,21 +164,11 @@ def loss_normaliser(cfg: GRPOConfig, num_tokens: int) -> float | None:
 
 
 def train_grpo(cfg: GRPOConfig) -> Path:
-    accelerator = make_accelerator(cfg.mixed_precision)
+    accelerator, out = open_run(cfg)
     main = accelerator.is_main_process  # only rank 0 writes files
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        dump_config(cfg, out / "config.yaml")
     problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    policy = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    policy = prepare_for_training(policy, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
-    policy.train()
+    policy, tokenizer = trainable_model(cfg)
     # The initial weights, frozen (taken before a resume loads later weights); with LoRA, the adapters off.
     reference = Teacher(policy, update="frozen") if cfg.kl_coef else None
     if reference:
@@ -186,8 +176,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
     # model: the wrapped policy, which every forward pass of the policy goes through (DDP/FSDP)
     model, optimizer = prepare(accelerator, policy, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
-    builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
-                            enable_thinking=cfg.prompt.enable_thinking)
+    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     grader = default_grader(problems)
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
     stream = ProblemStream(problems, cfg.seed)

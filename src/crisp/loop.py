@@ -27,14 +27,41 @@ from crisp import checkpoint
 from crisp.data import synthetic
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
-from crisp.distributed import autocast, load_rng, save_checkpoint
+from accelerate import Accelerator
+
+from crisp.config import dump_config
+from crisp.distributed import autocast, load_rng, make_accelerator, save_checkpoint
 from crisp.evaluate import evaluate
 from crisp.metrics import MetricsLog, Timer
-from crisp.modeling import load_weights
+from crisp.modeling import load_model, load_tokenizer, load_weights, prepare_for_training
 
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many consecutive non-finite steps); the message says what to do."""
+
+
+def open_run(cfg) -> tuple[Accelerator, Path]:
+    """How every training loop starts: the process's accelerator, the run directory holding the
+    resolved config (rank 0 writes it), torch's thread count and seed."""
+    accelerator = make_accelerator(cfg.mixed_precision)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        dump_config(cfg, out / "config.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    return accelerator, out
+
+
+def trainable_model(cfg):
+    """The model at `model.path` and its tokenizer, with LoRA and gradient checkpointing as
+    configured, in training mode."""
+    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
+    model.train()
+    return model, tokenizer
 
 
 def training_problems(cfg) -> list[Problem]:

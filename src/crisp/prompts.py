@@ -67,6 +67,11 @@ class PromptBuilder:
     system: str | None = None
     enable_thinking: bool | None = None
 
+    @classmethod
+    def from_config(cls, tokenizer, prompt) -> "PromptBuilder":
+        """The builder a run's `prompt:` config section describes."""
+        return cls(tokenizer, template=prompt.template, system=prompt.system, enable_thinking=prompt.enable_thinking)
+
     def student_text(self, problem: Problem) -> str:
         template = STUDENT_TEMPLATES.get(self.template, self.template)
         if "{question}" not in template:

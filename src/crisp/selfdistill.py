@@ -24,15 +24,15 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from crisp.config import SelfDistillConfig, dump_config
+from crisp.config import SelfDistillConfig
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
-from crisp.distributed import (gather, grad_sync, make_accelerator, micro_batches, prepare, reduce_sum, save_final,
+from crisp.distributed import (gather, grad_sync, micro_batches, prepare, reduce_sum, save_final,
                                shard)
 from crisp.evaluate import default_grader, score_rollouts
 from crisp.losses import divergence_sum
-from crisp.loop import ProblemStream, TrainingRun, training_problems
-from crisp.modeling import load_model, load_tokenizer, output_head, prepare_for_training, response_hidden
+from crisp.loop import ProblemStream, TrainingRun, open_run, trainable_model, training_problems
+from crisp.modeling import output_head, response_hidden
 from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
@@ -117,29 +117,18 @@ def distill_backward(model, teacher: Teacher, rollouts: Sequence[Rollout], teach
 
 
 def train_selfdistill(cfg: SelfDistillConfig) -> Path:
-    accelerator = make_accelerator(cfg.mixed_precision)
+    accelerator, out = open_run(cfg)
     main = accelerator.is_main_process  # only rank 0 writes files
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        dump_config(cfg, out / "config.yaml")
     problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    student = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    student = prepare_for_training(student, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
-    student.train()
+    student, tokenizer = trainable_model(cfg)
     teacher = Teacher(student, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every,
                       ema_decay=cfg.teacher.ema_decay)
     teacher.model.to(accelerator.device)
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
     # model: the wrapped student, which every forward pass of the student goes through (DDP/FSDP)
     model, optimizer = prepare(accelerator, student, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
-    builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
-                            enable_thinking=cfg.prompt.enable_thinking)
+    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
     grader = default_grader(problems)
     generator = HFGenerator(student, tokenizer)

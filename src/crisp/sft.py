@@ -24,8 +24,9 @@ from crisp import checkpoint
 from crisp.config import SFTConfig, dump_config
 from crisp.data import synthetic
 from crisp.data.loaders import load_problems
-from crisp.distributed import (autocast, load_rng, make_accelerator, prepare, reduce_sum, save_checkpoint, save_final,
+from crisp.distributed import (autocast, load_rng, prepare, reduce_sum, save_checkpoint, save_final,
                                shard)
+from crisp.loop import open_run
 from crisp.metrics import MetricsLog, Timer
 from crisp.modeling import (build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, load_weights,
                             prepare_for_training)
@@ -153,19 +154,11 @@ def build_model_and_tokenizer(cfg: SFTConfig):
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT; returns the directory of the final model (output_dir/model)."""
-    accelerator = make_accelerator(cfg.mixed_precision)
+    accelerator, out = open_run(cfg)
     main = accelerator.is_main_process  # only rank 0 writes files
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        dump_config(cfg, out / "config.yaml")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     model, tokenizer = build_model_and_tokenizer(cfg)
     model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
-    builder = PromptBuilder(tokenizer, template=cfg.prompt.template, system=cfg.prompt.system,
-                            enable_thinking=cfg.prompt.enable_thinking)
+    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     examples = synthetic_examples(cfg, builder) if cfg.data.source == "synthetic" else solution_examples(cfg, builder)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps)
     wrapped, optimizer = prepare(accelerator, model, optimizer,  # forwards go through the wrapper (DDP)
