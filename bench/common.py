@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -160,6 +161,44 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}; torch {torch.__version__}"
+
+
+class StepTimer:
+    """Wall and CPU time of each training step, into `result`. Step 1 is the untimed warm-up (where
+    both sides' numbers are compared); after it the RSS high-water mark is reset, so the peak that
+    finish() records covers the timed steps."""
+
+    def __init__(self, result: dict):
+        self.result = result
+        result.update(loaded_rss_mb=rss_mb(), times=[], cpu_times=[])
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self, step: int) -> None:
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        if step == 1:
+            self.result["base_rss_mb"] = rss_mb()
+            self.result["peak_reset"] = reset_peak()
+        else:
+            self.result["times"].append(wall)
+            self.result["cpu_times"].append(cpu)
+
+    def finish(self) -> dict:
+        self.result["peak_rss_mb"] = peak_rss_mb()
+        return self.result
+
+
+def record_first_grad_norm(trainer, result: dict) -> None:
+    """Wrap a TRL trainer's gradient clipping so that result["grad_norm"] holds the first norm."""
+    clip = trainer._clip_grad_norm
+
+    def recording_clip(model):
+        norm = clip(model)
+        result.setdefault("grad_norm", float(norm))
+        return norm
+
+    trainer._clip_grad_norm = recording_clip
 
 
 # ----------------------------------------------------------------------------- crisp against a peer

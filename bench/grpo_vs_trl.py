@@ -31,7 +31,6 @@ Needs `pip install 'crisp[bench]'` (trl==1.16.0).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -92,10 +91,10 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
     optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps)
     rollouts = [Rollout(i // args.group_size, tuple(p), tuple(r), "", "length")
                 for i, (p, r) in enumerate(zip(batch["prompt_ids"], batch["responses"]))]
-    result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": [], "losses": []}
-
+    result = {"losses": []}
+    timer = common.StepTimer(result)
     for step in range(1, cfg.max_steps + 1):
-        wall, cpu = time.perf_counter(), time.process_time()
+        timer.start()
         advantages = group_advantages(torch.tensor(batch["rewards"]), cfg.group_size, scale_by_std=cfg.scale_by_std)
         if not advantages.ne(0).all():
             raise AssertionError("every rollout must carry signal, or crisp would skip some")
@@ -104,17 +103,11 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
                                      normaliser=normaliser, num_train=len(rollouts))
         grad_norm, _ = step_if_finite(policy, optimizer, loss, cfg.optim.grad_clip)
         scheduler.step()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        timer.stop(step)
         result["losses"].append(loss)
         if step == 1:
             result["grad_norm"] = grad_norm
-            result["base_rss_mb"] = common.rss_mb()
-            result["peak_reset"] = common.reset_peak()
-        else:
-            result["times"].append(wall)
-            result["cpu_times"].append(cpu)
-    result["peak_rss_mb"] = common.peak_rss_mb()
-    return result
+    return timer.finish()
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -150,33 +143,20 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
     )
     trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer,
                             reward_funcs=reward)
-    result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": []}
-    clip = trainer._clip_grad_norm
-
-    def recording_clip(model):
-        norm = clip(model)
-        result.setdefault("grad_norm", float(norm))
-        return norm
-
-    trainer._clip_grad_norm = recording_clip
+    result = {}
+    timer = common.StepTimer(result)
+    common.record_first_grad_norm(trainer, result)
 
     class Timing(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
-            self.wall, self.cpu = time.perf_counter(), time.process_time()
+            timer.start()
 
         def on_step_end(self, args_, state, control, **kwargs):
-            wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-            if state.global_step == 1:
-                result["base_rss_mb"] = common.rss_mb()
-                result["peak_reset"] = common.reset_peak()
-            else:
-                result["times"].append(wall)
-                result["cpu_times"].append(cpu)
+            timer.stop(state.global_step)
 
     trainer.add_callback(Timing())
     trainer.train()
-    result["peak_rss_mb"] = common.peak_rss_mb()
-    return result
+    return timer.finish()
 
 
 # ----------------------------------------------------------------------------- parent

@@ -101,24 +101,19 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
     rollouts = [Rollout(i, tuple(p), tuple(r), "", "length")
                 for i, (p, r) in enumerate(zip(batch["student_ids"], batch["responses"]))]
-    result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": [], "losses": []}
-
+    result = {"losses": []}
+    timer = common.StepTimer(result)
     for step in range(1, cfg.max_steps + 1):
-        wall, cpu = time.perf_counter(), time.process_time()
+        timer.start()
         loss = distill_backward(student, teacher, rollouts, batch["teacher_ids"], cfg, tokenizer.pad_token_id)
         grad_norm, _ = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
         scheduler.step()
         teacher.after_step(step, student)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        timer.stop(step)
         result["losses"].append(loss)
         if step == 1:
             result["grad_norm"] = grad_norm
-            result["base_rss_mb"] = common.rss_mb()
-            result["peak_reset"] = common.reset_peak()
-        else:
-            result["times"].append(wall)
-            result["cpu_times"].append(cpu)
-    result["peak_rss_mb"] = common.peak_rss_mb()
+    timer.finish()
 
     if args.generate:  # what generating these rollouts would cost (HF generate, crisp's backend)
         generator = HFGenerator(student, tokenizer, batch_size=args.rollouts)
@@ -160,22 +155,16 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
         disable_tqdm=True,
     )
     trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer)
-    result = {"loaded_rss_mb": common.rss_mb(), "times": [], "cpu_times": [], "losses": []}
-    clip = trainer._clip_grad_norm
-
-    def recording_clip(model):
-        norm = clip(model)
-        result.setdefault("grad_norm", float(norm))
-        return norm
-
-    trainer._clip_grad_norm = recording_clip
+    result = {"losses": []}
+    timer = common.StepTimer(result)
+    common.record_first_grad_norm(trainer, result)
 
     class Timing(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
-            self.wall, self.cpu = time.perf_counter(), time.process_time()
+            timer.start()
 
         def on_step_end(self, args_, state, control, **kwargs):
-            wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+            timer.stop(state.global_step)
             result["losses"].append(trainer._metrics["train"]["self_distillation/distillation_loss"][-1])
             if state.global_step == 1:
                 teacher_rows = trainer._buffered_inputs[0]
@@ -184,16 +173,10 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
                                                      responses):
                     if ids[mask.bool()].tolist() != want + response:
                         raise AssertionError("TRL's teacher input differs from crisp's: not the same batch")
-                result["base_rss_mb"] = common.rss_mb()
-                result["peak_reset"] = common.reset_peak()
-            else:
-                result["times"].append(wall)
-                result["cpu_times"].append(cpu)
 
     trainer.add_callback(Timing())  # after TRL's teacher-sync callback, so the sync is inside the timed step
     trainer.train()
-    result["peak_rss_mb"] = common.peak_rss_mb()
-    return result
+    return timer.finish()
 
 
 # ----------------------------------------------------------------------------- parent
