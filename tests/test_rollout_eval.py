@@ -233,6 +233,15 @@ def test_summarize_by_hand():
     assert two["truncation_rate"] == 0
 
 
+def test_summarize_step_figures_only_where_steps_were_audited():
+    audited = [dict(_record("a", "1", True, 10), steps=2, operands_right=2, results_right=1),
+               dict(_record("b", "2", False, 20), steps=3, operands_right=1, results_right=3)]
+    s = summarize(audited)
+    assert s["operand_accuracy"] == pytest.approx(3 / 5) and s["result_accuracy"] == pytest.approx(4 / 5)
+    assert s["by_difficulty"]["2"]["operand_accuracy"] == pytest.approx(1 / 3)
+    assert "operand_accuracy" not in summarize(RECORDS)
+
+
 def test_summarize_no_correct_and_level_order():
     records = [_record("x", "10", False, 4), _record("y", "2", False, 6), _record("z", None, False, 8)]
     s = summarize(records)
@@ -307,6 +316,10 @@ def test_cli_eval_synthetic(tiny_model_dir, tmp_path, capsys):
     assert summary["mean_tokens"] == pytest.approx(statistics.fmean(s["tokens"] for s in samples))
     assert all(1 <= s["tokens"] <= 12 for s in samples)
     assert summary["num_problems"] == limit
+    assert all({"steps", "operands_right", "results_right"} <= s.keys() for s in samples)  # synthetic: audited
+    steps = sum(s["steps"] for s in samples)
+    if steps:  # an untrained model may write no step line at all
+        assert summary["operand_accuracy"] == pytest.approx(sum(s["operands_right"] for s in samples) / steps)
     assert "summary.json" in capsys.readouterr().out
 
 

@@ -271,3 +271,30 @@ def test_reference_solution_has_no_checks_and_the_right_answer():
         seen = check_trace(chain.question(), solution)
         assert seen["slips"] == seen["checks"] == 0
         assert synthetic.to_problem(chain, 0, "x").solution == solution
+
+
+def test_audit_steps_counts_lookup_and_arithmetic_apart():
+    chain = synthetic.Chain(5, (3, -4, 6))  # totals 5 8 4 10
+    question = chain.question()
+    clean = synthetic.reference_solution(chain)
+    assert synthetic.audit_steps(question, clean) == {"steps": 3, "operands_right": 3, "results_right": 3}
+    # a slip on step 3, fixed by a check: the step line's result is still counted wrong
+    slipped = clean.replace("Third + 6: 4 + 6 = 10.", "Third + 6: 4 + 6 = 11.\nCheck: 4 + 6 = 10, not 11.")
+    assert synthetic.audit_steps(question, slipped) == {"steps": 3, "operands_right": 3, "results_right": 2}
+    # the operand of another line, computed right: lookup wrong, arithmetic right
+    misread = clean.replace("Second - 4: 8 - 4 = 4.", "Second + 3: 8 + 3 = 11.")
+    assert synthetic.audit_steps(question, misread) == {"steps": 3, "operands_right": 2, "results_right": 3}
+    # a step the question does not have counts as a wrong operand; non-step lines are ignored
+    extra = clean.replace("Answer: 10", "Fourth + 1: 10 + 1 = 11.\nSo the final total is 11.\nAnswer: 11")
+    assert synthetic.audit_steps(question, extra) == {"steps": 4, "operands_right": 3, "results_right": 4}
+    assert synthetic.audit_steps(question, "Answer: 10") == {"steps": 0, "operands_right": 0, "results_right": 0}
+
+
+def test_audit_steps_on_sampled_traces_sees_exactly_the_slips():
+    rng = random.Random(5)
+    for _ in range(200):
+        chain = synthetic.sample_chain(rng, rng.choice(LEVELS))
+        text = synthetic.trace_text(synthetic.sample_trace(rng, chain, VERBOSE, slip=0.5))
+        audit = synthetic.audit_steps(chain.question(), text)
+        assert audit["steps"] == audit["operands_right"] == chain.level
+        assert chain.level - audit["results_right"] == check_trace(chain.question(), text)["slips"]

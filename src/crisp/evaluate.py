@@ -15,6 +15,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from crisp.config import EvalRunConfig, SamplingConfig
+from crisp.data import synthetic
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
 from crisp.distributed import autocast, gather, make_accelerator, shard
@@ -48,11 +49,14 @@ def score_rollouts(problems: Sequence[Problem], rollouts: Sequence[Rollout], gra
                 "timed_out": result.timed_out,
             }
         )
+        if problem.source == "synthetic":
+            records[-1].update(synthetic.audit_steps(problem.question, rollout.text))
     return records
 
 
 def summarize(records: Sequence[dict]) -> dict:
-    """accuracy (avg@k), pass@k, mean tokens (all / correct only), truncation rate; also per level."""
+    """accuracy (avg@k), pass@k, mean tokens (all / correct only), truncation rate, on the synthetic task
+    the step-line figures of `_step_figures`; also per level."""
 
     def figures(rows: Sequence[dict]) -> dict:
         by_problem: dict[str, list[bool]] = defaultdict(list)
@@ -68,6 +72,7 @@ def summarize(records: Sequence[dict]) -> dict:
             "accuracy_std_over_samples": _std_over_sample_index(rows),
             "num_problems": len(by_problem),
             "num_samples": len(rows),
+            **_step_figures(rows),
         }
 
     summary = figures(records)
@@ -76,6 +81,15 @@ def summarize(records: Sequence[dict]) -> dict:
         level: figures([r for r in records if r["difficulty"] == level]) for level in levels
     }
     return summary
+
+
+def _step_figures(rows: Sequence[dict]) -> dict:
+    """On the synthetic task: the share of step lines with the right operand and the right result."""
+    steps = sum(r.get("steps", 0) for r in rows)
+    if not rows or "steps" not in rows[0] or not steps:
+        return {}
+    return {"operand_accuracy": sum(r["operands_right"] for r in rows) / steps,
+            "result_accuracy": sum(r["results_right"] for r in rows) / steps}
 
 
 def _std_over_sample_index(rows: Sequence[dict]) -> float:

@@ -21,6 +21,7 @@ seen every kind of prefix and its next-line distribution is meaningful wherever 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from crisp.data.problems import Problem
@@ -205,6 +206,31 @@ def parse_question(question: str) -> Chain:
     start = int(lines[0].removeprefix("Start with ").rstrip("."))
     ops = [int(line.split()[1] + line.split()[2]) for line in lines[1:] if line.split()[0] in ORDINALS]
     return Chain(start, tuple(ops))
+
+
+STEP_LINE = re.compile(r"^(First|Second|Third|Fourth) ([+-] \d+): (\d+) ([+-] \d+) = (\d+)\.")
+
+
+def audit_steps(question: str, response: str) -> dict[str, int]:
+    """The step lines of a response, checked against the question, for telling failure kinds apart.
+
+    `operands_right`: step lines that apply the question's operation for their ordinal (the lookup
+    a small model learns last); `results_right`: step lines whose stated result is their own two
+    numbers' sum or difference (the arithmetic; a slip counts as wrong, even when a check fixes it).
+    """
+    chain = parse_question(question)
+    audit = {"steps": 0, "operands_right": 0, "results_right": 0}
+    for line in response.splitlines():
+        match = STEP_LINE.match(line)
+        if not match:
+            continue
+        ordinal, _quoted, a, x, stated = match.groups()
+        index = ORDINALS.index(ordinal)
+        x = int(x.replace(" ", ""))
+        audit["steps"] += 1
+        audit["operands_right"] += index < chain.level and x == chain.operands[index]
+        audit["results_right"] += int(stated) == int(a) + x
+    return audit
 
 
 def trace_text(lines: list[TraceLine]) -> str:
