@@ -288,6 +288,7 @@ def test_audit_steps_counts_lookup_and_arithmetic_apart():
     extra = clean.replace("Answer: 10", "Fourth + 1: 10 + 1 = 11.\nSo the final total is 11.\nAnswer: 11")
     assert synthetic.audit_steps(question, extra) == {"steps": 4, "operands_right": 3, "results_right": 4}
     assert synthetic.audit_steps(question, "Answer: 10") == {"steps": 0, "operands_right": 0, "results_right": 0}
+    assert synthetic.audit_steps("What is 2 + 2?", clean) == {}  # not this task's question
 
 
 def test_audit_steps_on_sampled_traces_sees_exactly_the_slips():

@@ -86,10 +86,10 @@ def summarize(records: Sequence[dict]) -> dict:
 def _step_figures(rows: Sequence[dict]) -> dict:
     """On the synthetic task: the share of step lines with the right operand and the right result."""
     steps = sum(r.get("steps", 0) for r in rows)
-    if not rows or "steps" not in rows[0] or not steps:
+    if not steps:
         return {}
-    return {"operand_accuracy": sum(r["operands_right"] for r in rows) / steps,
-            "result_accuracy": sum(r["results_right"] for r in rows) / steps}
+    return {"operand_accuracy": sum(r.get("operands_right", 0) for r in rows) / steps,
+            "result_accuracy": sum(r.get("results_right", 0) for r in rows) / steps}
 
 
 def _std_over_sample_index(rows: Sequence[dict]) -> float:

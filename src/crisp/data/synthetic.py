@@ -217,8 +217,12 @@ def audit_steps(question: str, response: str) -> dict[str, int]:
     `operands_right`: step lines that apply the question's operation for their ordinal (the lookup
     a small model learns last); `results_right`: step lines whose stated result is their own two
     numbers' sum or difference (the arithmetic; a slip counts as wrong, even when a check fixes it).
+    Empty when the question is not one of this task's (a file may call its source "synthetic").
     """
-    chain = parse_question(question)
+    try:
+        chain = parse_question(question)
+    except (ValueError, IndexError):
+        return {}
     audit = {"steps": 0, "operands_right": 0, "results_right": 0}
     for line in response.splitlines():
         match = STEP_LINE.match(line)
