@@ -189,8 +189,14 @@ class StepTimer:
         return self.result
 
 
-def record_first_grad_norm(trainer, result: dict) -> None:
-    """Wrap a TRL trainer's gradient clipping so that result["grad_norm"] holds the first norm."""
+def train_trl_timed(trainer, result: dict, after_step=lambda step: None) -> dict:
+    """Train a TRL trainer, timing each optimizer step from on_step_begin to on_step_end into `result`
+    (StepTimer), with result["grad_norm"] the first clipped norm; `after_step(step)` runs after each
+    step's timer stops. The timing callback is added last, after the trainer's own callbacks (e.g. a
+    teacher sync), so their work is inside the timed step."""
+    from transformers import TrainerCallback
+
+    timer = StepTimer(result)
     clip = trainer._clip_grad_norm
 
     def recording_clip(model):
@@ -199,6 +205,18 @@ def record_first_grad_norm(trainer, result: dict) -> None:
         return norm
 
     trainer._clip_grad_norm = recording_clip
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, args_, state, control, **kwargs):
+            timer.start()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            timer.stop(state.global_step)
+            after_step(state.global_step)
+
+    trainer.add_callback(Timing())
+    trainer.train()
+    return timer.finish()
 
 
 # ----------------------------------------------------------------------------- crisp against a peer

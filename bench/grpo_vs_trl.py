@@ -115,7 +115,7 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
 
 def worker_trl(args, batch: dict, out: Path) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     class FixedRollouts(GRPOTrainer):
@@ -143,20 +143,7 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
     )
     trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer,
                             reward_funcs=reward)
-    result = {}
-    timer = common.StepTimer(result)
-    common.record_first_grad_norm(trainer, result)
-
-    class Timing(TrainerCallback):
-        def on_step_begin(self, args_, state, control, **kwargs):
-            timer.start()
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            timer.stop(state.global_step)
-
-    trainer.add_callback(Timing())
-    trainer.train()
-    return timer.finish()
+    return common.train_trl_timed(trainer, {})
 
 
 # ----------------------------------------------------------------------------- parent

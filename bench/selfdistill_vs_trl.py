@@ -129,7 +129,7 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
 
 def worker_trl(args, batch: dict, out: Path) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     responses = batch["responses"]
@@ -156,27 +156,18 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
     )
     trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer)
     result = {"losses": []}
-    timer = common.StepTimer(result)
-    common.record_first_grad_norm(trainer, result)
 
-    class Timing(TrainerCallback):
-        def on_step_begin(self, args_, state, control, **kwargs):
-            timer.start()
+    def after_step(step: int) -> None:
+        result["losses"].append(trainer._metrics["train"]["self_distillation/distillation_loss"][-1])
+        if step == 1:
+            teacher_rows = trainer._buffered_inputs[0]
+            for ids, mask, want, response in zip(teacher_rows["teacher_input_ids"],
+                                                 teacher_rows["teacher_attention_mask"], batch["teacher_ids"],
+                                                 responses):
+                if ids[mask.bool()].tolist() != want + response:
+                    raise AssertionError("TRL's teacher input differs from crisp's: not the same batch")
 
-        def on_step_end(self, args_, state, control, **kwargs):
-            timer.stop(state.global_step)
-            result["losses"].append(trainer._metrics["train"]["self_distillation/distillation_loss"][-1])
-            if state.global_step == 1:
-                teacher_rows = trainer._buffered_inputs[0]
-                for ids, mask, want, response in zip(teacher_rows["teacher_input_ids"],
-                                                     teacher_rows["teacher_attention_mask"], batch["teacher_ids"],
-                                                     responses):
-                    if ids[mask.bool()].tolist() != want + response:
-                        raise AssertionError("TRL's teacher input differs from crisp's: not the same batch")
-
-    trainer.add_callback(Timing())  # after TRL's teacher-sync callback, so the sync is inside the timed step
-    trainer.train()
-    return timer.finish()
+    return common.train_trl_timed(trainer, result, after_step)
 
 
 # ----------------------------------------------------------------------------- parent
