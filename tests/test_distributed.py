@@ -27,9 +27,11 @@ import crisp.grpo as grpo
 from crisp import checkpoint, cli
 from crisp.config import ConfigError, LoraSpec
 from crisp.distributed import DistributedType, make_accelerator, micro_batches, prepare, reduce_sum, shard
-from crisp.modeling import load_model, prepare_for_training
+from crisp.modeling import prepare_for_training
 
+from conftest import TINY
 from distributed_driver import parity_rewards
+from test_resume import assert_bitwise_equal, weights
 
 HERE = Path(__file__).parent
 
@@ -132,7 +134,7 @@ def configs(tmp_path: Path, model_dir: Path) -> dict[str, dict]:
         },
         "sft": {
             **base, "method": "sft", "max_steps": 3, "seed": 1, "data": {"source": "synthetic", "size": 200},
-            "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+            "model": {"tiny": TINY},
             "batch_tokens": 600, "optim": {"lr": 3e-3, "grad_clip": 1.0},
         },
         "eval": {
@@ -158,11 +160,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def subprocess_env() -> dict[str, str]:
+    """CPU only, one thread, and the crisp this test imported (installed or from a source tree)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(Path(crisp.__file__).parents[1]), str(HERE),
+                                           os.environ.get("PYTHONPATH", "")])}
+
+
 def launch_two_processes(folder: Path, command_lines: list[list[str]]) -> None:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           # the crisp this test imported, whether installed or from a source tree
-           "PYTHONPATH": os.pathsep.join([str(Path(crisp.__file__).parents[1]), str(HERE),
-                                          os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(HERE / "distributed_driver.py"), str(folder)]
@@ -185,10 +191,6 @@ def metrics(run: Path) -> list[dict]:
     """metrics.jsonl without the timings."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if not k.startswith("time/") and k != "train/tokens_per_s"} for row in rows]
-
-
-def weights(directory: Path) -> dict[str, torch.Tensor]:
-    return load_model(str(directory)).state_dict()
 
 
 @pytest.mark.slow
@@ -229,9 +231,7 @@ def test_fsdp2_sharded_student_generates_and_trains_like_an_unsharded_one(tmp_pa
     Rank 0 makes one generate call and rank 1 two, and rollouts stop at different lengths, so this
     also shows that generation on a sharded model keeps the ranks' collectives in step (for both
     backends: the plain KV-cached loop runs every step to the limit on a sharded model)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(crisp.__file__).parents[1]), str(HERE),
-                                          os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(HERE / "fsdp_driver.py"), str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -266,8 +266,5 @@ def test_two_processes_resumed_from_a_checkpoint_equal_an_uninterrupted_run(tiny
                                                                                           "step-00000003"]
     assert metrics(resumed) == metrics(straight)[1:]  # steps 2 and 3, each written once
     for rank in (0, 1):
-        a, b = (torch.load(run / f"weights-rank{rank}.pt") for run in (straight, resumed))
-        assert a.keys() == b.keys()
-        assert [k for k in a if not torch.equal(a[k], b[k])] == [], rank
-    a, b = weights(straight / "model"), weights(resumed / "model")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        assert_bitwise_equal(*(torch.load(run / f"weights-rank{rank}.pt") for run in (straight, resumed)))
+    assert_bitwise_equal(weights(straight / "model"), weights(resumed / "model"))

@@ -10,7 +10,6 @@ merged model and resumes exactly.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -21,11 +20,14 @@ from crisp.config import LoraSpec
 from crisp.data import synthetic
 from crisp.distributed import autocast
 from crisp.grpo import train_grpo
-from crisp.modeling import eval_mode, load_model, prepare_for_training, response_hidden
+from crisp.modeling import eval_mode, prepare_for_training, response_hidden
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.selfdistill import train_selfdistill
 from crisp.teacher import Teacher
 
+from distributed_driver import parity_rewards
+from test_grpo import make_cfg as grpo_cfg
+from test_resume import assert_bitwise_equal, weights
 from test_selfdistill import make_cfg, read_metrics
 
 LORA = LoraSpec(r=4, alpha=8)
@@ -148,7 +150,7 @@ def test_gradient_checkpointing_recomputes_without_changing_the_gradient(tiny_mo
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_model, tiny_tokenizer, sequences):
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32weights(tiny_model, tiny_tokenizer, sequences):
     prompts, responses = sequences
     pad = tiny_tokenizer.pad_token_id
     matmul_dtypes = []
@@ -171,10 +173,6 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_model, tiny_
 # ---------------------------------------------------------------------------------------------
 
 
-def _weights(directory) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in load_model(str(directory)).state_dict().items()}
-
-
 def test_lora_selfdistill_trains_a_low_rank_update_saves_merged_and_resumes(tiny_model_dir, tmp_path):
     common = {"model.lora": LORA.model_dump(), "teacher.update": "refresh", "teacher.refresh_every": 1,
               "save_every": 1, "mixed_precision": "bf16"}
@@ -191,7 +189,7 @@ def test_lora_selfdistill_trains_a_low_rank_update_saves_merged_and_resumes(tiny
     assert [m["step"] for m in resumed] == [1, 2, 3] and resumed[:2] == first  # the last step was checkpointed
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
 
-    base, trained = _weights(tiny_model_dir), _weights(final)  # the final model is merged: a plain HF model
+    base, trained = weights(tiny_model_dir), weights(final)  # the final model is merged: a plain HF model
     assert trained.keys() == base.keys()
     changed = [k for k in base if not torch.equal(base[k], trained[k])]
     assert changed and all(k.endswith("proj.weight") for k in changed)  # only the adapted linear layers
@@ -199,22 +197,21 @@ def test_lora_selfdistill_trains_a_low_rank_update_saves_merged_and_resumes(tiny
         assert torch.linalg.matrix_rank(trained[k] - base[k], atol=1e-6) <= LORA.r
 
     straight = train_selfdistill(make_cfg(tiny_model_dir, tmp_path / "straight", max_steps=3, **common))
-    again = _weights(straight)
-    assert all(torch.equal(trained[k], again[k]) for k in trained)  # the adapters came back exactly
+    again = weights(straight)
+    assert_bitwise_equal(trained, again)  # the adapters came back exactly
 
 
 def test_lora_grpo_with_a_kl_term_to_the_adapter_free_base(tiny_model_dir, tmp_path, monkeypatch):
     """The GRPO reference is the base model with the adapters off: no second copy, and the k3 KL
     starts at 0 (B = 0) and grows once the adapter has moved."""
-    monkeypatch.setattr(grpo, "capped_rewards", lambda batch, rollouts, *a, **k: [float(i % 2) for i in range(len(rollouts))])
-    from test_grpo import make_cfg as grpo_cfg
+    monkeypatch.setattr(grpo, "capped_rewards", parity_rewards)
 
     out = tmp_path / "run"
     final = train_grpo(grpo_cfg(tiny_model_dir, out, max_steps=2, kl_coef=0.5, ppo_epochs=2,
                                 **{"model.lora": LORA.model_dump()}))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     assert 0 < metrics[-1]["train/kl"] < 1
-    base, trained = _weights(tiny_model_dir), _weights(final)
+    base, trained = weights(tiny_model_dir), weights(final)
     assert any(not torch.equal(base[k], trained[k]) for k in base)
     assert all(torch.equal(base[k], trained[k]) for k in base if not k.endswith("proj.weight"))

@@ -34,4 +34,4 @@ def test_non_finite_loss_or_gradient_skips_the_step_but_clears():
         assert not stepped
         assert torch.equal(model.weight, torch.ones(2, 3))
         assert model.weight.grad is None
-    assert math.isinf(grad_norm)
+        assert math.isfinite(grad_norm) == math.isfinite(grad)  # the norm is reported either way

@@ -22,6 +22,7 @@ from crisp.modeling import DTYPES, build_tiny_model, load_model, save_model
 
 from conftest import TINY
 from distributed_driver import parity_rewards
+from test_selfdistill import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
@@ -87,7 +88,7 @@ def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, family_model
 
     cli.main(["train", str(recipe), *overrides])
 
-    (metrics,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (metrics,) = read_metrics(out)
     assert metrics["step"] == 1 and metrics["train/skipped_steps"] == 0
     assert metrics["train/loss"] is not None and metrics["train/grad_norm"] > 0
     initial, trained = (load_model(str(d)).state_dict() for d in (family_models[family], out / "model"))

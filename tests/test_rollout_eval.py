@@ -320,6 +320,8 @@ def test_cli_eval_synthetic(tiny_model_dir, tmp_path, capsys):
     steps = sum(s["steps"] for s in samples)
     if steps:  # an untrained model may write no step line at all
         assert summary["operand_accuracy"] == pytest.approx(sum(s["operands_right"] for s in samples) / steps)
+    else:
+        assert "operand_accuracy" not in summary
     assert "summary.json" in capsys.readouterr().out
 
 

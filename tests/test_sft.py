@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -12,7 +11,9 @@ from crisp.modeling import load_model
 from crisp.prompts import REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
 from crisp.sft import build_model_and_tokenizer, collate, response_loss, synthetic_examples, train_sft
 
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+from conftest import TINY
+from test_selfdistill import read_metrics
+
 
 
 def make_cfg(out, **overrides):
@@ -85,6 +86,6 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(mix, tmp_path):
     with torch.no_grad():
         before, after = response_loss(untrained, *batch).item(), response_loss(trained, *batch).item()
     assert after < 0.8 * before, (before, after)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in read_metrics(tmp_path / "run")]
     assert steps == list(range(1, 41))
     assert (final / "crisp_config.yaml").is_file()
