@@ -378,6 +378,9 @@ def test_divergence_sum_errors():
         divergence_sum(hidden, head.weight, hidden, head.weight, kind="sampled_token", tokens=torch.zeros(3).long())
     with pytest.raises(ValueError, match="unknown divergence kind"):
         divergence_sum(hidden, head.weight, hidden, head.weight, kind="kl")
+    # the closed-form path never reaches per_token_divergence, and still refuses what it refuses
+    with pytest.raises(ValueError, match="forward_weight"):
+        divergence_sum(hidden, head.weight, hidden, head.weight, kind="mixed", forward_weight=-1.0)
 
 
 # ----------------------------------------------------------------------------- GRPO surrogate

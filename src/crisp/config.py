@@ -146,6 +146,11 @@ class RunConfig(Strict):
     # weights keep model.dtype (float32 weights + bf16 compute is the usual full fine-tuning setup).
     mixed_precision: Literal["no", "bf16"] = "no"
 
+    @property
+    def uses_checkpoints(self) -> bool:
+        """Whether the run saves checkpoints or resumes from one."""
+        return bool(self.save_every) or self.resume != "none"
+
 
 class SFTMix(Strict):
     """How the synthetic SFT corpus mixes instructed and plain traces."""

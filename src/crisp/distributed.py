@@ -65,9 +65,11 @@ def shard(count: int, accelerator: Accelerator | None) -> range:
     return range(count * rank // world, count * (rank + 1) // world)
 
 
-def gather(items: list, accelerator: Accelerator) -> list:
+def gather(items: list, accelerator: Accelerator | None) -> list:
     """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
-    return gather_object(list(items)) if accelerator.num_processes > 1 else list(items)
+    if accelerator is None or accelerator.num_processes == 1:
+        return list(items)
+    return gather_object(list(items))
 
 
 def reduce_sum(values: dict[str, float], accelerator: Accelerator | None) -> dict[str, float]:

@@ -154,14 +154,13 @@ def evaluate(
     else:
         prompts = [builder.student_ids(p) for p in problems]
     sampling = sampling.model_copy(update={"n": k})
-    mine = shard(len(prompts), accelerator) if accelerator else range(len(prompts))
+    mine = shard(len(prompts), accelerator)
     bar = tqdm(total=len(mine) * k, desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
     rollouts = HFGenerator(model, tokenizer, batch_size=batch_size).generate(
         [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
     records = score_rollouts(problems, rollouts, grader)
-    if accelerator:
-        records = gather(records, accelerator)
+    records = gather(records, accelerator)
     summary = summarize(records)
     grader_obj = get_grader(grader)
     summary.update(

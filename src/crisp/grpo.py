@@ -83,10 +83,12 @@ def logprobs_from_hidden(hidden: torch.Tensor, lm_head, responses: Sequence[Sequ
     return logprobs, mask
 
 
-def micro_logprobs(model, rollouts: Sequence[Rollout], pad_id: int, chunk_size: int) -> torch.Tensor:
-    """(b, T) log-probs of the rollouts' response tokens under `model` (zero past each response's end)."""
+def micro_logprobs(model, rollouts: Sequence[Rollout], pad_id: int,
+                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, T) log-probs of the rollouts' response tokens under `model` (zero past each response's end)
+    and the (b, T) mask of the response tokens."""
     return token_logprobs(model, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts], pad_id,
-                          chunk_size)[0]
+                          chunk_size)
 
 
 def reference_logprobs(reference: Teacher, rollouts: Sequence[Rollout], pad_id: int, chunk_size: int) -> torch.Tensor:
@@ -118,9 +120,7 @@ def surrogate_backward(model, update: Sequence[Rollout], advantages: torch.Tenso
     for m, (indices, real) in enumerate(micro):
         with grad_sync(accelerator, model, last=m == len(micro) - 1):
             with precision():
-                chosen = [update[i] for i in indices]
-                logprobs, mask = token_logprobs(model, [r.prompt_ids for r in chosen], [r.token_ids for r in chosen],
-                                                pad_id, cfg.chunk_size)  # (b, T), (b, T)
+                logprobs, mask = micro_logprobs(model, [update[i] for i in indices], pad_id, cfg.chunk_size)  # (b, T)
                 micro_loss, micro_stats = clipped_surrogate_loss(
                     logprobs, old[m] if old else logprobs.detach(), advantages[indices], mask,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, aggregation=cfg.aggregation,
@@ -134,7 +134,8 @@ def surrogate_backward(model, update: Sequence[Rollout], advantages: torch.Tenso
         loss += micro_loss.item() if real else 0.0
         for key, value in micro_stats.items():  # token-weighted over the micro-batches
             stats[key] = stats.get(key, 0.0) + value * share
-    return reduce_sum({"loss": loss}, accelerator)["loss"], reduce_sum(stats, accelerator)
+    totals = reduce_sum({"loss": loss, **stats}, accelerator)  # one collective for all of them
+    return totals.pop("loss"), totals
 
 
 def capped_rewards(batch: Sequence[Problem], rollouts: Sequence[Rollout], records: Sequence[dict], *, cap: int,
@@ -175,7 +176,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         reference.model.to(accelerator.device)
     optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
     # model: the wrapped policy, which every forward pass of the policy goes through (DDP/FSDP)
-    model, optimizer = prepare(accelerator, policy, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
+    model, optimizer = prepare(accelerator, policy, optimizer, checkpoints=cfg.uses_checkpoints)
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     grader = default_grader(problems)
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
@@ -209,7 +210,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             with timer("grade"):
                 records = score_rollouts(batch, rollouts, grader)
                 rewards = capped_rewards(batch, rollouts, records, cap=cap, tokenizer=tokenizer, grader_name=grader)
-            rollouts, records, rewards = (gather(x, accelerator) for x in (rollouts, records, rewards))
+            rollouts, records, rewards = map(list, zip(*gather(list(zip(rollouts, records, rewards)), accelerator)))
             if rounds == 0:
                 samples = [{"cap": cap, "reward": w, **r} for r, w in zip(records[:2], rewards)]
             keep = torch.ones(len(batch), dtype=torch.bool)  # (B,)
@@ -236,7 +237,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
 
         # Old (and reference) log-probs once, on the same micro-batches the update will use.
         with timer("old_logprobs"), torch.no_grad(), precision():
-            old = [micro_logprobs(model, [update[i] for i in indices], pad_id, cfg.chunk_size)
+            old = [micro_logprobs(model, [update[i] for i in indices], pad_id, cfg.chunk_size)[0]
                    for indices, _ in micro] if cfg.ppo_epochs > 1 else None
             ref = [reference_logprobs(reference, [update[i] for i in indices], pad_id, cfg.chunk_size)
                    for indices, _ in micro] if reference else None

@@ -75,6 +75,15 @@ def _divergence_terms(
     return beta * _kl_terms(log_t, log_m) + (1.0 - beta) * _kl_terms(log_s, log_m)  # (N, V)
 
 
+def _check_divergence(kind: str, beta: float, forward_weight: float) -> None:
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(DIVERGENCE_KINDS)}")
+    if kind == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if kind == "mixed" and forward_weight < 0.0:
+        raise ValueError(f"forward_weight must be >= 0, got {forward_weight}")
+
+
 def per_token_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -127,8 +136,7 @@ def per_token_divergence(
     Raises:
         ValueError: unknown ``kind``, mismatched shapes, or an option that does not apply.
     """
-    if kind not in DIVERGENCE_KINDS:
-        raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(DIVERGENCE_KINDS)}")
+    _check_divergence(kind, beta, forward_weight)
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must both be (N, V) with the same shape, got "
@@ -146,11 +154,6 @@ def per_token_divergence(
         teacher_logp = _log_probs(teacher_logits).gather(-1, index).squeeze(-1)  # (N,)
         advantage = (teacher_logp - student_logp).detach()  # (N,)
         return -advantage * student_logp  # (N,)
-
-    if kind == "jsd" and not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if kind == "mixed" and forward_weight < 0.0:
-        raise ValueError(f"forward_weight must be >= 0, got {forward_weight}")
 
     student = _upcast(student_logits)  # (N, V)
     teacher = _upcast(teacher_logits)  # (N, V)
@@ -342,9 +345,9 @@ def divergence_sum(
         raise ValueError(f"student_hidden has {n_rows} rows but teacher_hidden has {teacher_hidden.shape[0]}")
     if tokens is not None and tokens.shape[0] != n_rows:
         raise ValueError(f"tokens has {tokens.shape[0]} entries, expected {n_rows}")
-    if divergence_options.get("kind") not in DIVERGENCE_KINDS:
-        raise ValueError(f"unknown divergence kind {divergence_options.get('kind')!r}; "
-                         f"valid kinds: {', '.join(DIVERGENCE_KINDS)}")
+    # checked here too: the closed-form kinds never call per_token_divergence
+    _check_divergence(divergence_options.get("kind"), divergence_options.get("beta", 0.5),
+                      divergence_options.get("forward_weight", 0.5))
     teacher = [None if t is None else t.detach() for t in (teacher_hidden, teacher_weight, teacher_bias)]
     student = (student_hidden, student_weight, student_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student):

@@ -226,7 +226,9 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
     or every adapter of a PeftModel (adapter "default" at the top, others in a subfolder each)."""
     directory = Path(directory)
     if not is_peft(model):
-        model.load_state_dict(load_model(str(directory)).state_dict())
+        # read in the model's own dtype, so that a bf16 model is not loaded a second time in fp32
+        dtype = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
+        model.load_state_dict(load_model(str(directory), dtype=dtype).state_dict())
         return
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file

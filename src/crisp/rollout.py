@@ -22,6 +22,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from crisp.config import SamplingConfig
+from crisp.modeling import eval_mode
 
 _MASK32 = 0xFFFFFFFF
 
@@ -41,7 +42,14 @@ class Rollout:
 
 class Generator(Protocol):
     def generate(
-        self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed: int | None = None
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        first_index: int = 0,
+        progress=None,
     ) -> list[Rollout]: ...
 
 
@@ -159,9 +167,7 @@ class BatchedGenerator:
         # calls as the busiest one (the extra ones on a placeholder) and all stop together.
         calls = _most_over_ranks(len(starts), next(self.model.parameters()).device) if self.sharded else len(starts)
         results: list[Rollout | None] = [None] * len(requests)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             for call in range(calls):
                 if call >= len(starts):
                     self._new_tokens([[self.tokenizer.eos_token_id]], torch.zeros(1, dtype=torch.long), sampling, limit)
@@ -173,15 +179,15 @@ class BatchedGenerator:
                     results[r] = Rollout(index, tuple(prompt), *self._finish(row))
                 if progress is not None:
                     progress.update(len(chunk))
-        finally:
-            self.model.train(was_training)
         return results  # type: ignore[return-value]
 
     @property
     def sharded(self) -> bool:
         """Whether FSDP splits the model's weights over several ranks."""
-        return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and any(
-            isinstance(m, _fsdp_types()) for m in self.model.modules())
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return False
+        types = _fsdp_types()
+        return any(isinstance(m, types) for m in self.model.modules())
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)

@@ -127,7 +127,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     teacher.model.to(accelerator.device)
     optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
     # model: the wrapped student, which every forward pass of the student goes through (DDP/FSDP)
-    model, optimizer = prepare(accelerator, student, optimizer, checkpoints=bool(cfg.save_every) or cfg.resume != "none")
+    model, optimizer = prepare(accelerator, student, optimizer, checkpoints=cfg.uses_checkpoints)
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
     grader = default_grader(problems)
@@ -157,7 +157,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
             )
         with timer("grade"):
             records = score_rollouts(batch, rollouts, grader)
-        rollouts, records = gather(rollouts, accelerator), gather(records, accelerator)
+        rollouts, records = map(list, zip(*gather(list(zip(rollouts, records)), accelerator)))
         correct = [r["correct"] for r in records]
         kept = keep_rollouts(correct, cfg.rollout_filter)
         teacher_prompts = {}

@@ -162,7 +162,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     examples = synthetic_examples(cfg, builder) if cfg.data.source == "synthetic" else solution_examples(cfg, builder)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps)
     wrapped, optimizer = prepare(accelerator, model, optimizer,  # forwards go through the wrapper (DDP)
-                                 checkpoints=bool(cfg.save_every) or cfg.resume != "none")
+                                 checkpoints=cfg.uses_checkpoints)
     log = MetricsLog(out / "metrics.jsonl")
     timer = Timer()
 
@@ -205,7 +205,6 @@ def train_sft(cfg: SFTConfig) -> Path:
             # This rank's mean, reweighted to its share of the batch's tokens, times the ranks that DDP
             # averages over (exactly 1 in one process); a rank without rows runs one row with weight 0.
             (loss * (accelerator.num_processes * my_tokens / trained_tokens)).backward()
-            loss = reduce_sum({"loss": loss.item() * my_tokens}, accelerator)["loss"] / trained_tokens
         with timer("step"):
             grad_norm = clip_and_check(model, cfg.optim.grad_clip)
             optimizer.step()
@@ -214,7 +213,8 @@ def train_sft(cfg: SFTConfig) -> Path:
         step += 1
         tokens_seen += sum(len(e.prompt_ids) + len(e.response_ids) for e in rows)
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == cfg.max_steps:  # every rank: reduce_sum is collective
+            loss = reduce_sum({"loss": loss.item() * my_tokens}, accelerator)["loss"] / trained_tokens
             elapsed = time.perf_counter() - window_start
             metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": tokens_seen / elapsed, **timer.pop()}
