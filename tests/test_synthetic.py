@@ -22,7 +22,7 @@ CHECK_FIX = re.compile(
     r"|Check: (-?\d+) ([+-] \d+) = (-?\d+), not (-?\d+)\.)$"
 )
 RESTATE = re.compile(r"^Restate: we start at (-?\d+) and apply the operations in order\.$")
-REREAD = re.compile(r"^Let me re-read the problem\. Every operation is used once\.$")
+REREAD = re.compile(r"^Let me re-read the problem: (.+)\.$")
 SUMMARY = re.compile(r"^So the final total is (-?\d+)\.$")
 ANSWER = re.compile(r"^Answer: (-?\d+)$")
 
@@ -84,8 +84,8 @@ def check_trace(question: str, text: str) -> dict:
             seen["fixed"] += 1
         elif m := RESTATE.match(line):
             assert _groups(m) == [chain.start], where
-        elif REREAD.match(line):
-            pass
+        elif m := REREAD.match(line):
+            assert m.group(1).split(", ") == [chain.operation(i) for i in range(chain.level)], where
         elif m := SUMMARY.match(line):
             assert _groups(m) == [total], where
         elif m := ANSWER.match(line):

@@ -75,8 +75,12 @@ class Chain:
     def answer(self) -> int:
         return self.totals()[-1]
 
+    def operation(self, index: int) -> str:
+        """The operation as the question words it, e.g. "Third - 1" (index counts from 0)."""
+        return f"{ORDINALS[index]} {_op(self.operands[index])}"
+
     def question(self) -> str:
-        ops = "".join(f"{ORDINALS[i]} {_op(x)}\n" for i, x in enumerate(self.operands))
+        ops = "".join(self.operation(i) + "\n" for i in range(self.level))
         return f"Start with {self.start}.\n{ops}What is the result?"
 
 
@@ -127,7 +131,7 @@ def sample_trace(
         correct = total + x
         risky = i >= FIRST_RISKY_STEP
         stated = _slipped(rng, correct) if risky and rng.random() < slip else correct
-        emit(f"{ORDINALS[i - 1]} {_op(x)}: {total} {_op(x)} = {stated}.")
+        emit(f"{chain.operation(i - 1)}: {total} {_op(x)} = {stated}.")
         check = current().check_risky if risky else current().check_safe
         if rng.random() < check:
             long = rng.random() < current().long_check
@@ -141,7 +145,7 @@ def sample_trace(
                 stated = correct
         total = stated
     if rng.random() < current().reread:
-        emit("Let me re-read the problem. Every operation is used once.")
+        emit(f"Let me re-read the problem: {', '.join(chain.operation(i) for i in range(chain.level))}.")
     if rng.random() < current().summary:
         emit(f"So the final total is {total}.")
     emit(f"Answer: {total}")
@@ -151,7 +155,7 @@ def sample_trace(
 def reference_solution(chain: Chain) -> str:
     """The concise, slip-free solution (OPSD's privileged information)."""
     totals = chain.totals()
-    steps = [f"{ORDINALS[i]} {_op(x)}: {totals[i]} {_op(x)} = {totals[i + 1]}." for i, x in enumerate(chain.operands)]
+    steps = [f"{chain.operation(i)}: {totals[i]} {_op(x)} = {totals[i + 1]}." for i, x in enumerate(chain.operands)]
     return "\n".join(steps + [f"Answer: {chain.answer}"])
 
 
