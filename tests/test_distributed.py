@@ -208,8 +208,8 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, monkeypatch):
         for name in rank0:
             assert torch.equal(rank0[name], rank1[name]), (method, name)  # the ranks never drifted apart
         w2, w1 = weights(two / "model"), weights(one / "model")
-        for name in w1:
-            torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=f"{method} {name}")
+        for name in w1:  # atol: Adam turns summation-order noise in a near-zero gradient into a step
+            torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=5e-5, msg=f"{method} {name}")
         if method != "sft":  # (sft builds its model from scratch)
             assert max((w1[k] - initial[k]).abs().max() for k in w1) > 1e-3  # training moved the weights
         m2, m1 = metrics(two), metrics(one)
