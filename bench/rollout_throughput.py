@@ -4,8 +4,8 @@ Tokens per second of `crisp.rollout.HFGenerator` (Hugging Face `generate`, what 
 use) against `crisp.rollout.KVCacheGenerator` (a plain loop: one prefill, then one token per forward
 from the KV cache), on two randomly initialised models:
 
-  tiny  the demo's base-model shape: Llama, hidden 128, 2 layers, the synthetic task's word
-        vocabulary; prompts are the task's own
+  tiny  a demo-size model: Llama, hidden 128, 2 layers, MLP 512 (the demo base's shape before it
+        moved to Qwen3 with MLP 256), the synthetic task's word vocabulary and prompts
   32k   the benchmarks' Qwen3 shape: hidden 256, 4 layers, a 32,000-token vocabulary
 
 Both backends sample alike (temperature 1, no top-k/top-p, CRISP's rollout setting) and with the
