@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from crisp.config import SFTConfig, validate
+from crisp.data import synthetic
 from crisp.modeling import load_model
 from crisp.prompts import REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
-from crisp.sft import build_model_and_tokenizer, collate, response_loss, synthetic_examples, train_sft
+from crisp.sft import (build_model_and_tokenizer, collate, lookup_probe, probe_traces, response_loss,
+                       synthetic_examples, train_sft)
 
 from conftest import TINY
+from test_resume import assert_bitwise_equal, weights
 from test_selfdistill import read_metrics
 
 
@@ -89,3 +94,62 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(mix, tmp_path):
     steps = [m["step"] for m in read_metrics(tmp_path / "run")]
     assert steps == list(range(1, 41))
     assert (final / "crisp_config.yaml").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# the lookup probe
+# ---------------------------------------------------------------------------------------------
+
+
+class NextTokenOracle(torch.nn.Module):
+    """Predicts the token `shift` places ahead of each position: 1 is always right, 0 copies."""
+
+    def __init__(self, vocab_size: int, shift: int):
+        super().__init__()
+        self.vocab_size, self.shift = vocab_size, shift
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # the probe reads the device from a parameter
+
+    def forward(self, input_ids, attention_mask):
+        ahead = torch.roll(input_ids, -self.shift, dims=1)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(ahead, self.vocab_size).float())
+
+
+def test_probe_marks_every_step_of_every_held_out_problem(mix):
+    _, tokenizer, _ = mix
+    traces = probe_traces(PromptBuilder(tokenizer, template="plain"))
+    chains = synthetic.test_chains()
+    assert len(traces) == len(chains)
+    for trace, chain in zip(traces, chains):
+        assert sorted((kind, step) for kind, step, _ in trace.targets) == sorted(
+            (kind, step) for kind in ("operand", "result") for step in range(1, chain.level + 1))
+        for kind, step, positions in trace.targets:
+            text = tokenizer.decode([trace.ids[p + 1] for p in positions]).strip()
+            expected = chain.operation(step - 1).split(" ", 1)[1] if kind == "operand" else str(chain.totals()[step])
+            assert text == expected, (kind, step, text)
+
+
+def test_probe_scores_an_oracle_one_and_a_copier_zero(mix):
+    _, tokenizer, _ = mix
+    traces = probe_traces(PromptBuilder(tokenizer, template="plain"))
+    oracle = lookup_probe(NextTokenOracle(len(tokenizer), shift=1), traces, tokenizer.pad_token_id)
+    copier = lookup_probe(NextTokenOracle(len(tokenizer), shift=0), traces, tokenizer.pad_token_id)
+    names = {f"probe/{kind}_step{s}" for kind in ("operand", "result") for s in range(1, 5)}
+    assert set(oracle) == set(copier) == names
+    assert all(value == 1.0 for value in oracle.values()), oracle
+    assert all(value == 0.0 for value in copier.values()), copier
+
+
+def test_probing_during_sft_logs_probe_metrics_and_leaves_training_alone(tmp_path):
+    plain = train_sft(make_cfg(tmp_path / "plain", max_steps=4, log_every=3))
+    probed = train_sft(make_cfg(tmp_path / "probed", max_steps=4, log_every=3, probe_every=2))
+    assert_bitwise_equal(weights(probed), weights(plain))
+    rows = read_metrics(tmp_path / "probed")
+    assert [r["step"] for r in rows] == [2, 3, 4]  # a probe-only record, a log step, both at the end
+    assert {k for k in rows[0] if k != "step"} == {k for k in rows[2] if k.startswith("probe/")}
+    assert all(0 <= rows[0][k] <= 1 for k in rows[0] if k != "step")
+    assert not any(k.startswith("probe/") for k in rows[1])
+
+
+def test_probe_every_needs_the_synthetic_task(tmp_path):
+    with pytest.raises(ValueError, match="probe_every"):
+        make_cfg(tmp_path, probe_every=10, data={"source": "gsm8k"})

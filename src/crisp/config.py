@@ -171,6 +171,15 @@ class SFTConfig(RunConfig):
     method: Literal["sft"] = "sft"
     batch_tokens: PositiveInt = 2048
     mix: SFTMix = SFTMix()
+    # Steps between lookup probes (synthetic task only; 0 = never): teacher-forced accuracy on the
+    # held-out problems' operand and result tokens, per step index, logged as probe/* metrics.
+    probe_every: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _probe_needs_the_synthetic_task(self) -> "SFTConfig":
+        if self.probe_every and self.data.source != "synthetic":
+            raise ValueError("probe_every: the lookup probe needs data.source: synthetic")
+        return self
 
 
 class TeacherConfig(Strict):

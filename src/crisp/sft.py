@@ -28,8 +28,8 @@ from crisp.distributed import (autocast, load_rng, prepare, reduce_sum, save_che
                                shard)
 from crisp.loop import open_run
 from crisp.metrics import MetricsLog, Timer
-from crisp.modeling import (build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, load_weights,
-                            prepare_for_training)
+from crisp.modeling import (build_tiny_model, build_word_tokenizer, eval_mode, load_model, load_tokenizer,
+                            load_weights, prepare_for_training)
 from crisp.optim import build_optimizer, clip_and_check
 from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, PromptBuilder, resolve_instruction
 
@@ -75,6 +75,58 @@ def synthetic_examples(cfg: SFTConfig, builder: PromptBuilder) -> list[Example]:
             mask += [0 if line.in_prefix else 1] * len(piece)
         examples.append(Example(prompt, response, mask))
     return examples
+
+
+@dataclass(frozen=True)
+class ProbeTrace:
+    ids: list[int]  # prompt + response
+    targets: list[tuple[str, int, list[int]]]  # (operand | result, step, positions that predict its tokens)
+
+
+def probe_traces(builder: PromptBuilder) -> list[ProbeTrace]:
+    """Slip-free verbose traces of the held-out problems under plain prompts, tokenized line by line
+    as SFT does, with the positions that predict each step line's operation and result tokens."""
+    tokenizer = builder.tokenizer
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    traces = []
+    for chain in synthetic.test_chains():
+        problem = synthetic.to_problem(chain, 0, "test")
+        ids = tokenizer(builder.render(builder.student_text(problem)), add_special_tokens=False)["input_ids"]
+        targets = []
+        for line in synthetic.sample_trace(rng, chain, synthetic.VERBOSE, slip=0.0):
+            encoded = tokenizer(line.text, add_special_tokens=False, return_offsets_mapping=True)
+            spans = synthetic.step_spans(line.text)
+            if spans is not None:
+                step = synthetic.ORDINALS.index(line.text.split()[0]) + 1
+                for kind, (begin, end) in zip(("operand", "result"), spans):
+                    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > begin]
+                    targets.append((kind, step, [len(ids) + i - 1 for i in inside]))
+            ids = ids + encoded["input_ids"] + newline
+        traces.append(ProbeTrace(ids, targets))
+    return traces
+
+
+@torch.no_grad()
+def lookup_probe(model, traces: list[ProbeTrace], pad_id: int, batch_size: int = 50) -> dict[str, float]:
+    """Teacher-forced: the share of step lines, per step index, whose operation (the lookup) or result
+    (the arithmetic) tokens are all the model's argmax."""
+    hits: dict[str, list[bool]] = {}
+    device = next(model.parameters()).device
+    for start in range(0, len(traces), batch_size):
+        batch = traces[start : start + batch_size]
+        width = max(len(t.ids) for t in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+        attention = torch.zeros_like(input_ids)
+        for row, trace in enumerate(batch):
+            input_ids[row, : len(trace.ids)] = torch.tensor(trace.ids)
+            attention[row, : len(trace.ids)] = 1
+        predicted = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.argmax(-1).cpu()
+        for row, trace in enumerate(batch):
+            for kind, step, positions in trace.targets:
+                right = all(predicted[row, p] == trace.ids[p + 1] for p in positions)
+                hits.setdefault(f"probe/{kind}_step{step}", []).append(right)
+    return {name: sum(values) / len(values) for name, values in sorted(hits.items())}
 
 
 def solution_examples(cfg: SFTConfig, builder: PromptBuilder) -> list[Example]:
@@ -160,6 +212,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     examples = synthetic_examples(cfg, builder) if cfg.data.source == "synthetic" else solution_examples(cfg, builder)
+    probes = probe_traces(builder) if cfg.probe_every else []
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps)
     wrapped, optimizer = prepare(accelerator, model, optimizer,  # forwards go through the wrapper (DDP)
                                  checkpoints=cfg.uses_checkpoints)
@@ -213,15 +266,23 @@ def train_sft(cfg: SFTConfig) -> Path:
         step += 1
         tokens_seen += sum(len(e.prompt_ids) + len(e.response_ids) for e in rows)
         bar.update(1)
+        probe = {}
+        if probes and (step % cfg.probe_every == 0 or step == cfg.max_steps):  # every rank (FSDP forwards together)
+            probe_start = time.perf_counter()
+            with eval_mode(model):
+                probe = lookup_probe(wrapped, probes, tokenizer.pad_token_id)
+            window_start += time.perf_counter() - probe_start  # not training time
         if step % cfg.log_every == 0 or step == cfg.max_steps:  # every rank: reduce_sum is collective
             loss = reduce_sum({"loss": loss.item() * my_tokens}, accelerator)["loss"] / trained_tokens
             elapsed = time.perf_counter() - window_start
             metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "train/tokens_per_s": tokens_seen / elapsed, **timer.pop()}
+                       "train/tokens_per_s": tokens_seen / elapsed, **timer.pop(), **probe}
             if main:
                 log.write(step, metrics)
             bar.set_postfix(loss=f"{loss:.3f}")
             tokens_seen, window_start = 0, time.perf_counter()
+        elif probe and main:
+            log.write(step, probe)
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
             save_checkpoint(accelerator, out / "checkpoints", step, models={"model": (model, tokenizer)},
                             state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

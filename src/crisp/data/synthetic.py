@@ -215,6 +215,13 @@ def parse_question(question: str) -> Chain:
 STEP_LINE = re.compile(r"^(First|Second|Third|Fourth) ([+-] \d+): (\d+) ([+-] \d+) = (\d+)\.")
 
 
+def step_spans(line: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Character spans, in a step line, of its quoted operation ("- 1": the lookup) and of its
+    stated result (the arithmetic); None for any other line."""
+    match = STEP_LINE.match(line)
+    return (match.span(2), match.span(5)) if match else None
+
+
 def audit_steps(question: str, response: str) -> dict[str, int]:
     """The step lines of a response, checked against the question, for telling failure kinds apart.
 
