@@ -184,6 +184,17 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def right_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded to the longest sequence, and the attention mask (1 on real tokens)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, T)
+    attention = torch.zeros_like(input_ids)  # (B, T)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(list(ids))
+        attention[row, : len(ids)] = 1
+    return input_ids, attention
+
+
 def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
                     **forward_kwargs) -> torch.Tensor:
     """Final hidden states at the positions that predict each response token, rows concatenated.
@@ -195,13 +206,9 @@ def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence
     The pass goes through `model` itself (so a DDP wrapper sees it) with logits for the last
     position only; the decoder's output, the final normed hidden states, is caught by a hook.
     """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)  # (B, T)
-    attention = torch.zeros_like(input_ids)  # (B, T)
+    input_ids, attention = right_padded([list(p) + list(r) for p, r in zip(prompts, responses)], pad_id)  # (B, T)
     rows, cols = [], []
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[b, : lengths[b]] = torch.tensor(list(p) + list(r))
-        attention[b, : lengths[b]] = 1
         rows += [b] * len(r)
         cols += range(len(p) - 1, len(p) - 1 + len(r))
     device = next(model.parameters()).device

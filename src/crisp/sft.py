@@ -29,7 +29,7 @@ from crisp.distributed import (autocast, load_rng, prepare, reduce_sum, save_che
 from crisp.loop import open_run
 from crisp.metrics import MetricsLog, Timer
 from crisp.modeling import (build_tiny_model, build_word_tokenizer, eval_mode, load_model, load_tokenizer,
-                            load_weights, prepare_for_training)
+                            load_weights, prepare_for_training, right_padded)
 from crisp.optim import build_optimizer, clip_and_check
 from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, PromptBuilder, resolve_instruction
 
@@ -98,8 +98,8 @@ def probe_traces(builder: PromptBuilder) -> list[ProbeTrace]:
             encoded = tokenizer(line.text, add_special_tokens=False, return_offsets_mapping=True)
             spans = synthetic.step_spans(line.text)
             if spans is not None:
-                step = synthetic.ORDINALS.index(line.text.split()[0]) + 1
-                for kind, (begin, end) in zip(("operand", "result"), spans):
+                step, *char_spans = spans
+                for kind, (begin, end) in zip(("operand", "result"), char_spans):
                     inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > begin]
                     targets.append((kind, step, [len(ids) + i - 1 for i in inside]))
             ids = ids + encoded["input_ids"] + newline
@@ -115,12 +115,7 @@ def lookup_probe(model, traces: list[ProbeTrace], pad_id: int, batch_size: int =
     device = next(model.parameters()).device
     for start in range(0, len(traces), batch_size):
         batch = traces[start : start + batch_size]
-        width = max(len(t.ids) for t in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
-        attention = torch.zeros_like(input_ids)
-        for row, trace in enumerate(batch):
-            input_ids[row, : len(trace.ids)] = torch.tensor(trace.ids)
-            attention[row, : len(trace.ids)] = 1
+        input_ids, attention = right_padded([t.ids for t in batch], pad_id)  # (B, T)
         predicted = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.argmax(-1).cpu()
         for row, trace in enumerate(batch):
             for kind, step, positions in trace.targets:
@@ -159,18 +154,13 @@ def length_bucketed_batches(examples: list[Example], batch_tokens: int, rng: ran
 
 def collate(examples: list[Example], pad_id: int):
     """Right-padded input ids, attention mask and next-token labels (-100 where not trained)."""
-    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)  # (B, T)
+    input_ids, attention = right_padded([e.prompt_ids + e.response_ids for e in examples], pad_id)  # (B, T)
+    labels = torch.full_like(input_ids, -100)  # (B, T)
     for row, e in enumerate(examples):
-        ids = e.prompt_ids + e.response_ids
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
         start = len(e.prompt_ids)
         targets = torch.tensor(e.response_ids)
         targets[torch.tensor(e.loss_mask) == 0] = -100
-        labels[row, start : len(ids)] = targets
+        labels[row, start : start + len(targets)] = targets
     return input_ids, attention, labels
 
 

@@ -215,11 +215,11 @@ def parse_question(question: str) -> Chain:
 STEP_LINE = re.compile(r"^(First|Second|Third|Fourth) ([+-] \d+): (\d+) ([+-] \d+) = (\d+)\.")
 
 
-def step_spans(line: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """Character spans, in a step line, of its quoted operation ("- 1": the lookup) and of its
-    stated result (the arithmetic); None for any other line."""
+def step_spans(line: str) -> tuple[int, tuple[int, int], tuple[int, int]] | None:
+    """A step line's step number (from 1) and the character spans of its quoted operation ("- 1":
+    the lookup) and of its stated result (the arithmetic); None for any other line."""
     match = STEP_LINE.match(line)
-    return (match.span(2), match.span(5)) if match else None
+    return (ORDINALS.index(match.group(1)) + 1, match.span(2), match.span(5)) if match else None
 
 
 def audit_steps(question: str, response: str) -> dict[str, int]:
