@@ -150,7 +150,7 @@ def test_gradient_checkpointing_recomputes_without_changing_the_gradient(tiny_mo
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_autocast_computes_in_bf16_and_keeps_fp32weights(tiny_model, tiny_tokenizer, sequences):
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_model, tiny_tokenizer, sequences):
     prompts, responses = sequences
     pad = tiny_tokenizer.pad_token_id
     matmul_dtypes = []
