@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -28,12 +28,17 @@ from transformers import (
 )
 
 PAD, UNK, IM_START, IM_END = "<pad>", "<unk>", "<|im_start|>", "<|im_end|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
+# Qwen3's convention: the response opens a <think> section itself; `enable_thinking=False` closes an
+# empty one in the prompt, so the model answers at once (the thinking-free mode of hybrid models).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
 )
 
 WORD_PIECES = r" ?[+-]\d+| ?\d+| ?[^\W\d_]+| ?[^\s\w]+|\s+"
@@ -57,12 +62,15 @@ def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
         pieces.update(piece for piece, _ in pre.pre_tokenize_str(text))
     for role in ("system", "user", "assistant"):  # the chat template's own text
         pieces.update(piece for piece, _ in pre.pre_tokenize_str(f"{role}\n"))
-    pieces.update(piece for piece, _ in pre.pre_tokenize_str("\n"))
+    for whitespace in ("\n", "\n\n"):  # line breaks, and the blank lines around a thinking section
+        pieces.update(piece for piece, _ in pre.pre_tokenize_str(whitespace))
     specials = [PAD, UNK, IM_START, IM_END]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(pieces))}
+    vocab = {tok: i for i, tok in enumerate(specials + [THINK_OPEN, THINK_CLOSE] + sorted(pieces))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre
     core.decoder = decoders.ByteLevel()
+    # one token each, kept by decode(skip_special_tokens=True), as in Qwen3's tokenizer
+    core.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in (THINK_OPEN, THINK_CLOSE)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD,
