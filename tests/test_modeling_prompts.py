@@ -30,8 +30,8 @@ def _traces(count: int) -> list[str]:
     texts = []
     for chain in synthetic.train_chains(seed=0, count=count):
         texts.append(chain.question())
-        texts.append(synthetic.trace_text(synthetic.sample_trace(rng, chain, synthetic.VERBOSE, slip=0.5)))
-        texts.append(synthetic.trace_text(synthetic.sample_trace(rng, chain, synthetic.CONCISE)))
+        for style in synthetic.STYLES.values():
+            texts.append(synthetic.sample_response(rng, chain, style).text)
     return texts
 
 

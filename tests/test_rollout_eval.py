@@ -15,6 +15,7 @@ import torch
 from crisp import cli
 from crisp.config import SamplingConfig
 from crisp.data import synthetic
+from crisp.data.synthetic import SyntheticTask
 from crisp.evaluate import compare_to_baseline, summarize
 from crisp.modeling import build_tiny_model
 from crisp.prompts import PromptBuilder
@@ -233,13 +234,13 @@ def test_summarize_by_hand():
     assert two["truncation_rate"] == 0
 
 
-def test_summarize_step_figures_only_where_steps_were_audited():
+def test_summarize_adds_the_task_figures_overall_and_per_level():
     audited = [dict(_record("a", "1", True, 10), steps=2, operands_right=2, results_right=1),
                dict(_record("b", "2", False, 20), steps=3, operands_right=1, results_right=3)]
-    s = summarize(audited)
+    s = summarize(audited, SyntheticTask())
     assert s["operand_accuracy"] == pytest.approx(3 / 5) and s["result_accuracy"] == pytest.approx(4 / 5)
     assert s["by_difficulty"]["2"]["operand_accuracy"] == pytest.approx(1 / 3)
-    assert "operand_accuracy" not in summarize(RECORDS)
+    assert "operand_accuracy" not in summarize(audited)  # no task, no task figures
 
 
 def test_summarize_no_correct_and_level_order():

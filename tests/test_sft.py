@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from types import SimpleNamespace
 
 import pytest
@@ -10,23 +9,23 @@ import torch
 
 from crisp.config import SFTConfig, validate
 from crisp.data import synthetic
+from crisp.data.tasks import get_task
 from crisp.modeling import load_model
 from crisp.prompts import REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
-from crisp.sft import (build_model_and_tokenizer, collate, lookup_probe, probe_traces, response_loss,
-                       synthetic_examples, train_sft)
+from crisp.sft import build_model_and_tokenizer, collate, response_loss, train_sft
 
 from conftest import TINY
 from test_resume import assert_bitwise_equal, weights
 from test_selfdistill import read_metrics
 
+MIX = {"plain": 0.2, "v1": 0.2, "v2": 0.2, "reference": 0.2, "thinking_free": 0.2, "verbose_prefix_fraction": 0.5}
 
 
 def make_cfg(out, **overrides):
     raw = {"method": "sft", "output_dir": str(out), "max_steps": 2, "seed": 0, "threads": 1,
            "model": {"tiny": TINY}, "prompt": {"template": "plain"},
-           "data": {"source": "synthetic", "size": 400, "levels": [3, 4]},
-           "mix": {"instructed_fraction": 0.3, "reference_fraction": 0.3, "verbose_prefix_fraction": 0.5},
-           "batch_tokens": 1024, "optim": {"lr": 3e-3, "schedule": "constant"}, "log_every": 1}
+           "data": {"source": "synthetic", "size": 500, "levels": [3, 4]},
+           "mix": MIX, "batch_tokens": 1024, "optim": {"lr": 3e-3, "schedule": "constant"}, "log_every": 1}
     for key, value in overrides.items():
         raw[key] = value
     return validate(raw, SFTConfig)
@@ -36,36 +35,59 @@ def make_cfg(out, **overrides):
 def mix(tmp_path_factory):
     cfg = make_cfg(tmp_path_factory.mktemp("sft"))
     _, tokenizer = build_model_and_tokenizer(cfg)
-    return cfg, tokenizer, synthetic_examples(cfg, PromptBuilder(tokenizer, template="plain"))
+    return cfg, tokenizer, get_task("synthetic").sft_examples(cfg, PromptBuilder(tokenizer, template="plain"))
 
 
 def kind_of(prompt: str) -> str:
+    """Which prompt a rendered SFT prompt is, told apart by the text each kind adds."""
     if REFERENCE_TEMPLATE.split("{solution}")[0].split("{question}")[1].strip() in prompt:
         return "reference"
-    return "instructed" if resolve_instruction("v1") in prompt else "plain"
+    for preset in ("v1", "v2"):
+        if resolve_instruction(preset) in prompt:
+            return preset
+    return "thinking_free" if prompt.endswith(synthetic.THINKING_FREE_SUFFIX) else "plain"
 
 
-def test_mix_gives_each_prompt_kind_its_own_trace_style(mix):
-    _, tokenizer, examples = mix
+def test_the_corpus_holds_every_prompt_a_method_uses_each_in_its_style(mix):
+    cfg, tokenizer, examples = mix
+    builder = PromptBuilder(tokenizer, template="plain")
+    problem = synthetic.to_problem(synthetic.Chain(3, (2,)), 0, "t")
+    # exactly the prompts the methods build: the student's, CRISP's teachers, OPSD's teacher
+    assert tokenizer.decode(tokenizer(synthetic.sft_prompt(builder, problem, "plain"))["input_ids"]) == \
+        tokenizer.decode(builder.student_ids(problem))
+    assert synthetic.sft_prompt(builder, problem, "v2") == builder.render(
+        builder.teacher_text(problem, instruction=resolve_instruction("v2"), reference=False))
+    assert synthetic.sft_prompt(builder, problem, "reference") == builder.render(
+        builder.teacher_text(problem, instruction=None, reference=True))
+    assert synthetic.sft_prompt(builder, problem, "thinking_free") == tokenizer.apply_chat_template(
+        [{"role": "user", "content": problem.question}], tokenize=False, add_generation_prompt=True,
+        enable_thinking=False)
+
     kinds = [kind_of(tokenizer.decode(e.prompt_ids)) for e in examples]
-    shares = {k: kinds.count(k) / len(kinds) for k in ("plain", "instructed", "reference")}
-    assert abs(shares["instructed"] - 0.3) < 0.07 and abs(shares["reference"] - 0.3) < 0.07, shares
+    for kind in MIX:
+        if kind != "verbose_prefix_fraction":
+            assert abs(kinds.count(kind) / len(kinds) - 0.2) < 0.06, (kind, kinds.count(kind))
 
     def trained_text(e) -> str:
         return tokenizer.decode([t for t, m in zip(e.response_ids, e.loss_mask) if m])
 
-    lengths = {k: [len(trained_text(e).split()) for e, kind in zip(examples, kinds) if kind == k] for k in shares}
-    mean = {k: sum(v) / len(v) for k, v in lengths.items()}
-    assert mean["plain"] > 2 * mean["instructed"] and mean["plain"] > 2 * mean["reference"], mean
-    # a reference-prompted writer never slips, so a trained line never says "not <wrong total>"
-    assert not any(", not " in trained_text(e) for e, k in zip(examples, kinds) if k == "reference")
-    assert any(", not " in trained_text(e) for e, k in zip(examples, kinds) if k == "instructed")
-    # switching traces: the verbose prefix is in the response but not in the loss
-    masked = [e for e in examples if 0 in e.loss_mask]
-    assert masked and all(kind != "plain" for e, kind in zip(examples, kinds) if 0 in e.loss_mask)
-    for e in masked:  # the prefix is one leading block (rarely the whole trace, when it never switched)
-        first_trained = e.loss_mask.index(1) if 1 in e.loss_mask else len(e.loss_mask)
+    def style(kind, test):
+        return [test(trained_text(e)) for e, k in zip(examples, kinds) if k == kind]
+
+    words = {k: sum(style(k, lambda t: len(t.split()))) / kinds.count(k) for k in ("plain", "v1", "reference")}
+    assert words["plain"] > 2 * words["v1"] and words["plain"] > 2 * words["reference"], words
+    assert all(style("thinking_free", lambda t: "<think>" not in t and "</think>" not in t))
+    assert all(style("plain", lambda t: t.startswith("<think>\n") and "\n</think>\n\nAnswer: " in t))
+    assert not any(style("reference", lambda t: " is not " in t or "Hmm" in t))  # a reader of the totals never slips
+    assert any(style("plain", lambda t: "Hmm, wait" in t)) and any(style("v1", lambda t: " is not " in t))
+    # switching traces: the verbose prefix is in the response but not in the loss, and only there
+    masked = [(e, k) for e, k in zip(examples, kinds) if 0 in e.loss_mask]
+    assert masked and {k for _, k in masked} <= set(synthetic.SWITCHING_KINDS)
+    for e, _ in masked:
+        first_trained = e.loss_mask.index(1)
         assert 0 not in e.loss_mask[first_trained:]
+        assert tokenizer.decode(e.response_ids[:first_trained]).startswith("<think>\n")
+    assert all(e.loss_mask[-1] == 1 and e.response_ids[-1] == tokenizer.eos_token_id for e in examples)
 
 
 def test_collate_labels_only_trained_response_tokens(mix):
@@ -116,7 +138,7 @@ class NextTokenOracle(torch.nn.Module):
 
 def test_probe_marks_every_step_of_every_held_out_problem(mix):
     _, tokenizer, _ = mix
-    traces = probe_traces(PromptBuilder(tokenizer, template="plain"))
+    traces = synthetic.probe_traces(PromptBuilder(tokenizer, template="plain"))
     chains = synthetic.test_chains()
     assert len(traces) == len(chains)
     for trace, chain in zip(traces, chains):
@@ -130,9 +152,9 @@ def test_probe_marks_every_step_of_every_held_out_problem(mix):
 
 def test_probe_scores_an_oracle_one_and_a_copier_zero(mix):
     _, tokenizer, _ = mix
-    traces = probe_traces(PromptBuilder(tokenizer, template="plain"))
-    oracle = lookup_probe(NextTokenOracle(len(tokenizer), shift=1), traces, tokenizer.pad_token_id)
-    copier = lookup_probe(NextTokenOracle(len(tokenizer), shift=0), traces, tokenizer.pad_token_id)
+    traces = synthetic.probe_traces(PromptBuilder(tokenizer, template="plain"))
+    oracle = synthetic.lookup_probe(NextTokenOracle(len(tokenizer), shift=1), traces, tokenizer.pad_token_id)
+    copier = synthetic.lookup_probe(NextTokenOracle(len(tokenizer), shift=0), traces, tokenizer.pad_token_id)
     names = {f"probe/{kind}_step{s}" for kind in ("operand", "result") for s in range(1, 5)}
     assert set(oracle) == set(copier) == names
     assert all(value == 1.0 for value in oracle.values()), oracle

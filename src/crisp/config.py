@@ -153,17 +153,25 @@ class RunConfig(Strict):
 
 
 class SFTMix(Strict):
-    """How the synthetic SFT corpus mixes instructed and plain traces."""
+    """The synthetic task's SFT corpus: the share of each prompt kind (they add up to 1): plain (the
+    student's prompt), the v1 and v2 instructions (CRISP's teachers), OPSD's reference-solution prompt,
+    the thinking-free prompt; and the share of instructed and reference traces that start verbose."""
 
-    instruction: str = "v1"
-    instructed_fraction: Probability = 0.5  # prompts with the concise instruction
-    reference_fraction: Probability = 0.0  # prompts with OPSD's reference solution (the rest are plain)
-    verbose_prefix_fraction: Probability = 0.5  # instructed/reference traces that start verbose, then switch
+    plain: Probability = 0.45
+    v1: Probability = 0.15
+    v2: Probability = 0.15
+    reference: Probability = 0.1
+    thinking_free: Probability = 0.15
+    verbose_prefix_fraction: Probability = 0.5
+
+    def weights(self) -> dict[str, float]:
+        return {kind: getattr(self, kind) for kind in ("plain", "v1", "v2", "reference", "thinking_free")}
 
     @model_validator(mode="after")
-    def _fractions_fit(self) -> "SFTMix":
-        if self.instructed_fraction + self.reference_fraction > 1:
-            raise ValueError("instructed_fraction + reference_fraction must be at most 1")
+    def _fractions_add_up(self) -> "SFTMix":
+        total = sum(self.weights().values())
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"plain + v1 + v2 + reference + thinking_free must add up to 1 (got {total:g})")
         return self
 
 

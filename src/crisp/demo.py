@@ -1,7 +1,7 @@
 """`crisp demo`: train a tiny reasoning model, compress it, and compare.
 
-base model (trained, or reused when built with the same config) -> evaluate it without and with the
-concise instruction (the prompt-only baseline) -> each method on the same base and budget ->
+base model (trained, or reused when built with the same config) -> evaluate it without and with
+each concise instruction, v1 and v2 (the prompt-only baselines) -> each method on the same base and budget ->
 evaluate -> table, summary.json, report.md with plots. Fixed seeds throughout.
 """
 
@@ -14,13 +14,14 @@ from pathlib import Path
 import yaml
 
 from crisp.config import ConfigError, EvalConfig, load_config, validate
-from crisp.data import synthetic
+from crisp.data.synthetic import SyntheticTask
 from crisp.evaluate import evaluate, format_table, write_results
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.report import write_report
 
 METHODS = {"crisp": "crisp.yaml", "opsd": "opsd.yaml", "siri": "siri.yaml"}
+PROMPT_ONLY = ("v1", "v2")  # the instructions the base model is also evaluated with
 
 
 def _default_configs() -> Path:
@@ -46,9 +47,9 @@ def ensure_base_model(cfg) -> Path:
 def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instruction: str | None, template: str) -> dict:
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir))
-    problems = synthetic.test_problems()
+    task = SyntheticTask()
     records, summary = evaluate(
-        model, tokenizer, problems, builder=PromptBuilder(tokenizer, template=template),
+        model, tokenizer, task.eval_problems(), builder=PromptBuilder(tokenizer, template=template), task=task,
         sampling=eval_cfg.sampling, k=eval_cfg.k, seed=0, instruction=instruction, batch_size=eval_cfg.batch_size,
     )
     summary["model"] = str(model_dir)
@@ -68,7 +69,6 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
         m: load_config(configs / "demo" / METHODS[m], [f"output_dir={out / m}", f"model.path={out / 'base' / 'model'}"])
         for m in methods
     }
-    instruction_spec = base_cfg.mix.instruction
     template = base_cfg.prompt.template
     timings: dict[str, float] = {}
 
@@ -80,12 +80,12 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
         return result
 
     base_dir = timed("train base (sft)", ensure_base_model, base_cfg)
-    rows = {
-        "base": timed("eval base", evaluate_row, base_dir, eval_cfg, out / "eval" / "base",
-                      instruction=None, template=template),
-        "prompt_only": timed("eval prompt_only", evaluate_row, base_dir, eval_cfg, out / "eval" / "prompt_only",
-                             instruction=resolve_instruction(instruction_spec), template=template),
-    }
+    rows = {"base": timed("eval base", evaluate_row, base_dir, eval_cfg, out / "eval" / "base",
+                          instruction=None, template=template)}
+    for preset in PROMPT_ONLY:
+        name = f"prompt_only_{preset}"
+        rows[name] = timed(f"eval {name}", evaluate_row, base_dir, eval_cfg, out / "eval" / name,
+                           instruction=resolve_instruction(preset), template=template)
     for method, cfg in method_cfgs.items():
         model_dir = timed(f"train {method}", _train, cfg)
         rows[method] = timed(f"eval {method}", evaluate_row, model_dir, eval_cfg, out / "eval" / method,
@@ -94,7 +94,7 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     notes = "## Time per stage (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items())
-    notes += f"\n\n`prompt_only` is the base model with the `{instruction_spec}` instruction in its prompt."
+    notes += "\n\n`prompt_only_v1` and `prompt_only_v2` are the base model with that instruction in its prompt."
     report = write_report(out, rows, baseline="base", title="crisp demo: synthetic reasoning task", notes=notes)
     print()
     print(format_table(rows, baseline="base"))

@@ -15,9 +15,8 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from crisp.config import EvalRunConfig, SamplingConfig
-from crisp.data import synthetic
-from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
+from crisp.data.tasks import Task, get_task
 from crisp.distributed import autocast, gather, make_accelerator, shard
 from crisp.grading import get_grader, grade
 from crisp.modeling import load_model, load_tokenizer
@@ -25,12 +24,9 @@ from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
 
 
-def default_grader(problems: Sequence[Problem]) -> str:
-    return "exact" if problems and all(p.source == "synthetic" for p in problems) else "math-verify"
-
-
-def score_rollouts(problems: Sequence[Problem], rollouts: Sequence[Rollout], grader_name: str) -> list[dict]:
-    """One record per rollout: problem, response, tokens, finish reason, grade."""
+def score_rollouts(problems: Sequence[Problem], rollouts: Sequence[Rollout], grader_name: str,
+                   task: Task | None = None) -> list[dict]:
+    """One record per rollout: problem, response, tokens, finish reason, grade, and the task's audit."""
     grader = get_grader(grader_name)
     records = []
     for rollout in rollouts:
@@ -49,14 +45,14 @@ def score_rollouts(problems: Sequence[Problem], rollouts: Sequence[Rollout], gra
                 "timed_out": result.timed_out,
             }
         )
-        if problem.source == "synthetic":
-            records[-1].update(synthetic.audit_steps(problem.question, rollout.text))
+        if task is not None:
+            records[-1].update(task.audit(problem, rollout.text))
     return records
 
 
-def summarize(records: Sequence[dict]) -> dict:
-    """accuracy (avg@k), pass@k, mean tokens (all / correct only), truncation rate, on the synthetic task
-    the step-line figures of `_step_figures`; also per level."""
+def summarize(records: Sequence[dict], task: Task | None = None) -> dict:
+    """accuracy (avg@k), pass@k, mean tokens (all / correct only), truncation rate and the task's own
+    figures (Task.audit_summary); also per level."""
 
     def figures(rows: Sequence[dict]) -> dict:
         by_problem: dict[str, list[bool]] = defaultdict(list)
@@ -72,7 +68,7 @@ def summarize(records: Sequence[dict]) -> dict:
             "accuracy_std_over_samples": _std_over_sample_index(rows),
             "num_problems": len(by_problem),
             "num_samples": len(rows),
-            **_step_figures(rows),
+            **(task.audit_summary(rows) if task is not None else {}),
         }
 
     summary = figures(records)
@@ -81,15 +77,6 @@ def summarize(records: Sequence[dict]) -> dict:
         level: figures([r for r in records if r["difficulty"] == level]) for level in levels
     }
     return summary
-
-
-def _step_figures(rows: Sequence[dict]) -> dict:
-    """On the synthetic task: the share of step lines with the right operand and the right result."""
-    steps = sum(r.get("steps", 0) for r in rows)
-    if not steps:
-        return {}
-    return {"operand_accuracy": sum(r.get("operands_right", 0) for r in rows) / steps,
-            "result_accuracy": sum(r.get("results_right", 0) for r in rows) / steps}
 
 
 def _std_over_sample_index(rows: Sequence[dict]) -> float:
@@ -135,6 +122,7 @@ def evaluate(
     problems: Sequence[Problem],
     *,
     builder: PromptBuilder,
+    task: Task,
     sampling: SamplingConfig,
     k: int = 1,
     seed: int = 0,
@@ -144,11 +132,12 @@ def evaluate(
     progress: bool = True,
     accelerator=None,
 ) -> tuple[list[dict], dict]:
-    """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them.
+    """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them
+    with `grader` (default: the task's).
 
     With an `accelerator` of several processes, each samples and grades a slice of the problems and
     every process returns all the records (the same ones one process would produce)."""
-    grader = grader or default_grader(problems)
+    grader = grader or task.grader
     if instruction:
         prompts = [builder.teacher_ids(p, instruction=instruction) for p in problems]
     else:
@@ -159,9 +148,9 @@ def evaluate(
     rollouts = HFGenerator(model, tokenizer, batch_size=batch_size).generate(
         [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
-    records = score_rollouts(problems, rollouts, grader)
+    records = score_rollouts(problems, rollouts, grader, task)
     records = gather(records, accelerator)
-    summary = summarize(records)
+    summary = summarize(records, task)
     grader_obj = get_grader(grader)
     summary.update(
         {
@@ -180,7 +169,8 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines:
     """Evaluate cfg.model on each benchmark (data-parallel under `accelerate launch`); rank 0 writes
     each one's samples.jsonl and summary.json to outputs[benchmark]. Returns the summaries."""
     accelerator = make_accelerator(cfg.mixed_precision)
-    problems = {name: load_problems(name, limit=cfg.limit) for name in cfg.benchmarks}  # bad data fails first
+    tasks = {name: get_task(name) for name in cfg.benchmarks}
+    problems = {name: task.eval_problems(cfg.limit) for name, task in tasks.items()}  # bad data fails first
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model.to(accelerator.device)
@@ -188,7 +178,8 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines:
     summaries = {}
     for name, benchmark in problems.items():
         with autocast(cfg.mixed_precision, accelerator.device):
-            records, summary = evaluate(model, tokenizer, benchmark, builder=builder, sampling=cfg.sampling, k=cfg.k,
+            records, summary = evaluate(model, tokenizer, benchmark, builder=builder, task=tasks[name],
+                                        sampling=cfg.sampling, k=cfg.k,
                                         seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
                                         grader=cfg.grader, batch_size=cfg.batch_size,
                                         progress=accelerator.is_main_process, accelerator=accelerator)

@@ -33,11 +33,10 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from crisp.config import GRPOConfig
-from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
 from crisp.distributed import (gather, grad_sync, micro_batches, prepare, reduce_sum, save_final,
                                shard)
-from crisp.evaluate import default_grader, score_rollouts
+from crisp.evaluate import score_rollouts
 from crisp.grading import get_grader, grade
 from crisp.loop import ProblemStream, TrainingRun, open_run, trainable_model, training_problems
 from crisp.losses import clipped_surrogate_loss
@@ -167,8 +166,7 @@ def loss_normaliser(cfg: GRPOConfig, num_tokens: int) -> float | None:
 def train_grpo(cfg: GRPOConfig) -> Path:
     accelerator, out = open_run(cfg)
     main = accelerator.is_main_process  # only rank 0 writes files
-    problems = training_problems(cfg)  # bad data fails here, before any model is loaded
-    eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
+    task, problems, eval_problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     policy, tokenizer = trainable_model(cfg)
     # The initial weights, frozen (taken before a resume loads later weights); with LoRA, the adapters off.
     reference = Teacher(policy, update="frozen") if cfg.kl_coef else None
@@ -178,7 +176,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     # model: the wrapped policy, which every forward pass of the policy goes through (DDP/FSDP)
     model, optimizer = prepare(accelerator, policy, optimizer, checkpoints=cfg.uses_checkpoints)
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
-    grader = default_grader(problems)
+    grader = task.grader
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
     stream = ProblemStream(problems, cfg.seed)
     # the reference model is the initial weights, rebuilt from model.path: a checkpoint need not hold it

@@ -25,11 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from crisp.config import SelfDistillConfig
-from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
 from crisp.distributed import (gather, grad_sync, micro_batches, prepare, reduce_sum, save_final,
                                shard)
-from crisp.evaluate import default_grader, score_rollouts
+from crisp.evaluate import score_rollouts
 from crisp.losses import divergence_sum
 from crisp.loop import ProblemStream, TrainingRun, open_run, trainable_model, training_problems
 from crisp.modeling import output_head, response_hidden
@@ -119,8 +118,7 @@ def distill_backward(model, teacher: Teacher, rollouts: Sequence[Rollout], teach
 def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     accelerator, out = open_run(cfg)
     main = accelerator.is_main_process  # only rank 0 writes files
-    problems = training_problems(cfg)  # bad data fails here, before any model is loaded
-    eval_problems = load_problems(cfg.eval.benchmark, limit=cfg.eval.limit) if cfg.eval else []
+    task, problems, eval_problems = training_problems(cfg)  # bad data fails here, before any model is loaded
     student, tokenizer = trainable_model(cfg)
     teacher = Teacher(student, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every,
                       ema_decay=cfg.teacher.ema_decay)
@@ -130,7 +128,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     model, optimizer = prepare(accelerator, student, optimizer, checkpoints=cfg.uses_checkpoints)
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
-    grader = default_grader(problems)
+    grader = task.grader
     generator = HFGenerator(student, tokenizer)
     stream = ProblemStream(problems, cfg.seed)
     # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
