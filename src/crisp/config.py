@@ -88,6 +88,9 @@ class PromptConfig(Strict):
     template: str = "dapo"  # a preset (dapo, plain) or a custom string containing {question}
     system: str | None = None
     enable_thinking: bool | None = None
+    # TFPI's thinking-free mode: every prompt (student and teacher) ends with an empty closed
+    # thinking block, "<think>\n\n</think>\n\n" (see crisp.prompts)
+    thinking_free: bool = False
 
 
 class SamplingConfig(Strict):
