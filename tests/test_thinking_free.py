@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 import crisp.grpo as grpo
-from crisp.config import PromptConfig
+from crisp import cli
+from crisp.config import PromptConfig, SamplingConfig
 from crisp.data import synthetic
 from crisp.grpo import train_grpo
+from crisp.modeling import build_tiny_model, save_model
 from crisp.prompts import CLOSED_THINKING, PromptBuilder
 from crisp.rollout import HFGenerator
 from crisp.sft import collate, synthetic_examples
 
+from conftest import TINY
 from test_grpo import alternating_rewards, make_cfg, read_metrics, surrogate_calls  # noqa: F401 (fixtures)
 from test_sft import make_cfg as make_sft_cfg
 
@@ -135,3 +141,91 @@ def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, monk
     assert call["mask"].sum(dim=1).tolist() == [r.num_tokens for r in rollouts]
     (metrics,) = read_metrics(tmp_path / "run")
     assert metrics["rollout/mean_tokens"] == sum(r.num_tokens for r in rollouts) / len(rollouts)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation in both modes
+# ---------------------------------------------------------------------------------------------
+
+EVAL_FLAGS = ["--benchmark", "synthetic", "--limit", "6", "--k", "2", "--max-new-tokens", "6", "--seed", "1"]
+
+
+def read_eval(out: Path) -> tuple[dict, list[dict]]:
+    summary = json.loads((out / "summary.json").read_text())
+    return summary, [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_eval_thinking_free_counts_the_responses_of_thinking_free_prompts(tiny_model_dir, tiny_model,
+                                                                         tiny_tokenizer, tmp_path):
+    out = tmp_path / "free"
+    cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(out), "--thinking-free"])
+    summary, samples = read_eval(out)
+    assert summary["thinking_mode"] == "thinking_free"
+    # the same sampler on the thinking-free prompts: the records are exactly its responses
+    builder = PromptBuilder(tiny_tokenizer, template="plain", thinking_free=True)
+    sampling = SamplingConfig(n=2, temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=6)
+    rollouts = HFGenerator(tiny_model, tiny_tokenizer).generate(
+        [builder.student_ids(p) for p in synthetic.test_problems()[:6]], sampling, seed=1)
+    assert [s["tokens"] for s in samples] == [r.num_tokens for r in rollouts]
+    assert [s["response"] for s in samples] == [r.text for r in rollouts]
+    assert summary["mean_tokens"] == sum(r.num_tokens for r in rollouts) / len(rollouts)
+
+
+def test_eval_in_both_modes_side_by_side_each_against_its_own_baseline(tiny_model_dir, tmp_path, capsys):
+    single = {}
+    for mode, flags in (("thinking", []), ("thinking_free", ["--thinking-free"])):
+        cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(tmp_path / mode), *flags])
+        single[mode] = read_eval(tmp_path / mode)
+    assert single["thinking"][0]["thinking_mode"] == "thinking"
+    assert single["thinking"][1] != single["thinking_free"][1]  # the prompt mode changes the samples
+    capsys.readouterr()
+
+    both = tmp_path / "both"
+    cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(both),
+              "--modes", "thinking,thinking_free"])
+    printed = capsys.readouterr().out
+    name = tiny_model_dir.name
+    assert f"{name} (thinking)" in printed and f"{name} (thinking_free)" in printed
+    for mode in ("thinking", "thinking_free"):
+        summary, samples = read_eval(both / mode)
+        assert summary["thinking_mode"] == mode and samples == single[mode][1]
+
+    again = tmp_path / "again"  # a baseline evaluated in both modes: each mode against the same mode
+    cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(again),
+              "--modes", "thinking,thinking_free", "--baseline", str(both)])
+    for mode in ("thinking", "thinking_free"):
+        assert read_eval(again / mode)[0]["vs_baseline"]["overall"]["compression_ratio"] == 1.0
+    assert "baseline (thinking_free)" in capsys.readouterr().out
+
+
+def test_eval_config_modes_write_a_folder_per_benchmark_and_mode(tiny_model_dir, tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_model_dir)}, "benchmarks": ["synthetic"], "output_dir": str(tmp_path / "out"),
+        "k": 1, "limit": 2, "sampling": {"max_new_tokens": 4}, "prompt": {"template": "plain"},
+        "modes": ["thinking_free", "thinking"]}))
+    cli.main(["eval", "--config", str(config)])
+    for mode in ("thinking", "thinking_free"):
+        assert read_eval(tmp_path / "out" / "synthetic" / mode)[0]["thinking_mode"] == mode
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--modes", "thinking,thinking_free", "--thinking-free"], "modes: set modes or prompt.thinking_free"),
+    (["--modes", "thinking,thinking"], "modes: each mode once"),
+    (["--modes", "fast"], "modes.0"),
+])
+def test_eval_mode_flag_errors_exit_2(tiny_model_dir, tmp_path, capsys, flags, named):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(tmp_path / "x"), *flags])
+    assert info.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_eval_thinking_free_of_a_model_without_thinking_exits_2_naming_it(tiny_tokenizer, tmp_path, capsys):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = trl_template("qwen2_5")
+    model_dir = tmp_path / "no-thinking-model"
+    save_model(build_tiny_model(tokenizer, seed=0, **TINY), tokenizer, model_dir)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", "--model", str(model_dir), *EVAL_FLAGS, "--out", str(tmp_path / "x"), "--thinking-free"])
+    assert info.value.code == 2
+    assert f"{model_dir}" in (err := capsys.readouterr().err) and "no thinking convention" in err

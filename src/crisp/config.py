@@ -381,6 +381,17 @@ class EvalRunConfig(Strict):
     batch_size: PositiveInt = 256  # sequences per generate call
     baseline: str | None = None  # the output_dir of an earlier `crisp eval --config`: adds compression ratios
     mixed_precision: Literal["no", "bf16"] = "no"
+    # Evaluate in each of these prompt modes, into output_dir/<benchmark>/<mode>/ (TFPI's two modes:
+    # the plain template, and thinking-free prompts); empty: the one mode `prompt` sets, no subfolder.
+    modes: list[Literal["thinking", "thinking_free"]] = []
+
+    @model_validator(mode="after")
+    def _one_way_to_set_the_mode(self) -> "EvalRunConfig":
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes: each mode once (got {self.modes})")
+        if self.modes and self.prompt.thinking_free:
+            raise ValueError("modes: set modes or prompt.thinking_free, not both")
+        return self
 
 
 TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig, GRPOConfig], Field(discriminator="method")]
