@@ -213,6 +213,7 @@ def test_eval_config_modes_write_a_folder_per_benchmark_and_mode(tiny_model_dir,
     (["--modes", "thinking,thinking_free", "--thinking-free"], "modes: set modes or prompt.thinking_free"),
     (["--modes", "thinking,thinking"], "modes: each mode once"),
     (["--modes", "fast"], "modes.0"),
+    (["--modes", "thinking,thinking_free", "--enable-thinking", "false"], "every mode thinking-free"),
 ])
 def test_eval_mode_flag_errors_exit_2(tiny_model_dir, tmp_path, capsys, flags, named):
     with pytest.raises(SystemExit) as info:

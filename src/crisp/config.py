@@ -391,6 +391,8 @@ class EvalRunConfig(Strict):
             raise ValueError(f"modes: each mode once (got {self.modes})")
         if self.modes and self.prompt.thinking_free:
             raise ValueError("modes: set modes or prompt.thinking_free, not both")
+        if self.modes and self.prompt.enable_thinking is False:  # its "thinking" mode would not think
+            raise ValueError("modes: prompt.enable_thinking: false would make every mode thinking-free")
         return self
 
 
