@@ -244,6 +244,58 @@ def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path, alter
 
 
 # ---------------------------------------------------------------------------------------------
+# TFPI: staged caps and prompt modes
+# ---------------------------------------------------------------------------------------------
+
+# thinking-free stages of growing length, then a last one in thinking mode ("TFPI + RL")
+STAGES = [{"max_length": 3, "steps": 2}, {"max_length": 5, "steps": 1},
+          {"max_length": 7, "steps": 2, "thinking_free": False}]
+
+
+def staged(**overrides) -> dict:
+    return {"schedule": {"kind": "stages", "stages": STAGES}, "prompt.thinking_free": True, "max_steps": 5,
+            **overrides}
+
+
+def test_step_plan_follows_the_stages(tiny_model_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, tmp_path, **staged())
+    plans = [grpo.step_plan(cfg, t) for t in range(5)]
+    assert [p.cap for p in plans] == [3, 3, 5, 7, 7]
+    assert [p.stage for p in plans] == [1, 1, 2, 3, 3]
+    assert [p.stage_start for p in plans] == [True, False, True, True, False]
+    assert [p.thinking_free for p in plans] == [True, True, True, False, False]
+    assert (cfg.schedule.l_min, cfg.schedule.l_max, cfg.rollout.max_new_tokens) == (3, 7, 7)
+    periodic = make_cfg(tiny_model_dir, tmp_path, **{"prompt.thinking_free": True})
+    assert grpo.step_plan(periodic, 0) == grpo.StepPlan(12, True)  # no stage, the run's mode
+
+
+def test_stages_reach_generation_and_prompts_and_are_logged(tiny_model_dir, tmp_path, monkeypatch,
+                                                            alternating_rewards, surrogate_calls, tiny_tokenizer):
+    calls = []
+
+    class Recording(HFGenerator):
+        def generate(self, prompts, sampling, *, max_new_tokens=None, **kwargs):
+            calls.append((max_new_tokens, [tiny_tokenizer.decode(p) for p in prompts]))
+            return super().generate(prompts, sampling, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(grpo, "HFGenerator", Recording)
+    train_grpo(make_cfg(tiny_model_dir, tmp_path / "run", log_every=10, **staged()))
+    assert [limit for limit, _ in calls] == [3, 3, 5, 7, 7]
+    closed = [all(p.endswith("<think>\n\n</think>\n\n") for p in prompts) for _, prompts in calls]
+    assert closed == [True, True, True, False, False]
+    assert not any("<think>" in p for _, prompts in calls[3:] for p in prompts)  # thinking mode: no block at all
+    # log_every 10 writes only the last step, but the first step of every stage is logged too
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 3, 4, 5]
+    assert [m.get("train/stage_start") for m in metrics] == [1, 2, 3, None]
+    assert [m["rollout/stage"] for m in metrics] == [1, 2, 3, 3]
+    assert [m["rollout/max_len"] for m in metrics] == [3, 5, 7, 7]
+    assert [m["rollout/thinking_free"] for m in metrics] == [True, True, False, False]
+    # the loss normaliser is batch_size * group_size * the largest stage's length, at every stage
+    assert {call["normaliser"] for call in surrogate_calls} == {2 * 4 * 7}
+
+
+# ---------------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------------
 
@@ -257,6 +309,13 @@ def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path, alter
         ({"rollout": {"n": 3}}, "rollout.n"),
         ({"rollout": {"max_new_tokens": 5}}, "rollout.max_new_tokens"),
         ({"schedule": {"kind": "linear"}}, "schedule.kind"),
+        ({"schedule": {"kind": "stages"}}, "schedule.stages"),
+        ({"schedule": {"kind": "stages", "stages": []}}, "schedule.stages"),
+        ({"schedule": {"kind": "cosine", "stages": [{"max_length": 4, "steps": 1}]}}, "schedule.stages"),
+        ({"schedule": {"kind": "stages", "stages": [{"max_length": 4, "steps": 0}]}}, "schedule.stages.0.steps"),
+        ({"schedule": {"kind": "stages", "stages": [{"max_length": 4, "steps": 1}], "l_max": 8}}, "schedule.l_max"),
+        ({"schedule": {"kind": "stages", "stages": [{"max_length": 4, "steps": 1}], "period": 8}}, "schedule.period"),
+        ({"max_steps": 3, "schedule": {"kind": "stages", "stages": [{"max_length": 4, "steps": 2}]}}, "max_steps"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):
@@ -264,6 +323,17 @@ def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as error:
         validate(data)
     assert str(error.value).startswith(key) or f"{key} (" in str(error.value)
+
+
+def test_a_staged_schedule_dumps_without_its_derived_bounds_and_reloads(tmp_path):
+    cfg = validate({"method": "grpo", "output_dir": "x", "max_steps": 2, "model": {"path": "m"},
+                    "schedule": {"kind": "stages", "stages": [{"max_length": 40, "steps": 1},
+                                                              {"max_length": 80, "steps": 1}]}})
+    assert (cfg.schedule.l_min, cfg.schedule.l_max, cfg.rollout.max_new_tokens) == (40, 80, 80)
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml", ["schedule.stages=[{max_length: 50, steps: 2}]"])
+    assert (again.schedule.l_min, again.schedule.l_max, again.rollout.max_new_tokens) == (50, 50, 50)
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 def test_rollout_takes_group_size_and_l_max_and_the_dump_reloads(tmp_path):

@@ -30,7 +30,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PROBLEMS = FIXTURES / "math500_sample.jsonl"  # questions, answers and reference solutions
 
 # The model_type in each hub model's config.json.
-FAMILY = {"Qwen/Qwen3-8B": "qwen3", "Qwen/Qwen3-1.7B": "qwen3", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "qwen2"}
+FAMILY = {"Qwen/Qwen3-8B": "qwen3", "Qwen/Qwen3-1.7B": "qwen3", "Qwen/Qwen3-4B": "qwen3",
+          "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "qwen2"}
+
+TINY_STAGES = "[{max_length: 4, steps: 100}, {max_length: 6, steps: 100}, {max_length: 8, steps: 100}]"
 
 # What each recipe must shrink to run on a CPU in seconds: lengths and, for SIRI, the batch.
 SHRINK = {
@@ -38,6 +41,9 @@ SHRINK = {
     "opsd-qwen3-1.7b": ["rollout.max_new_tokens=8"],
     "siri-r1-distill-qwen-1.5b": ["batch_size=2", "group_size=4", "generation_batch_size=8",
                                   "schedule.l_min=4", "schedule.l_max=8"],
+    # the stages as written but for their lengths
+    "tfpi-qwen3-4b": ["batch_size=2", "generation_batch_size=8", "schedule.stages=" + TINY_STAGES],
+    "tfpi-r1-distill-qwen-1.5b": ["batch_size=2", "generation_batch_size=8", "schedule.stages=" + TINY_STAGES],
 }
 
 
@@ -90,6 +96,10 @@ def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, family_model
 
     (metrics,) = read_metrics(out)
     assert metrics["step"] == 1 and metrics["train/skipped_steps"] == 0
+    if run.method == "grpo" and run.schedule.kind == "stages":  # TFPI: stage 1, in the prompt mode as written
+        assert (metrics["rollout/stage"], metrics["train/stage_start"]) == (1, 1)
+        assert metrics["rollout/max_len"] == run.schedule.stages[0].max_length
+        assert metrics["rollout/thinking_free"] is run.prompt.thinking_free is True
     assert metrics["train/loss"] is not None and metrics["train/grad_norm"] > 0
     initial, trained = (load_model(str(d)).state_dict() for d in (family_models[family], out / "model"))
     stored = DTYPES[run.model.dtype]  # a bf16 recipe rounds the weights it loads: compare the rounded ones
@@ -98,6 +108,18 @@ def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, family_model
     if run.model.lora:
         assert all(k.endswith("proj.weight") for k in changed)  # merged LoRA update only
         assert (out / "model" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("recipe, lengths", [("tfpi-qwen3-4b", [4096, 8192, 16384]),
+                                             ("tfpi-r1-distill-qwen-1.5b", [2048, 4096, 8192])])
+def test_tfpi_recipes_keep_the_papers_settings(recipe, lengths):
+    cfg = load_config(RECIPES / f"{recipe}.yaml")
+    assert cfg.prompt.thinking_free and cfg.schedule.kind == "stages"
+    assert [s.max_length for s in cfg.schedule.stages] == lengths
+    assert sum(s.steps for s in cfg.schedule.stages) == cfg.max_steps
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.group_size, cfg.rollout.temperature) == (1e-6, 0, 8, 1.0)
+    assert (cfg.eps_low, cfg.eps_high, cfg.dynamic_sampling, cfg.aggregation, cfg.kl_coef) == (
+        0.2, 0.28, True, "token", 0.0)
 
 
 def test_eval_recipe_runs_with_its_protocol(family_models, tmp_path):

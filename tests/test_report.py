@@ -52,3 +52,21 @@ def test_compare_cli_writes_the_report(runs, tmp_path, capsys):
         assert (tmp_path / "report" / name).is_file()
     with pytest.raises(SystemExit):
         main(["compare", str(runs / "base"), "--baseline", "nope"])
+
+
+def test_rows_in_both_modes_get_a_mode_column_and_a_missing_mode_is_reported():
+    rows = {
+        "base": summary(0.5, 100.0, {"1": (0.5, 100.0)}, model="base", thinking_mode="thinking"),
+        "base (thinking-free)": summary(0.3, 20.0, {"1": (0.3, 20.0)}, model="base", thinking_mode="thinking_free"),
+        "tfpi": summary(0.6, 60.0, {"1": (0.6, 60.0)}, model="tfpi", thinking_mode="thinking"),
+        "crisp": summary(0.5, 40.0, {"1": (0.5, 40.0)}, model="crisp", thinking_mode="thinking"),
+    }
+    lines = comparison_lines(rows, baseline="base")
+    assert lines[0] == ["run", "mode", "level", "accuracy", "tokens", "reduction", "dAcc/CR"]
+    assert [line[:3] for line in lines[1:5]] == [["base", "thinking", "all"], ["", "", "L1"],
+                                                 ["base (thinking-free)", "thinking_free", "all"], ["", "", "L1"]]
+    assert lines[3][5] == "80.0%"  # against the baseline row, whatever its mode
+    assert setting_differences(rows) == ["thinking_mode: tfpi has no thinking_free row",
+                                         "thinking_mode: crisp has no thinking_free row"]
+    one_mode = {name: rows[name] for name in ("base", "tfpi")}
+    assert "mode" not in comparison_lines(one_mode, baseline="base")[0] and not setting_differences(one_mode)

@@ -216,6 +216,23 @@ def test_grpo_killed_and_resumed_from_an_older_checkpoint_equals_uninterrupted(a
     assert 0 < sum(m["rollout/accuracy"] for m in metrics) / len(metrics) < 1
 
 
+def test_grpo_staged_killed_and_resumed_across_stage_boundaries_equals_uninterrupted(answering_model_and_data,
+                                                                                   tmp_path):
+    """TFPI's stages: thinking-free prompts with a cap growing every two steps, then a thinking-mode
+    stage. Wherever the kill lands (after step 3-6), the resumed run crosses at least one stage
+    boundary, and it must equal the run that was never interrupted, stage markers included."""
+    model_dir, problems = answering_model_and_data
+    stages = [{"max_length": 4, "steps": 2}, {"max_length": 6, "steps": 2}, {"max_length": 8, "steps": 2},
+              {"max_length": 10, "steps": 2}, {"max_length": 12, "steps": 2, "thinking_free": False}]
+    base = {**GRPO, "data": {"source": str(problems)}, "prompt": {"template": "plain", "thinking_free": True},
+            "schedule": {"kind": "stages", "stages": stages}}
+    kill_and_resume(base, model_dir, tmp_path, train_grpo)
+    metrics = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    assert [m["rollout/stage"] for m in metrics] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [m["step"] for m in metrics if "train/stage_start" in m] == [1, 3, 5, 7, 9]
+    assert [m["rollout/thinking_free"] for m in metrics] == [True] * 8 + [False] * 2
+
+
 # ---------------------------------------------------------------------------------------------
 # non-finite steps
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from crisp.schedules import KINDS, max_length_at
+from crisp.schedules import KINDS, max_length_at, stage_at, stage_starts
 
 L_MIN, L_MAX, T = 8192, 16384, 640  # the SIRI paper's settings
 MID, AMP = 12288, 4096
@@ -126,3 +126,33 @@ def test_validation_errors():
         max_length_at(-1, kind="cosine", l_min=100, l_max=200, period=10)
     with pytest.raises(ValueError, match="constant.*stair.*cosine.*stair_cosine"):
         max_length_at(0, kind="linear", l_min=100, l_max=200, period=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFPI's stages
+# ---------------------------------------------------------------------------------------------
+
+TFPI_STEPS = [100, 100, 100]  # e.g. 4K -> 8K -> 16K, 100 steps each
+
+
+def test_stage_starts_are_the_running_sums():
+    assert stage_starts(TFPI_STEPS) == [0, 100, 200]
+    assert stage_starts([5]) == [0]
+    assert stage_starts([1, 2, 3]) == [0, 1, 3]
+
+
+def test_stage_at_every_step_and_the_boundaries():
+    stages = [stage_at(t, TFPI_STEPS) for t in range(300)]
+    assert stages == [0] * 100 + [1] * 100 + [2] * 100
+    assert [stage_at(t, [1, 2, 3]) for t in range(6)] == [0, 1, 1, 2, 2, 2]
+
+
+def test_stage_errors():
+    with pytest.raises(ValueError, match="outside the stages"):
+        stage_at(300, TFPI_STEPS)
+    with pytest.raises(ValueError, match="outside the stages"):
+        stage_at(-1, TFPI_STEPS)
+    with pytest.raises(ValueError, match="at least 1 step"):
+        stage_starts([100, 0])
+    with pytest.raises(ValueError, match="at least one stage"):
+        stage_at(0, [])

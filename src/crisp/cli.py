@@ -46,13 +46,13 @@ def cmd_eval(args) -> None:
     from crisp.evaluate import evaluate_benchmarks, format_table
 
     if args.config:
-        if args.model or args.benchmark or args.out:
-            raise ConfigError("--config: give --model, --benchmark and --out as overrides (model.path=..., "
-                              "benchmarks=[...], output_dir=...) or leave --config out")
+        if args.model or args.benchmark or args.out or args.thinking_free or args.modes:
+            raise ConfigError("--config: give --model, --benchmark, --out, --thinking-free and --modes as overrides "
+                              "(model.path=..., benchmarks=[...], output_dir=..., prompt.thinking_free=true, "
+                              "modes=[...]) or leave --config out")
         cfg = load_config(args.config, args.overrides, EvalRunConfig)
         outputs = {name: Path(cfg.output_dir) / Path(name).stem for name in cfg.benchmarks}
-        baselines = {name: _summary(Path(cfg.baseline) / Path(name).stem / "summary.json") if cfg.baseline else None
-                     for name in cfg.benchmarks}
+        baseline_paths = {name: Path(cfg.baseline) / Path(name).stem if cfg.baseline else None for name in cfg.benchmarks}
     else:
         missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark),
                                             ("--out", args.out)) if not value]
@@ -68,22 +68,42 @@ def cmd_eval(args) -> None:
             "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                          "max_new_tokens": args.max_new_tokens},
             "prompt": {"template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
-                       "enable_thinking": args.enable_thinking},
+                       "enable_thinking": args.enable_thinking, "thinking_free": args.thinking_free},
             "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
             "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+            "modes": [m for m in (args.modes or "").split(",") if m],
         }, EvalRunConfig)
         outputs = {args.benchmark: Path(args.out)}
-        baselines = {args.benchmark: _summary(Path(args.baseline)) if args.baseline else None}
+        baseline_paths = {args.benchmark: Path(args.baseline) if args.baseline else None}
+    modes = cfg.modes or [None]
+    baselines = {(name, mode): _baseline(path, mode) if path else None
+                 for name, path in baseline_paths.items() for mode in modes}
     summaries = evaluate_benchmarks(cfg, outputs, baselines)
     if not is_main_process():
         return
     name = Path(cfg.model.path).name
-    for benchmark, summary in summaries.items():
-        baseline = baselines[benchmark]
-        rows = {"baseline": baseline, name: summary} if baseline else {name: summary}
+    for benchmark in cfg.benchmarks:
+        rows = {}  # the modes side by side, each with its baseline
+        for mode in modes:
+            label = f" ({mode})" if mode else ""
+            if baselines[(benchmark, mode)] is not None:
+                rows[f"baseline{label}"] = baselines[(benchmark, mode)]
+            rows[f"{name}{label}"] = summaries[(benchmark, mode)]
+        baseline = next((row for row in rows if row.startswith("baseline")), None)
         print(f"{benchmark}:")
-        print(format_table(rows, baseline="baseline" if baseline else None))
-        print(f"wrote {outputs[benchmark]}/summary.json and samples.jsonl")
+        print(format_table(rows, baseline=baseline))
+        if baseline and len(modes) > 1:
+            print(f"reduction against {baseline}")
+        folders = [outputs[benchmark] / mode if mode else outputs[benchmark] for mode in modes]
+        print(f"wrote {', '.join(f'{f}/summary.json' for f in folders)} and samples.jsonl")
+
+
+def _baseline(path: Path, mode: str | None) -> dict:
+    """The baseline summary for one mode: `path` itself if it is a file, else the summary.json in its
+    <mode> subfolder (a baseline evaluated in several modes) or in the folder itself."""
+    if path.is_dir():
+        path = path / mode / "summary.json" if mode and (path / mode / "summary.json").is_file() else path / "summary.json"
+    return _summary(path)
 
 
 def _summary(path: Path) -> dict:
@@ -134,12 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
     ev.add_argument("--enable-thinking", type=lambda s: s.lower() == "true", default=None)
+    ev.add_argument("--thinking-free", action="store_true",
+                    help="thinking-free prompts: each ends with an empty closed <think> block (TFPI)")
+    ev.add_argument("--modes", default=None,
+                    help="evaluate in several modes, e.g. thinking,thinking_free: each into --out/<mode>/")
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="train a tiny reasoning model, compress it, report")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--methods", default="crisp", help="comma-separated: crisp, opsd, siri")
+    demo.add_argument("--methods", default="crisp", help="comma-separated: crisp, opsd, siri, tfpi")
     demo.add_argument("--configs", default=None, help="folder with the demo YAML files (default: built in)")
     demo.set_defaults(func=cmd_demo)
 

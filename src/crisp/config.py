@@ -20,6 +20,7 @@ from pydantic import (
     ValidationInfo,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -88,6 +89,9 @@ class PromptConfig(Strict):
     template: str = "dapo"  # a preset (dapo, plain) or a custom string containing {question}
     system: str | None = None
     enable_thinking: bool | None = None
+    # TFPI's thinking-free mode: every prompt (student and teacher) ends with an empty closed
+    # thinking block, "<think>\n\n</think>\n\n" (see crisp.prompts)
+    thinking_free: bool = False
 
 
 class SamplingConfig(Strict):
@@ -232,21 +236,68 @@ class SelfDistillConfig(RunConfig):
         return self
 
 
-class LengthSchedule(Strict):
-    """SIRI's maximum rollout length L over training steps (see crisp.schedules.max_length_at)."""
+class Stage(Strict):
+    """One stage of a staged schedule: its maximum response length, for `steps` training steps."""
 
-    kind: Literal["constant", "stair", "cosine", "stair_cosine"] = "constant"
+    max_length: PositiveInt
+    steps: PositiveInt
+    # None: the run's prompt.thinking_free; false for a last stage in thinking mode ("TFPI + RL")
+    thinking_free: bool | None = None
+
+
+class LengthSchedule(Strict):
+    """The maximum rollout length L over training steps: SIRI's periodic kinds (see
+    crisp.schedules.max_length_at) or `kind: stages`, TFPI's stages of growing length (`stages`: a
+    list of {max_length, steps}, run in order). For stages, l_min and l_max are the smallest and the
+    largest stage length, filled in here; the run's max_steps may stop inside the stages but not
+    run past them."""
+
+    kind: Literal["constant", "stair", "cosine", "stair_cosine", "stages"] = "constant"
     l_min: PositiveInt = 8192
     l_max: PositiveInt = 16384
     period: PositiveInt = 640  # T, in training steps
+    stages: list[Stage] | None = None
 
     @field_validator("l_max")
     @classmethod
     def _ordered(cls, l_max: int, info: ValidationInfo) -> int:
         l_min = info.data.get("l_min")
-        if l_min is not None and l_min > l_max:
+        if info.data.get("kind") != "stages" and l_min is not None and l_min > l_max:  # stages: checked below
             raise ValueError(f"schedule.l_max ({l_max}) must be >= schedule.l_min ({l_min})")
         return l_max
+
+    @model_validator(mode="after")
+    def _stages_fill_the_bounds(self) -> "LengthSchedule":
+        if self.kind != "stages":
+            if self.stages is not None:
+                raise ValueError("schedule.stages: only with schedule.kind: stages")
+            return self
+        if not self.stages:
+            raise ValueError("schedule.stages: kind stages needs a list of {max_length, steps}")
+        lengths = [stage.max_length for stage in self.stages]
+        derived = {"l_min": min(lengths), "l_max": max(lengths)}
+        for key, value in derived.items():
+            if key in self.model_fields_set and getattr(self, key) != value:
+                raise ValueError(f"schedule.{key} ({getattr(self, key)}) must equal the stages' "
+                                 f"{'smallest' if key == 'l_min' else 'largest'} max_length ({value}) or be left out")
+        if "period" in self.model_fields_set:
+            raise ValueError("schedule.period: not used by kind stages")
+        for key, value in derived.items():
+            object.__setattr__(self, key, value)  # plain assignment would re-run this validator
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_derived(self, handler) -> dict:
+        """A dumped staged schedule leaves out the derived bounds (so that it reloads with other
+        stages); a periodic one leaves out the unused stages."""
+        data = handler(self)
+        for key in ("l_min", "l_max", "period") if self.kind == "stages" else ("stages",):
+            data.pop(key, None)
+        return data
+
+    @property
+    def stage_steps(self) -> list[int]:
+        return [stage.steps for stage in self.stages or []]
 
 
 class GRPOConfig(RunConfig):
@@ -254,7 +305,8 @@ class GRPOConfig(RunConfig):
 
     `rollout` sets the sampler; its `max_new_tokens` and `n` come from `schedule` and `group_size`.
     `loss_normaliser` is the denominator of the token-level loss:
-      - "constant" (default): batch_size * group_size * schedule.l_max, the same number every step,
+      - "constant" (default): batch_size * group_size * schedule.l_max (with stages: the largest
+        stage length), the same number every step,
         so neither the scheduled cap nor how long this batch's responses are changes the weight of
         a token (a shorter cap does not inflate the per-token gradient);
       - "batch_tokens": the response tokens of the step's batch (DAPO's token mean); it shrinks
@@ -287,6 +339,13 @@ class GRPOConfig(RunConfig):
         if eps_low is not None and eps_high < eps_low:
             raise ValueError(f"eps_high ({eps_high}) must be >= eps_low ({eps_low})")
         return eps_high
+
+    @model_validator(mode="after")
+    def _max_steps_within_the_stages(self) -> "GRPOConfig":
+        if self.schedule.kind == "stages" and self.max_steps > sum(self.schedule.stage_steps):
+            raise ValueError(f"max_steps ({self.max_steps}) runs past the schedule's stages "
+                             f"({sum(self.schedule.stage_steps)} steps in all): lengthen a stage or lower max_steps")
+        return self
 
     @model_validator(mode="after")
     def _rollout_follows_group_and_schedule(self) -> "GRPOConfig":
@@ -330,6 +389,19 @@ class EvalRunConfig(Strict):
     batch_size: PositiveInt = 256  # sequences per generate call
     baseline: str | None = None  # the output_dir of an earlier `crisp eval --config`: adds compression ratios
     mixed_precision: Literal["no", "bf16"] = "no"
+    # Evaluate in each of these prompt modes, into output_dir/<benchmark>/<mode>/ (TFPI's two modes:
+    # the plain template, and thinking-free prompts); empty: the one mode `prompt` sets, no subfolder.
+    modes: list[Literal["thinking", "thinking_free"]] = []
+
+    @model_validator(mode="after")
+    def _one_way_to_set_the_mode(self) -> "EvalRunConfig":
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes: each mode once (got {self.modes})")
+        if self.modes and self.prompt.thinking_free:
+            raise ValueError("modes: set modes or prompt.thinking_free, not both")
+        if self.modes and self.prompt.enable_thinking is False:  # its "thinking" mode would not think
+            raise ValueError("modes: prompt.enable_thinking: false would make every mode thinking-free")
+        return self
 
 
 TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig, GRPOConfig], Field(discriminator="method")]
@@ -370,7 +442,11 @@ def _describe(error: ValidationError) -> str:
         method = str(e["loc"][0]) if e["loc"] else ""
         if method in METHODS:  # the discriminated union puts the method first; a top-level check has only it
             loc = "" if loc == method else loc.removeprefix(method + ".")
-        lines.append(f"{loc or '(top level)'}: {e['msg']}")
+        message = e["msg"].removeprefix("Value error, ")
+        if message.split(":")[0].split(" (")[0].startswith(loc or "\0"):  # a check that names its own key
+            lines.append(message)
+        else:
+            lines.append(f"{loc or '(top level)'}: {message}")
     return "; ".join(lines)
 
 

@@ -3,6 +3,9 @@
 base model (trained, or reused when built with the same config) -> evaluate it without and with
 each concise instruction, v1 and v2 (the prompt-only baselines) -> each method on the same base and budget ->
 evaluate -> table, summary.json, report.md with plots. Fixed seeds throughout.
+
+With TFPI among the methods, the base and the TFPI model are also evaluated in thinking-free mode
+(rows "base (thinking-free)" and "tfpi (thinking-free)"); every other row is in thinking mode.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.report import write_report
 
-METHODS = {"crisp": "crisp.yaml", "opsd": "opsd.yaml", "siri": "siri.yaml"}
+METHODS = {"crisp": "crisp.yaml", "opsd": "opsd.yaml", "siri": "siri.yaml", "tfpi": "tfpi.yaml"}
 PROMPT_ONLY = ("v1", "v2")  # the instructions the base model is also evaluated with
+BOTH_MODES = ("tfpi",)  # the methods whose rows (and the base's) are evaluated in thinking-free mode too
 
 
 def _default_configs() -> Path:
@@ -44,12 +48,14 @@ def ensure_base_model(cfg) -> Path:
     return train_sft(cfg)
 
 
-def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instruction: str | None, template: str) -> dict:
+def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instruction: str | None, template: str,
+                 thinking_free: bool = False) -> dict:
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir))
     task = SyntheticTask()
     records, summary = evaluate(
-        model, tokenizer, task.eval_problems(), builder=PromptBuilder(tokenizer, template=template), task=task,
+        model, tokenizer, task.eval_problems(), task=task,
+        builder=PromptBuilder(tokenizer, template=template, thinking_free=thinking_free),
         sampling=eval_cfg.sampling, k=eval_cfg.k, seed=0, instruction=instruction, batch_size=eval_cfg.batch_size,
     )
     summary["model"] = str(model_dir)
@@ -80,21 +86,34 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
         return result
 
     base_dir = timed("train base (sft)", ensure_base_model, base_cfg)
-    rows = {"base": timed("eval base", evaluate_row, base_dir, eval_cfg, out / "eval" / "base",
-                          instruction=None, template=template)}
+    both_modes = any(m in BOTH_MODES for m in methods)
+
+    def evaluate_model(name: str, model_dir: Path, **kwargs) -> None:
+        """The row `name` (thinking mode), and with both_modes the row "name (thinking-free)" after it."""
+        rows[name] = timed(f"eval {name}", evaluate_row, model_dir, eval_cfg, out / "eval" / name,
+                           template=template, **kwargs)
+        if both_modes and (name == "base" or name in BOTH_MODES):
+            rows[f"{name} (thinking-free)"] = timed(f"eval {name} (thinking-free)", evaluate_row, model_dir, eval_cfg,
+                                                    out / "eval" / f"{name}_thinking_free", template=template,
+                                                    thinking_free=True, **kwargs)
+
+    rows: dict[str, dict] = {}
+    evaluate_model("base", base_dir, instruction=None)
     for preset in PROMPT_ONLY:
         name = f"prompt_only_{preset}"
         rows[name] = timed(f"eval {name}", evaluate_row, base_dir, eval_cfg, out / "eval" / name,
                            instruction=resolve_instruction(preset), template=template)
     for method, cfg in method_cfgs.items():
         model_dir = timed(f"train {method}", _train, cfg)
-        rows[method] = timed(f"eval {method}", evaluate_row, model_dir, eval_cfg, out / "eval" / method,
-                             instruction=None, template=template)
+        evaluate_model(method, model_dir, instruction=None)
 
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     notes = "## Time per stage (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items())
     notes += "\n\n`prompt_only_v1` and `prompt_only_v2` are the base model with that instruction in its prompt."
+    if both_modes:
+        notes += ("\n\nRows marked (thinking-free) are evaluated on thinking-free prompts (an empty closed "
+                  "`<think>` block after the generation prompt); every other row in thinking mode.")
     report = write_report(out, rows, baseline="base", title="crisp demo: synthetic reasoning task", notes=notes)
     print()
     print(format_table(rows, baseline="base"))

@@ -160,35 +160,41 @@ def evaluate(
             "grader": getattr(grader_obj, "name", grader),
             "instruction": instruction,
             "prompt_template": builder.template,
+            "thinking_mode": builder.thinking_mode,
         }
     )
     return records, summary
 
 
-def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines: dict[str, dict | None]) -> dict:
-    """Evaluate cfg.model on each benchmark (data-parallel under `accelerate launch`); rank 0 writes
-    each one's samples.jsonl and summary.json to outputs[benchmark]. Returns the summaries."""
+def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
+                        baselines: dict[tuple[str, str | None], dict | None]) -> dict[tuple[str, str | None], dict]:
+    """Evaluate cfg.model on each benchmark in each of cfg.modes (data-parallel under `accelerate
+    launch`); rank 0 writes each one's samples.jsonl and summary.json to outputs[benchmark], or to
+    its <mode> subfolder when modes are given. Summaries and baselines are keyed by (benchmark,
+    mode), the mode None when cfg.modes is empty."""
     accelerator = make_accelerator(cfg.mixed_precision)
     tasks = {name: get_task(name) for name in cfg.benchmarks}
     problems = {name: task.eval_problems(cfg.limit) for name, task in tasks.items()}  # bad data fails first
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model.to(accelerator.device)
-    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
+    builders = {mode: PromptBuilder.from_config(tokenizer, cfg.prompt if mode is None else cfg.prompt.model_copy(
+        update={"thinking_free": mode == "thinking_free"})) for mode in cfg.modes or [None]}
     summaries = {}
     for name, benchmark in problems.items():
-        with autocast(cfg.mixed_precision, accelerator.device):
-            records, summary = evaluate(model, tokenizer, benchmark, builder=builder, task=tasks[name],
-                                        sampling=cfg.sampling, k=cfg.k,
-                                        seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
-                                        grader=cfg.grader, batch_size=cfg.batch_size,
-                                        progress=accelerator.is_main_process, accelerator=accelerator)
-        summary.update({"model": cfg.model.path, "benchmark": name})
-        if baselines.get(name) is not None:
-            summary["vs_baseline"] = compare_to_baseline(summary, baselines[name])
-        if accelerator.is_main_process:
-            write_results(outputs[name], records, summary)
-        summaries[name] = summary
+        for mode, builder in builders.items():
+            with autocast(cfg.mixed_precision, accelerator.device):
+                records, summary = evaluate(model, tokenizer, benchmark, builder=builder, task=tasks[name],
+                                            sampling=cfg.sampling,
+                                            k=cfg.k, seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
+                                            grader=cfg.grader, batch_size=cfg.batch_size,
+                                            progress=accelerator.is_main_process, accelerator=accelerator)
+            summary.update({"model": cfg.model.path, "benchmark": name})
+            if baselines.get((name, mode)) is not None:
+                summary["vs_baseline"] = compare_to_baseline(summary, baselines[(name, mode)])
+            if accelerator.is_main_process:
+                write_results(outputs[name] / mode if mode else outputs[name], records, summary)
+            summaries[(name, mode)] = summary
     return summaries
 
 

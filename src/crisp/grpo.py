@@ -1,7 +1,11 @@
-"""SIRI: GRPO with DAPO's changes, a length-capped reward and a max-length schedule.
+"""SIRI and TFPI: GRPO with DAPO's changes, a length-capped reward and a max-length schedule.
+
+TFPI is this loop with thinking-free prompts (prompt.thinking_free) and a staged schedule of growing
+maximum lengths (schedule.kind: stages); a stage may switch back to thinking mode ("TFPI + RL").
 
 One step, top to bottom:
-  cap       L = max_length_at(step): this step's generation limit and the reward's length cap
+  cap       L = the schedule's length at this step (step_plan): the generation limit and the
+            reward's length cap; with stages, the stage also says which prompt mode this step uses
   generate  G rollouts per prompt, at most L new tokens each
   reward    1 if the response ends (EOS) within L tokens and its answer is correct, else 0
   advantage (R - group mean) / group std over the G rollouts of one prompt; with dynamic sampling,
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -45,7 +50,7 @@ from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder
 from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
 from crisp.rollout import HFGenerator, Rollout
-from crisp.schedules import max_length_at
+from crisp.schedules import max_length_at, stage_at, stage_starts
 from crisp.teacher import Teacher
 
 
@@ -163,6 +168,31 @@ def loss_normaliser(cfg: GRPOConfig, num_tokens: int) -> float | None:
     return float(max(num_tokens, 1))
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What the schedule says about one training step."""
+
+    cap: int  # the maximum response length
+    thinking_free: bool  # the prompt mode
+    stage: int | None = None  # the 1-based stage of a staged schedule
+    stage_start: bool = False  # the first step of that stage
+
+
+def step_plan(cfg: GRPOConfig, step: int) -> StepPlan:
+    """The cap, prompt mode and stage of 0-based training step `step`; it depends on the step alone,
+    so a resumed run follows the same plan."""
+    schedule = cfg.schedule
+    if schedule.kind != "stages":
+        cap = max_length_at(step, kind=schedule.kind, l_min=schedule.l_min, l_max=schedule.l_max,
+                            period=schedule.period)
+        return StepPlan(cap, cfg.prompt.thinking_free)
+    index = stage_at(step, schedule.stage_steps)
+    stage = schedule.stages[index]
+    thinking_free = cfg.prompt.thinking_free if stage.thinking_free is None else stage.thinking_free
+    return StepPlan(stage.max_length, thinking_free, stage=index + 1,
+                    stage_start=step == stage_starts(schedule.stage_steps)[index])
+
+
 def train_grpo(cfg: GRPOConfig) -> Path:
     accelerator, out = open_run(cfg)
     main = accelerator.is_main_process  # only rank 0 writes files
@@ -175,7 +205,9 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps * cfg.ppo_epochs)
     # model: the wrapped policy, which every forward pass of the policy goes through (DDP/FSDP)
     model, optimizer = prepare(accelerator, policy, optimizer, checkpoints=cfg.uses_checkpoints)
-    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
+    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)  # in-training evaluation uses the run's mode
+    builders = {mode: PromptBuilder.from_config(tokenizer, cfg.prompt.model_copy(update={"thinking_free": mode}))
+                for mode in (False, True)}  # the rollouts use the mode of their step's stage
     grader = task.grader
     generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
     stream = ProblemStream(problems, cfg.seed)
@@ -189,7 +221,12 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     step, _ = run.resume()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="siri grpo", dynamic_ncols=True, disable=not main)
     while step < cfg.max_steps:
-        cap = max_length_at(step, **cfg.schedule.model_dump())
+        plan = step_plan(cfg, step)
+        cap, rollout_builder = plan.cap, builders[plan.thinking_free]
+        if plan.stage_start and main:
+            mode = "thinking-free" if plan.thinking_free else "thinking"
+            bar.write(f"stage {plan.stage} of {len(cfg.schedule.stages)} starts at step {step + 1}: "
+                      f"max length {cap}, {mode} prompts")
 
         # Sample, grade, reward. Groups of G rollouts stay contiguous (the generator keeps prompt order).
         sampled: list[Rollout] = []  # every rollout of this step (for the rollout/ metrics)
@@ -202,7 +239,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             batch: list[Problem] = stream.take(cfg.batch_size)
             mine = shard(len(batch), accelerator)  # this rank's prompts; every rank then gathers all groups
             with timer("generate"), precision():
-                rollouts = generator.generate([builder.student_ids(batch[i]) for i in mine], cfg.rollout,
+                rollouts = generator.generate([rollout_builder.student_ids(batch[i]) for i in mine], cfg.rollout,
                                               seed=cfg.seed * 1_000_003 + step * 1_000 + rounds, max_new_tokens=cap,
                                               first_index=mine.start)
             with timer("grade"):
@@ -264,6 +301,9 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             "train/updated_rollouts": len(update),
             **{f"train/{key}": value for key, value in pass_stats.items()},  # last pass: clip fractions, ratio, kl
             "rollout/max_len": cap,
+            "rollout/thinking_free": plan.thinking_free,
+            **({"rollout/stage": plan.stage} if plan.stage else {}),
+            **({"train/stage_start": plan.stage} if plan.stage_start else {}),
             "rollout/reward_mean": sum(sampled_rewards) / len(sampled_rewards),
             "rollout/accuracy": sum(sampled_correct) / len(sampled_correct),
             "rollout/mean_tokens": sum(lengths) / len(lengths),
@@ -275,7 +315,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}", reward=f"{metrics['rollout/reward_mean']:.2f}",
                         len=f"{metrics['rollout/mean_tokens']:.0f}", L=cap)
-        run.end_step(step, metrics, samples, loop_state={})
+        run.end_step(step, metrics, samples, loop_state={}, always_log=plan.stage_start)
     bar.close()
     final = out / "model"
     save_final(accelerator, model, tokenizer, final)

@@ -172,10 +172,12 @@ class TrainingRun:
             self.skipped += 1
             self.consecutive_skips += 1
 
-    def end_step(self, step: int, metrics: dict, samples: Sequence[dict], loop_state: dict) -> None:
-        """After optimizer step `step`: evaluate and log when due, stop after too many consecutive
-        skipped steps (before saving, so the last checkpoint is a good one), checkpoint when due
-        and at the last step (so that extending a finished run with resume=auto redoes nothing)."""
+    def end_step(self, step: int, metrics: dict, samples: Sequence[dict], loop_state: dict, *,
+                 always_log: bool = False) -> None:
+        """After optimizer step `step`: evaluate and log when due (or `always_log`, e.g. the first
+        step of a stage), stop after too many consecutive skipped steps (before saving, so the last
+        checkpoint is a good one), checkpoint when due and at the last step (so that extending a
+        finished run with resume=auto redoes nothing)."""
         cfg = self.cfg
         stop = self.consecutive_skips >= cfg.max_skipped_steps
         if cfg.eval and not stop and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
@@ -185,7 +187,7 @@ class TrainingRun:
                                       sampling=cfg.eval.sampling, k=cfg.eval.k, seed=cfg.seed,
                                       batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator)
             metrics.update(eval_metrics(summary))
-        if stop or step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
+        if always_log or stop or step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
             timings = self.timer.pop()
             if self.main:
                 self.metrics.write(step, {**metrics, **timings})

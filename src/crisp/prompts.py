@@ -2,14 +2,22 @@
 
 The student sees the task prompt. A CRISP teacher sees the same prompt with a "be concise"
 instruction in front of it; an OPSD teacher sees the question with a privileged reference solution.
-Both sides go through the same chat template with the same `enable_thinking`, so nothing differs
-between them but the text that is meant to differ.
+Both sides go through the same chat template with the same `enable_thinking` and `thinking_free`,
+so nothing differs between them but the text that is meant to differ.
+
+Thinking-free mode (TFPI's "ThinkFree" prompt): the rendered chat prompt, generation prompt
+included, then exactly an empty closed thinking block, `<think>\n\n</think>\n\n`, so the model
+answers with its thinking already over. For Qwen3 this is the text its template writes with
+`enable_thinking=False`. A template whose generation prompt already opens `<think>` (DeepSeek-R1-
+Distill's ends `<think>\n`) gets that block closed, not a second one opened. The appended text is
+prompt: it is in the prompt ids, never in a response, a loss mask or a token count.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from crisp.config import ConfigError
 from crisp.data.problems import Problem
 
 STUDENT_TEMPLATES = {
@@ -40,6 +48,26 @@ INSTRUCTIONS = {
     "word_limit": "Solve the following math problem in at most {words} words.",
 }
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CLOSED_THINKING = "<think>\n\n</think>\n\n"  # what a thinking-free prompt ends with
+
+
+def has_thinking_convention(chat_template) -> bool:
+    """Whether a chat template (its source, or a dict of named sources) knows thinking sections."""
+    sources = chat_template.values() if isinstance(chat_template, dict) else [chat_template or ""]
+    return any(THINK_OPEN in source or THINK_CLOSE in source for source in sources)
+
+
+def close_thinking(rendered: str) -> str:
+    """`rendered`, a chat prompt with its generation prompt, ending with an empty closed thinking block."""
+    if rendered.endswith(CLOSED_THINKING):  # e.g. Qwen3 rendered with enable_thinking=False
+        return rendered
+    before = rendered.rstrip("\n")
+    if before.endswith(THINK_OPEN):  # the generation prompt opened the block itself (R1-Distill)
+        return before[: -len(THINK_OPEN)] + CLOSED_THINKING
+    return rendered + CLOSED_THINKING
+
+
 REFERENCE_TEMPLATE = (
     "{question}\n\nHere is a reference solution to this problem:\n{solution}\n\n"
     "After understanding the reference solution and the rationale behind each step, now articulate "
@@ -66,11 +94,19 @@ class PromptBuilder:
     template: str = "dapo"
     system: str | None = None
     enable_thinking: bool | None = None
+    thinking_free: bool = False  # end every prompt with an empty closed thinking block (TFPI)
 
     @classmethod
     def from_config(cls, tokenizer, prompt) -> "PromptBuilder":
         """The builder a run's `prompt:` config section describes."""
-        return cls(tokenizer, template=prompt.template, system=prompt.system, enable_thinking=prompt.enable_thinking)
+        return cls(tokenizer, template=prompt.template, system=prompt.system, enable_thinking=prompt.enable_thinking,
+                   thinking_free=prompt.thinking_free)
+
+    @property
+    def thinking_mode(self) -> str:
+        """How the prompts leave the model to answer: "thinking_free" (its thinking section already
+        closed) or "thinking" (the template's default)."""
+        return "thinking_free" if self.thinking_free or self.enable_thinking is False else "thinking"
 
     def student_text(self, problem: Problem) -> str:
         template = STUDENT_TEMPLATES.get(self.template, self.template)
@@ -92,10 +128,13 @@ class PromptBuilder:
         messages = [{"role": "user", "content": user_text}]
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
+        if self.thinking_free and not has_thinking_convention(self.tokenizer.chat_template):
+            name = getattr(self.tokenizer, "name_or_path", "") or "this tokenizer"
+            raise ConfigError(f"prompt.thinking_free: the chat template of {name} has no thinking convention (it "
+                             f"never mentions {THINK_OPEN} or {THINK_CLOSE}), so there is no thinking to close")
         extra = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **extra
-        )
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+        return close_thinking(text) if self.thinking_free else text
 
     def encode(self, user_text: str) -> list[int]:
         return self.tokenizer(self.render(user_text), add_special_tokens=False)["input_ids"]

@@ -4,6 +4,8 @@ The table has a line per run and per difficulty level: accuracy (avg@k), mean re
 token reduction against the baseline run and SIRI's dAcc/CR (dAcc = max(acc/acc_base - 1, 0),
 CR = tokens/tokens_base). Runs are only comparable when they were evaluated alike, so differing
 evaluation settings (k, sampler, grader, prompt template, benchmark) are reported with the table.
+Rows in different prompt modes (thinking, thinking-free) get a mode column, and a model evaluated
+in fewer modes than the others is reported too.
 """
 
 from __future__ import annotations
@@ -86,8 +88,15 @@ def _levels(summary: dict) -> list[str]:
     return sorted(summary.get("by_difficulty", {}), key=_level_key)
 
 
+def thinking_mode(summary: dict) -> str:
+    """The prompt mode a summary was evaluated in ("-" for summaries from before modes were recorded)."""
+    return summary.get("thinking_mode") or "-"
+
+
 def comparison_lines(rows: dict[str, dict], *, baseline: str) -> list[list[str]]:
-    """Header + one line per run ("all") and per difficulty level of that run."""
+    """Header + one line per run ("all") and per difficulty level of that run; a mode column when
+    the runs were not all evaluated in the same prompt mode."""
+    with_mode = len({thinking_mode(s) for s in rows.values()}) > 1
     lines = [["run", "level", "accuracy", "tokens", "reduction", "dAcc/CR"]]
     for name, s in rows.items():
         vs = compare_to_baseline(s, rows[baseline])
@@ -102,6 +111,10 @@ def comparison_lines(rows: dict[str, dict], *, baseline: str) -> list[list[str]]
             dacc_cr = "-" if own or ratio["dacc_over_cr"] is None else f"{ratio['dacc_over_cr']:.3f}"
             lines.append([name if level == "all" else "", level, accuracy, f"{figures['mean_tokens']:.1f}",
                           reduction, dacc_cr])
+            if with_mode:
+                lines[-1].insert(1, thinking_mode(s) if level == "all" else "")
+    if with_mode:
+        lines[0].insert(1, "mode")
     return lines
 
 
@@ -130,7 +143,19 @@ def setting_differences(rows: dict[str, dict]) -> list[str]:
             values.setdefault(json.dumps(value, sort_keys=True), []).append(name)
         if len(values) > 1:
             notes.append(f"{key} differs: " + "; ".join(f"{', '.join(names)}: {v}" for v, names in values.items()))
-    return notes
+    return notes + mode_gaps(rows)
+
+
+def mode_gaps(rows: dict[str, dict]) -> list[str]:
+    """Where the rows mix prompt modes: one line per model that lacks a mode another was evaluated in."""
+    modes = {thinking_mode(s) for s in rows.values()}
+    if len(modes) < 2:
+        return []
+    by_model: dict[str, set[str]] = {}
+    for name, s in rows.items():
+        by_model.setdefault(s.get("model") or name, set()).add(thinking_mode(s))
+    return [f"thinking_mode: {model} has no {', '.join(sorted(modes - have))} row"
+            for model, have in by_model.items() if modes - have]
 
 
 def write_report(out: str | Path, rows: dict[str, dict], *, baseline: str = "base", title: str = "crisp report",

@@ -1,4 +1,7 @@
-"""SIRI maximum-rollout-length schedules (SIRI paper, section 4.3).
+"""Maximum-rollout-length schedules: SIRI's periodic ones (SIRI paper, section 4.3) and TFPI's stages.
+
+Stages (``stage_at``, ``stage_starts``): training runs stage 0 for its number of steps, then stage 1,
+and so on; each stage has its own maximum length (TFPI grows it, e.g. 4K -> 8K -> 16K).
 
 Every schedule is periodic with cycle ``period`` (``T``) and works on the phase
 ``phi = 2 * pi * (t mod T) / T``. Every cycle is a compression half followed by an expansion half:
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["KINDS", "max_length_at"]
+from typing import Sequence
+
+__all__ = ["KINDS", "max_length_at", "stage_at", "stage_starts"]
 
 KINDS: tuple[str, ...] = ("constant", "stair", "cosine", "stair_cosine")
 
@@ -86,3 +91,26 @@ def max_length_at(step: int, *, kind: str, l_min: int, l_max: int, period: int) 
     if eighths < 5 * period:
         return l_min
     return _round_half_up(mid + amp * math.cos(2.0 * (phi - 3.0 * math.pi / 4)))
+
+
+def stage_starts(stage_steps: Sequence[int]) -> list[int]:
+    """The 0-based training step at which each stage starts, for stages of ``stage_steps`` steps each."""
+    if not stage_steps or any(steps < 1 for steps in stage_steps):
+        raise ValueError(f"stages need at least one stage and at least 1 step each, got {list(stage_steps)}")
+    starts, step = [], 0
+    for steps in stage_steps:
+        starts.append(step)
+        step += steps
+    return starts
+
+
+def stage_at(step: int, stage_steps: Sequence[int]) -> int:
+    """The index of the stage that 0-based training step ``step`` is in.
+
+    Raises:
+        ValueError: a negative step, or one past the last stage.
+    """
+    starts = stage_starts(stage_steps)
+    if not 0 <= step < starts[-1] + stage_steps[-1]:
+        raise ValueError(f"step {step} is outside the stages (steps 0-{starts[-1] + stage_steps[-1] - 1})")
+    return sum(start <= step for start in starts) - 1

@@ -378,15 +378,15 @@ SWITCHING_KINDS = ("v1", "v2", "reference")  # prompts whose SFT traces may star
 def sft_prompt(builder, problem: Problem, kind: str) -> str:
     """The rendered prompt of an SFT example of `kind` (a STYLES key): exactly what the methods use.
     v1/v2 are CRISP's teacher (the instruction in front), reference is OPSD's teacher, thinking_free
-    the plain prompt with its thinking section closed."""
+    TFPI's student (the plain prompt with its thinking section closed)."""
     from crisp.prompts import resolve_instruction
 
     if kind in ("v1", "v2"):
         return builder.render(builder.teacher_text(problem, instruction=resolve_instruction(kind), reference=False))
     if kind == "reference":
         return builder.render(builder.teacher_text(problem, instruction=None, reference=True))
-    text = builder.render(builder.student_text(problem))
-    return text + THINKING_FREE_SUFFIX if kind == "thinking_free" else text
+    builder = dataclasses.replace(builder, thinking_free=kind == "thinking_free")
+    return builder.render(builder.student_text(problem))
 
 
 def sft_corpus(builder, chains: list[Chain], mix: dict[str, float], verbose_prefix_fraction: float,
