@@ -1,8 +1,11 @@
-"""CRISP ablations on the synthetic task: teacher refresh period M and the divergence.
+"""Self-distillation ablations on the synthetic task: CRISP's teacher refresh period M, the
+divergence and the instruction; OPSD's rollout filter.
 
-Replicates the paper's ablation grid on the demo's base model: M in {1, 10, 50, frozen} with
-reverse KL, then forward KL, the mixed divergence and JSD with a frozen teacher. Every variant gets
-the same base, budget and seed; each is evaluated like the demo (held-out split, k samples).
+Replicates the CRISP paper's ablation grid on the demo's base model: M in {1, 10, 50, frozen} with
+reverse KL, then forward KL, the mixed divergence and JSD with a frozen teacher; the demo's CRISP
+with the v2 (difficulty-aware) instruction; and the demo's OPSD trained on incorrect rollouts only
+(the compaction paper's contrast to correct-only). Every variant gets the same base, budget and
+seed; each is evaluated like the demo (held-out split, k samples).
 
     python bench/ablations.py --base runs/demo/base/model --out runs/ablations
 
@@ -24,14 +27,16 @@ from crisp.evaluate import format_table
 from crisp.report import write_report
 from crisp.selfdistill import train_selfdistill
 
-VARIANTS = {
-    "M=1 reverse": ["teacher.update=refresh", "teacher.refresh_every=1", "loss.divergence=reverse_kl"],
-    "M=10 reverse": ["teacher.update=refresh", "teacher.refresh_every=10", "loss.divergence=reverse_kl"],
-    "M=50 reverse": ["teacher.update=refresh", "teacher.refresh_every=50", "loss.divergence=reverse_kl"],
-    "frozen reverse": ["teacher.update=frozen", "loss.divergence=reverse_kl"],
-    "frozen forward": ["teacher.update=frozen", "loss.divergence=forward_kl"],
-    "frozen mixed": ["teacher.update=frozen", "loss.divergence=mixed"],
-    "frozen jsd": ["teacher.update=frozen", "loss.divergence=jsd", "loss.beta=0.5"],
+VARIANTS = {  # name -> (demo config, overrides)
+    "M=1 reverse": ("crisp.yaml", ["teacher.update=refresh", "teacher.refresh_every=1", "loss.divergence=reverse_kl"]),
+    "M=10 reverse": ("crisp.yaml", ["teacher.update=refresh", "teacher.refresh_every=10", "loss.divergence=reverse_kl"]),
+    "M=50 reverse": ("crisp.yaml", ["teacher.update=refresh", "teacher.refresh_every=50", "loss.divergence=reverse_kl"]),
+    "frozen reverse": ("crisp.yaml", ["teacher.update=frozen", "loss.divergence=reverse_kl"]),
+    "frozen forward": ("crisp.yaml", ["teacher.update=frozen", "loss.divergence=forward_kl"]),
+    "frozen mixed": ("crisp.yaml", ["teacher.update=frozen", "loss.divergence=mixed"]),
+    "frozen jsd": ("crisp.yaml", ["teacher.update=frozen", "loss.divergence=jsd", "loss.beta=0.5"]),
+    "v2 frozen mixed": ("crisp.yaml", ["teacher.instruction=v2"]),
+    "OPSD incorrect-only": ("opsd.yaml", ["rollout_filter=incorrect"]),
 }
 
 
@@ -40,7 +45,7 @@ def main() -> None:
     parser.add_argument("--base", default="runs/demo/base/model")
     parser.add_argument("--out", default="runs/ablations")
     parser.add_argument("--configs", default="configs")
-    parser.add_argument("--steps", type=int, default=None, help="override max_steps of the demo CRISP config")
+    parser.add_argument("--steps", type=int, default=None, help="override max_steps of the demo configs")
     parser.add_argument("--only", default=None, help="comma-separated variant names")
     args = parser.parse_args()
 
@@ -60,10 +65,11 @@ def main() -> None:
         if (out / slug / "eval" / "summary.json").is_file():
             rows[name] = evaluated(out / slug / "eval", out / slug / "model")
             continue
-        overrides = [f"output_dir={out / slug}", f"model.path={args.base}", *VARIANTS[name]]
+        config, variant = VARIANTS[name]
+        overrides = [f"output_dir={out / slug}", f"model.path={args.base}", *variant]
         if args.steps:
             overrides.append(f"max_steps={args.steps}")
-        cfg = load_config(configs / "demo" / "crisp.yaml", overrides)
+        cfg = load_config(configs / "demo" / config, overrides)
         model_dir = train_selfdistill(cfg)
         rows[name] = evaluate_row(model_dir, eval_cfg, out / slug / "eval", instruction=None, template=template)
         print(format_table(rows, baseline="base"), flush=True)

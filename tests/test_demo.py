@@ -48,10 +48,11 @@ def test_tfpi_demo_runs_and_evaluates_base_and_tfpi_in_both_modes(tmp_path, caps
     cli.main(["demo", "--out", str(out), "--methods", "tfpi", "--configs", str(shrunk_configs(tmp_path / "configs"))])
 
     rows = json.loads((out / "summary.json").read_text())
-    assert list(rows) == ["base", "base (thinking-free)", "prompt_only", "tfpi", "tfpi (thinking-free)"]
+    assert list(rows) == ["base", "base (thinking-free)", "prompt_only_v1", "prompt_only_v2", "tfpi",
+                          "tfpi (thinking-free)"]
     modes = {name: row["thinking_mode"] for name, row in rows.items()}
-    assert modes == {"base": "thinking", "base (thinking-free)": "thinking_free", "prompt_only": "thinking",
-                     "tfpi": "thinking", "tfpi (thinking-free)": "thinking_free"}
+    assert modes == {"base": "thinking", "base (thinking-free)": "thinking_free", "prompt_only_v1": "thinking",
+                     "prompt_only_v2": "thinking", "tfpi": "thinking", "tfpi (thinking-free)": "thinking_free"}
     assert rows["tfpi"]["model"] == rows["tfpi (thinking-free)"]["model"] == str(out / "tfpi" / "model")
     metrics = [json.loads(line) for line in (out / "tfpi" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["rollout/stage"], m["rollout/max_len"], m["rollout/thinking_free"]) for m in metrics] == [

@@ -23,7 +23,8 @@ from crisp.grpo import train_grpo
 from crisp.modeling import build_tiny_model, save_model
 from crisp.prompts import CLOSED_THINKING, PromptBuilder
 from crisp.rollout import HFGenerator
-from crisp.sft import collate, synthetic_examples
+from crisp.data.tasks import get_task
+from crisp.sft import collate
 
 from conftest import TINY
 from test_grpo import alternating_rewards, make_cfg, read_metrics, surrogate_calls  # noqa: F401 (fixtures)
@@ -100,16 +101,18 @@ def test_the_tiny_template_student_and_teacher_agree(tiny_tokenizer):
 
 
 def test_sft_trains_on_the_response_only_not_on_the_appended_block(tiny_tokenizer, tmp_path):
-    cfg = make_sft_cfg(tmp_path)
-    thinking = synthetic_examples(cfg, PromptBuilder(tiny_tokenizer, template="plain"))[:16]
-    free = synthetic_examples(cfg, PromptBuilder(tiny_tokenizer, template="plain", thinking_free=True))[:16]
-    suffix = 4  # tokens of the closed block (test above)
+    only_free = {"plain": 0.0, "v1": 0.0, "v2": 0.0, "reference": 0.0, "thinking_free": 1.0}
+    cfg = make_sft_cfg(tmp_path, mix=only_free)
+    builder = PromptBuilder(tiny_tokenizer, template="plain")
+    free = get_task("synthetic").sft_examples(cfg, builder)[:16]
     _, _, labels = collate(free, tiny_tokenizer.pad_token_id)  # (B, T)
-    for row, (a, b) in enumerate(zip(thinking, free)):
-        assert tiny_tokenizer.decode(b.prompt_ids).endswith(CLOSED_THINKING)
-        assert b.prompt_ids[: len(a.prompt_ids)] == a.prompt_ids and len(b.prompt_ids) == len(a.prompt_ids) + suffix
-        assert (b.response_ids, b.loss_mask) == (a.response_ids, a.loss_mask)  # the same traces, the same mask
-        assert labels[row, : len(b.prompt_ids)].eq(-100).all()  # no label on the prompt, closed block included
+    for row, example in enumerate(free):
+        assert tiny_tokenizer.decode(example.prompt_ids).endswith(CLOSED_THINKING)
+        response = tiny_tokenizer.decode(example.response_ids)
+        assert response.startswith("First ") and "<think>" not in response and "</think>" not in response
+        assert all(example.loss_mask)  # every response token, and only those
+        assert labels[row, : len(example.prompt_ids)].eq(-100).all()  # no label on the prompt, closed block included
+        assert labels[row, len(example.prompt_ids):].ne(-100).sum() == len(example.response_ids)
 
 
 def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, monkeypatch, alternating_rewards,

@@ -4,8 +4,8 @@ A problem starts from a number and applies 1-4 additions/subtractions of 1-9 (on
 "Second -3"), the running total staying in 0..20; its difficulty is the number of operations.
 Each step line quotes its operation ("Second -3: 9 - 3 = 6."), so a small model finds the operand
 by matching the ordinal word, the simplest kind of copying a 2-layer transformer learns. A signed
-operand is one token: copying "- 3" as two tokens needs the token two back, which a 2-layer model
-found in 1 of 4 seeds (the second token right 30-74% of the time at step 2,000) and "-3" in ...
+operand is one token: copying "- 3" as two tokens needs the token two back, which the demo's 2-layer
+model had not learned by step 2,000 in 3 of 4 seeds (the digit right 30-74% of the time, the sign 86-100%).
 
 A response has a thinking section and an answer section, as a hybrid reasoning model (Qwen3) writes:
 ``<think>\\n...lines...\\n</think>\\n\\nAnswer: 6``. Under a thinking-free prompt (the chat prompt
@@ -385,7 +385,7 @@ def sft_prompt(builder, problem: Problem, kind: str) -> str:
         return builder.render(builder.teacher_text(problem, instruction=resolve_instruction(kind), reference=False))
     if kind == "reference":
         return builder.render(builder.teacher_text(problem, instruction=None, reference=True))
-    builder = dataclasses.replace(builder, thinking_free=kind == "thinking_free")
+    builder = dataclasses.replace(builder, thinking_free=builder.thinking_free or kind == "thinking_free")
     return builder.render(builder.student_text(problem))
 
 
