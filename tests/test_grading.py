@@ -100,6 +100,7 @@ def test_extract_boxed_unclosed_is_ignored() -> None:
         ("\\boxed{12}\nWait, maybe not.\nAnswer: 13", ("answer_line", "13")),
         ("Answer: 13\nHmm, that is wrong; it is $\\boxed{12}$.", ("boxed", "12")),
         ("Answer: $\\boxed{12}$", ("answer_line", "12")),  # a box inside the answer line is that line
+        ("Answer: 3\nLet me re-check.\nSo the final answer is $7$.", ("answer_line", "7")),
         # boxes that end the response together are one set answer
         ("so $x = \\boxed{-2}$ and $x = $... no: $\\boxed{-2}$ and $\\boxed{1}$.", ("boxed", "-2, 1")),
         ("\\boxed{3} \\boxed{5} \\boxed{7} \\boxed{12}", ("boxed", "3, 5, 7, 12")),

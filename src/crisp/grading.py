@@ -74,27 +74,25 @@ def extract_answer_line(text: str) -> str | None:
 
 
 def _answer_line(text: str) -> tuple[int, str] | None:
-    """(where the line ends, its cleaned value) of the last answer line, or None."""
+    """(where the line ends, its cleaned value) of the last answer line, or None. A last line
+    saying "the final answer is ..." is the last answer line."""
+    stripped = text.rstrip()
+    said = _FINAL_ANSWER_IS.search(stripped[stripped.rfind("\n") + 1 :])
+    if said is not None and _clean_value(said.group(1)):
+        return len(stripped), _clean_value(said.group(1))
     match = None
     for match in _ANSWER_LINE.finditer(text):
         pass
-    if match is not None:
-        value, end = match.group(1), match.end()
-    else:
-        stripped = text.rstrip()
-        last_line = stripped[stripped.rfind("\n") + 1 :]
-        said = _FINAL_ANSWER_IS.search(last_line)
-        if said is None:
-            return None
-        value, end = said.group(1), len(stripped)
-    value = _clean_value(value)
-    return (end, value) if value else None
+    if match is None:
+        return None
+    value = _clean_value(match.group(1))
+    return (match.end(), value) if value else None
 
 
 def _clean_value(value: str) -> str:
     value = _HOPE_SUFFIX.sub("", value.strip()).strip()
-    said = _FINAL_ANSWER_IS.match(value)
-    if said and said.start() == 0:
+    said = _FINAL_ANSWER_IS.match(value)  # "Final Answer: The final answer is $5$."
+    if said:
         value = said.group(1).strip()
     for marker in ("**", "__"):
         value = value.removeprefix(marker).removesuffix(marker).strip()
