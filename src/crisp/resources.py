@@ -15,13 +15,13 @@ from pathlib import Path
 
 from crisp.config import ConfigError
 
-SECTIONS = ("recipes", "demo", "accelerate")  # listed in this order; recipes are named without a prefix
+PREFIXED = ("demo", "accelerate")  # folders whose configs are named with the folder; recipes/ without
 SUFFIX = ".yaml"
 
 
 def configs_dir() -> Path:
-    """The packaged configs folder. pip installs packages as files, so this is a real folder whose
-    files can be handed to accelerate or edited copies made from."""
+    """The packaged configs folder. pip installs packages as files, so this is a real folder, whose
+    files accelerate can read and users can copy to edit."""
     with resources.as_file(resources.files("crisp") / "configs") as path:
         return Path(path)
 
@@ -31,8 +31,8 @@ def _names(root: Path) -> dict[str, Path]:
     siri), then the other sections with their folder as prefix."""
     names = {path.stem: path for path in sorted((root / "recipes").glob("*" + SUFFIX))}
     names.update({path.stem: path for path in sorted(root.glob("*" + SUFFIX)) if path.stem not in names})
-    for section in SECTIONS[1:]:
-        names.update({f"{section}/{path.stem}": path for path in sorted((root / section).glob("*" + SUFFIX))})
+    for folder in PREFIXED:
+        names.update({f"{folder}/{path.stem}": path for path in sorted((root / folder).glob("*" + SUFFIX))})
     return names
 
 
