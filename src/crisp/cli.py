@@ -1,4 +1,5 @@
-"""crisp {demo,train,eval,compare}: parse arguments, build the config, call the library."""
+"""The `crisp` command line: argument parsing, config building and error reporting; the work is
+done by the library."""
 
 from __future__ import annotations
 
@@ -7,8 +8,22 @@ import json
 import sys
 from pathlib import Path
 
+from crisp import __version__
 from crisp.config import ConfigError
-from crisp.data.loaders import DataError
+from crisp.data.loaders import DataError, MissingDependency
+
+DESCRIPTION = """\
+Post-train reasoning models to think shorter without getting worse (CRISP, OPSD, SIRI), and
+evaluate them under one harness."""
+
+EXAMPLES = """\
+examples:
+  crisp demo                                 train a tiny model, compress it, print the table
+  crisp recipes                              the packaged configs, one line each
+  crisp train crisp-qwen3-8b data.source=dapo_math_17k.jsonl
+  crisp train my.yaml optim.lr=1e-5          a config file, with key=value overrides
+  crisp eval --model runs/x/model --benchmark math500 --k 8 --out runs/eval-x
+  crisp compare runs/eval-base runs/eval-x --out runs/compare"""
 
 
 def is_main_process() -> bool:
@@ -20,8 +35,9 @@ def is_main_process() -> bool:
 
 def cmd_train(args) -> int:
     from crisp.config import load_config
+    from crisp.resources import resolve_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     if cfg.method == "sft":
         from crisp.sft import train_sft as train
     elif cfg.method == "selfdistill":
@@ -44,13 +60,14 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> None:
     from crisp.config import EvalRunConfig, load_config, validate
     from crisp.evaluate import evaluate_benchmarks, format_table
+    from crisp.resources import resolve_config
 
     if args.config:
         if args.model or args.benchmark or args.out or args.thinking_free or args.modes:
             raise ConfigError("--config: give --model, --benchmark, --out, --thinking-free and --modes as overrides "
                               "(model.path=..., benchmarks=[...], output_dir=..., prompt.thinking_free=true, "
                               "modes=[...]) or leave --config out")
-        cfg = load_config(args.config, args.overrides, EvalRunConfig)
+        cfg = load_config(resolve_config(args.config), args.overrides, EvalRunConfig)
         outputs = {name: Path(cfg.output_dir) / Path(name).stem for name in cfg.benchmarks}
         baseline_paths = {name: Path(cfg.baseline) / Path(name).stem if cfg.baseline else None for name in cfg.benchmarks}
     else:
@@ -118,6 +135,16 @@ def cmd_demo(args) -> None:
     run_demo(args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs)
 
 
+def cmd_recipes(args) -> None:
+    from crisp.resources import configs_dir, describe_configs
+
+    rows = describe_configs()
+    width = max(len(name) for name, _ in rows)
+    print(f"packaged configs (crisp train NAME, crisp eval --config NAME; the files are in {configs_dir()}):")
+    for name, summary in rows:
+        print(f"  {name:<{width}}  {summary}")
+
+
 def cmd_compare(args) -> None:
     from crisp.report import compare_runs
 
@@ -125,16 +152,18 @@ def cmd_compare(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crisp", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="crisp", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"crisp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train with a YAML config (sft, selfdistill, grpo)")
-    train.add_argument("config")
+    train.add_argument("config", help="a YAML file, or the name of a packaged config (see `crisp recipes`)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model on a benchmark, or on several with --config")
-    ev.add_argument("--config", help="an evaluation YAML (e.g. configs/recipes/eval.yaml) instead of the flags")
+    ev.add_argument("--config", help="an evaluation YAML file or packaged config name (e.g. eval) instead of the flags")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of --config, e.g. model.path=runs/x/model")
     ev.add_argument("--model", help="local model directory or HF id")
     ev.add_argument("--benchmark", help="synthetic, math500, aime24, aime25, gsm8k, or a file")
@@ -167,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--configs", default=None, help="folder with the demo YAML files (default: built in)")
     demo.set_defaults(func=cmd_demo)
 
+    recipes = sub.add_parser("recipes", help="list the packaged configs (recipes, demo, accelerate files)")
+    recipes.set_defaults(func=cmd_recipes)
+
     compare = sub.add_parser("compare", help="compare evaluated runs: table and Pareto plot")
     compare.add_argument("runs", nargs="+", help="run directories or summary.json files")
     compare.add_argument("--out", default=None, help="folder for the table and plot")
@@ -181,7 +213,7 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, FileNotFoundError) as error:  # the message says what to fix
+    except (ConfigError, DataError, FileNotFoundError, MissingDependency) as error:  # the message says what to fix
         print(f"crisp: error: {error}", file=sys.stderr)
         return 2
 

@@ -22,17 +22,11 @@ from crisp.evaluate import evaluate, format_table, write_results
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.report import write_report
+from crisp.resources import configs_dir as packaged_configs_dir
 
 METHODS = {"crisp": "crisp.yaml", "opsd": "opsd.yaml", "siri": "siri.yaml", "tfpi": "tfpi.yaml"}
 PROMPT_ONLY = ("v1", "v2")  # the instructions the base model is also evaluated with
 BOTH_MODES = ("tfpi",)  # the methods whose rows (and the base's) are evaluated in thinking-free mode too
-
-
-def _default_configs() -> Path:
-    for candidate in (Path("configs"), Path(__file__).resolve().parents[2] / "configs"):
-        if (candidate / "demo" / "base.yaml").is_file():
-            return candidate
-    raise FileNotFoundError("cannot find configs/demo/base.yaml; pass --configs DIR")
 
 
 def ensure_base_model(cfg) -> Path:
@@ -67,7 +61,10 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    configs = Path(configs_dir) if configs_dir else _default_configs()
+    configs = Path(configs_dir) if configs_dir else packaged_configs_dir()
+    if not (configs / "demo" / "base.yaml").is_file():
+        raise FileNotFoundError(f"{configs / 'demo' / 'base.yaml'} does not exist (--configs names a folder "
+                                "holding demo/base.yaml, demo/eval.yaml and the method configs)")
     out = Path(out)
     eval_cfg = validate(yaml.safe_load((configs / "demo" / "eval.yaml").read_text()), EvalConfig)
     base_cfg = load_config(configs / "demo" / "base.yaml", [f"output_dir={out / 'base'}"])

@@ -1,8 +1,12 @@
 """Answer extraction and grading: did a response reach the gold answer?
 
-A response is correct if its last ``Answer:`` line OR any ``\\boxed{}`` verifies against the gold
-answer (the CRISP paper's grader). Every result records which grader produced it, because the
-grader alone can move accuracy by many points.
+Only the response's final answer counts: its last ``Answer:`` line, or its last ``\\boxed{}`` when
+that comes after every answer line; boxes that end the response together (``\\boxed{-2} and
+\\boxed{1}``) are one set answer. An answer the response gave earlier and then revised is not
+credited, so a response that boxes several guesses cannot collect a reward for one of them. (The
+CRISP paper's grader credited the last answer line OR any box; crisp deliberately does not.)
+Every result records which grader produced it, with GRADER_VERSION, because the grader alone can
+move accuracy by many points.
 
 math-verify calls run in a small persistent worker process, one per concurrent caller. The parent
 waits for the reply with a deadline and kills the worker when the deadline passes. math-verify's
@@ -28,43 +32,74 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from crisp import __version__
-
-MAX_CANDIDATE_CHARS = 2000  # longer candidates are wrong without calling sympy
-MAX_CANDIDATES = 16  # the answer line and the last boxes; bounds the time one response can take
+# Changes whenever what is credited changes; part of every grader's name, hence of every summary.
+# 1: the last answer line or any box. 2: the final answer only.
+GRADER_VERSION = 2
+MAX_CANDIDATE_CHARS = 2000  # longer answers are wrong without calling sympy
+MAX_SET_GAP_CHARS = 40  # boxes further apart than this are separate answers, not one set
 WORKER_START_TIMEOUT = 120.0  # seconds to start the worker and import sympy; not the per-call limit
 
 # ---------------------------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------------------------
 
-# "Answer: 42", "**Answer:** 42", "**Answer: 42**", "## Answer: 42", "> Answer: 42"
-_ANSWER_LINE = re.compile(r"^\s*(?:[#>]+\s*)?(?:\*\*|__)?Answer\s*(?:\*\*|__)?\s*:(.*)$")
+# "Answer: 42", "answer: 42", "Final Answer: 42", "**Final Answer:** 42", "**Answer**: 42",
+# "## Answer: 42", "> Answer: 42"
+_ANSWER_LINE = re.compile(
+    r"^[ \t]*(?:[#>]+[ \t]*)?(?:\*\*|__)?(?:final[ \t]+)?answer[ \t]*(?:\*\*|__)?[ \t]*:(.*)$",
+    re.IGNORECASE | re.MULTILINE,
+)
+# "Therefore, the final answer is $5$." on the last line
+_FINAL_ANSWER_IS = re.compile(r"\bthe final answer is\b[ \t]*:?(.*)$", re.IGNORECASE)
+# the Minerva/lighteval format: "Final Answer: The final answer is $5$. I hope it is correct."
+_HOPE_SUFFIX = re.compile(r"\bI hope it is correct\W*$", re.IGNORECASE)
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_TRAILING_PUNCTUATION = ".,;:"
+# what may stand between boxes of one set answer: spaces, math delimiters, commas, "and"/"or"
+_SET_GAP = re.compile(
+    r"(?:\s|[$,;&]|\\[()\[\]]|\\\\|\\q?quad\b|\\text\s*\{\s*(?:and|or|,)\s*\}|\band\b|\bor\b)*",
+    re.IGNORECASE,
+)
 
 
 def extract_answer_line(text: str) -> str | None:
-    """Value after the last line starting with ``Answer:``; None if there is none or it is empty.
+    """Value of the last answer line (``Answer:``, ``Final Answer:``, any case, markdown around it),
+    else of a last line saying "the final answer is ..."; None if there is none or it is empty.
 
-    Tolerates markdown bold, ``$...$`` around the value, a lone ``\\boxed{...}``, a trailing period.
+    Tolerates markdown bold, ``$...$`` around the value, boxes in it, trailing ``.,;:``.
     """
-    value = None
-    for line in text.splitlines():
-        match = _ANSWER_LINE.match(line)
-        if match:
-            value = match.group(1)
-    if value is None:
+    found = _answer_line(text)
+    return found[1] if found else None
+
+
+def _answer_line(text: str) -> tuple[int, str] | None:
+    """(where the line ends, its cleaned value) of the last answer line, or None. A last line
+    saying "the final answer is ..." is the last answer line."""
+    stripped = text.rstrip()
+    said = _FINAL_ANSWER_IS.search(stripped[stripped.rfind("\n") + 1 :])
+    if said is not None and _clean_value(said.group(1)):
+        return len(stripped), _clean_value(said.group(1))
+    match = None
+    for match in _ANSWER_LINE.finditer(text):
+        pass
+    if match is None:
         return None
-    value = value.strip()
+    value = _clean_value(match.group(1))
+    return (match.end(), value) if value else None
+
+
+def _clean_value(value: str) -> str:
+    value = _HOPE_SUFFIX.sub("", value.strip()).strip()
+    said = _FINAL_ANSWER_IS.match(value)  # "Final Answer: The final answer is $5$."
+    if said:
+        value = said.group(1).strip()
     for marker in ("**", "__"):
         value = value.removeprefix(marker).removesuffix(marker).strip()
-    value = _strip_math_delimiters(value.rstrip(".").strip()).rstrip(".").strip()
-    boxes = _box_spans(value)
-    if len(boxes) == 1 and _BOX_START.match(value) and value.endswith("}"):
-        start, end = boxes[0]
-        value = value[start:end].strip()
-    return value or None
+    value = value.rstrip(_TRAILING_PUNCTUATION).strip()
+    value = _strip_math_delimiters(value).rstrip(_TRAILING_PUNCTUATION).strip()
+    boxed = _final_boxes(value)
+    return boxed[1] if boxed else value
 
 
 def _strip_math_delimiters(value: str) -> str:
@@ -78,17 +113,18 @@ def _strip_math_delimiters(value: str) -> str:
 
 def extract_boxed(text: str) -> list[str]:
     """Contents of every ``\\boxed{...}`` / ``\\fbox{...}``, in order; unclosed boxes are skipped."""
-    return [text[start:end] for start, end in _box_spans(text)]
+    return [text[start:end] for _, start, end in _box_spans(text)]
 
 
-def _box_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of every closed box's content, ordered by start, in one pass over the text.
+def _box_spans(text: str) -> list[tuple[int, int, int]]:
+    """(command start, content start, content end) of every closed box, ordered by start, in one
+    pass over the text.
 
     One pass, not one scan per box: thousands of unclosed ``\\boxed{`` (a degenerate rollout)
     would otherwise cost quadratic time. An escaped character, e.g. ``\\{`` or ``\\}``, does not count.
     """
-    box_braces = {match.end() - 1 for match in _BOX_START.finditer(text)}
-    open_boxes: list[tuple[int, int]] = []  # (brace depth inside the box, content start)
+    box_braces = {match.end() - 1: match.start() for match in _BOX_START.finditer(text)}
+    open_boxes: list[tuple[int, int, int]] = []  # (brace depth inside the box, command start, content start)
     spans = []
     depth, i = 0, 0
     while i < len(text):
@@ -99,29 +135,65 @@ def _box_spans(text: str) -> list[tuple[int, int]]:
         if char == "{":
             depth += 1
             if i in box_braces:
-                open_boxes.append((depth, i + 1))
+                open_boxes.append((depth, box_braces[i], i + 1))
         elif char == "}":
             if open_boxes and open_boxes[-1][0] == depth:
-                spans.append((open_boxes.pop()[1], i))
+                _, command, start = open_boxes.pop()
+                spans.append((command, start, i))
             depth -= 1
         i += 1
     return sorted(spans)
 
 
-def _candidates(response: str) -> list[tuple[str, str]]:
-    """(path, candidate) pairs: the answer line, then boxes from last to first; distinct, at most
-    MAX_CANDIDATES."""
-    paths: dict[str, str] = {}  # candidate -> where it came from, in order
-    line = extract_answer_line(response)
+def _final_boxes(text: str) -> tuple[int, str] | None:
+    """(where the group starts, the answer) of the boxes that end ``text`` together: the last
+    outermost box, with the boxes before it that only spaces, delimiters, commas or "and"/"or"
+    separate from it, as one comma-separated set answer. None without a closed, non-empty box."""
+    spans = _box_spans(text)
+    by_command = {span[0]: span for span in spans}
+    outermost: list[tuple[int, int, int]] = []
+    for span in spans:
+        if not outermost or span[0] > outermost[-1][2]:  # not inside the previous outermost box
+            outermost.append(span)
+    group: list[tuple[int, int, int]] = []
+    for span in reversed(outermost):
+        if group:
+            gap = text[span[2] + 1 : group[-1][0]]
+            if len(gap) > MAX_SET_GAP_CHARS or not _SET_GAP.fullmatch(gap):
+                break
+        group.append(span)
+    members: dict[str, None] = {}  # ordered and distinct: "\boxed{5} \boxed{5}" is 5
+    for _, start, end in reversed(group):
+        start, end = _inside_lone_boxes(text, start, end, by_command)
+        if start < end:
+            members[text[start:end]] = None
+    return (group[-1][0], ", ".join(members)) if members else None
+
+
+def _inside_lone_boxes(text: str, start: int, end: int, by_command: dict) -> tuple[int, int]:
+    """The content ``text[start:end]`` without surrounding spaces and without boxes that wrap all
+    of it (``\boxed{\boxed{5}}`` is 5); iterative, for degenerate nests thousands deep."""
+    while True:
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        inner = by_command.get(start)
+        if inner is None or inner[2] != end - 1:
+            return start, end
+        start, end = inner[1], inner[2]
+
+
+def final_answer(response: str) -> tuple[str, str] | None:
+    """(path, answer) of the response's final answer: "answer_line" for its last answer line,
+    "boxed" for its final boxes when they come after every answer line; None if it gives none."""
+    line = _answer_line(response)
+    boxes = _final_boxes(response)
+    if boxes is not None and (line is None or boxes[0] >= line[0]):
+        return "boxed", boxes[1]
     if line is not None:
-        paths[line] = "answer_line"
-    for start, end in reversed(_box_spans(response)):
-        if len(paths) == MAX_CANDIDATES:
-            break
-        box = response[start:end].strip()
-        if box:
-            paths.setdefault(box, "boxed")
-    return [(path, candidate) for candidate, path in paths.items()]
+        return "answer_line", line[1]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,9 +205,9 @@ def _candidates(response: str) -> list[tuple[str, str]]:
 class GradeResult:
     """Outcome of grading one response.
 
-    ``extracted`` is the candidate that verified, else the first candidate (answer line, else the
-    last box); ``path`` says where it came from. ``timed_out``/``error`` report any verification
-    call that timed out or failed while grading this response.
+    ``extracted`` is the response's final answer (None if it gives none); ``path`` says where it
+    came from: "answer_line" or "boxed". ``timed_out``/``error`` report a verification that timed
+    out or failed.
     """
 
     correct: bool
@@ -156,13 +228,18 @@ class Grader(Protocol):
         ...
 
 
+def _drop_spaces(text: str) -> str:
+    """Whitespace removed unless it separates two letters or digits ("\\pi r" is not "\\pir",
+    "2 3" is not 23), where it becomes one space."""
+    return re.sub(r"(?<![A-Za-z0-9]) | (?![A-Za-z0-9])", "", re.sub(r"\s+", " ", text))
+
+
 def _normalise_latex(text: str) -> str:
     """Cheap, conservative normalisation: equal results mean equal answers."""
     text = _strip_math_delimiters(text.strip().rstrip(".").strip())
     text = re.sub(r"\\(?:left|right)\b", "", text)
     text = re.sub(r"\\[dt]frac\b", r"\\frac", text)
-    # drop whitespace unless it separates two letters ("\pi r" must not become "\pir")
-    return re.sub(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", "", text)
+    return _drop_spaces(text)
 
 
 class MathVerifyGrader:
@@ -180,23 +257,19 @@ class MathVerifyGrader:
             version = importlib.metadata.version("math-verify")
         except importlib.metadata.PackageNotFoundError:
             version = "missing"
-        self.name = f"math-verify=={version}"
+        self.name = f"math-verify=={version}/final-answer-v{GRADER_VERSION}"
 
-    def check(self, candidate: str, gold: str, *, deadline: float | None = None) -> bool:
-        """``deadline``: a time.monotonic() value to give up at, if sooner than ``timeout`` from now."""
+    def check(self, candidate: str, gold: str) -> bool:
         if _normalise_latex(candidate) == _normalise_latex(gold):
             return True  # fast path: the common case never leaves this process
         if len(candidate) > MAX_CANDIDATE_CHARS:
             raise ValueError(f"candidate has {len(candidate)} chars (> {MAX_CANDIDATE_CHARS}); not verified")
-        limit = self.timeout if deadline is None else min(self.timeout, deadline - time.monotonic())
-        if limit <= 0:
-            raise TimeoutError("this response's math-verify time is spent")
         with _borrow_worker() as worker:
-            return worker.verify(candidate, gold, limit)
+            return worker.verify(candidate, gold, self.timeout)
 
 
 def _normalise_exact(text: str) -> str:
-    text = re.sub(r"\s+", "", _strip_math_delimiters(text.strip())).rstrip(".").removeprefix("+")
+    text = _drop_spaces(_strip_math_delimiters(text.strip())).rstrip(".").removeprefix("+")
     if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", text):
         text = text.replace(",", "")  # thousands separators
     # one way to match each number (no nested quantifiers: linear time on 10,000 digits); string
@@ -215,7 +288,7 @@ class ExactGrader:
     """Normalised string equality, for the built-in synthetic task (no sympy, no worker)."""
 
     def __init__(self) -> None:
-        self.name = f"exact=={__version__}"
+        self.name = f"exact/final-answer-v{GRADER_VERSION}"
 
     def check(self, candidate: str, gold: str) -> bool:
         return _normalise_exact(candidate) == _normalise_exact(gold)
@@ -234,32 +307,27 @@ def get_grader(name: str, *, timeout: float = 5.0) -> Grader:
 
 
 def grade(response: str, gold: str, *, grader: Grader | None = None, timeout: float = 5.0) -> GradeResult:
-    """Grade a response against the gold answer. Never raises.
+    """Grade the response's final answer (see ``final_answer``) against the gold answer. Never raises.
 
-    With math-verify, returns within the grader's timeout (plus a worker start when none is
-    running), in microseconds when the answer matches the gold as a string; candidates left when
-    the time is spent count as timed out. ``timeout`` is used only when ``grader`` is None (a
-    MathVerifyGrader); a given grader keeps its own.
+    One answer per response, checked once: with math-verify, returns within the grader's timeout
+    (plus a worker start when none is running), in microseconds when the answer matches the gold
+    as a string. ``timeout`` is used only when ``grader`` is None (a MathVerifyGrader); a given
+    grader keeps its own.
     """
     name = getattr(grader, "name", "math-verify")
     try:
         grader = grader if grader is not None else MathVerifyGrader(timeout)
         name = grader.name
-        check = grader.check
-        if isinstance(grader, MathVerifyGrader):  # one time limit for the whole response
-            check = functools.partial(grader.check, deadline=time.monotonic() + grader.timeout)
-        candidates = _candidates(response)
-        timed_out, error = False, None
-        for path, candidate in candidates:
-            try:
-                if check(candidate, str(gold)):
-                    return GradeResult(True, candidate, path, name, timed_out, error)
-            except TimeoutError:
-                timed_out = True
-            except Exception as exc:  # a grader failure must not stop an evaluation
-                error = error or f"{type(exc).__name__}: {exc}"
-        first_path, first = candidates[0] if candidates else (None, None)
-        return GradeResult(False, first, first_path, name, timed_out, error)
+        found = final_answer(response)
+        if found is None:
+            return GradeResult(False, None, None, name)
+        path, answer = found
+        try:
+            return GradeResult(grader.check(answer, str(gold)), answer, path, name)
+        except TimeoutError:
+            return GradeResult(False, answer, path, name, timed_out=True)
+        except Exception as exc:  # a grader failure must not stop an evaluation
+            return GradeResult(False, answer, path, name, error=f"{type(exc).__name__}: {exc}")
     except Exception as exc:
         return GradeResult(False, None, None, str(name), False, f"{type(exc).__name__}: {exc}")
 

@@ -130,16 +130,21 @@ def check_model_path(path: str) -> None:
     local = Path(path)
     if local.exists() and not local.is_dir():
         raise FileNotFoundError(f"model path {path} is a file; give the directory holding config.json")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"model path {path} holds no config.json: not a saved model directory")
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise FileNotFoundError(
             f"model path {path} does not exist (train a base model first, e.g. "
-            "`crisp train configs/demo/base.yaml`, or give a Hugging Face model id)"
+            "`crisp train demo/base`, or give a Hugging Face model id)"
         )
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     check_model_path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:  # neither a model folder here nor a hub model it can reach
+        raise FileNotFoundError(f"model {path}: {str(exc).strip().splitlines()[0]}") from exc
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -23,8 +23,7 @@ Every schedule is periodic with cycle ``period`` (``T``) and works on the phase
   - ``L_min`` for ``3pi/4 <= phi < 5pi/4``;
   - ``mid + amp * cos(2 (phi - 3pi/4))`` for ``5pi/4 <= phi < 7pi/4`` (ascends ``L_min -> L_max``:
     at ``5pi/4`` the argument is ``pi``, at ``7pi/4`` it is ``2pi``). This is the same curve as
-    ``mid - amp * cos(2 (phi - 5pi/4))``; the paper and REFERENCE.md agree and the schedule is
-    continuous.
+    ``mid - amp * cos(2 (phi - 5pi/4))``, and the schedule is continuous.
 
 The regions are decided with exact integer arithmetic on ``t mod T`` (``phi < pi/4`` is
 ``8 (t mod T) < T``), and the value is rounded half up to an int.

@@ -28,6 +28,10 @@ class DataError(ValueError):
     """A bad data file or record; the message names the file, the 1-based line and the field."""
 
 
+class MissingDependency(ImportError):
+    """An optional package that what was asked for needs; the message says how to install it."""
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """Where a named benchmark lives on the Hugging Face Hub, and its schema."""
@@ -63,7 +67,7 @@ def load_problems(spec: str, *, split: str | None = None, limit: int | None = No
         problems = _load_hub(spec, split)
     elif split is not None:
         names = ", ".join(BENCHMARKS)
-        raise ValueError(f"split={split!r} applies only to hub benchmarks ({names}), not to {spec!r}")
+        raise DataError(f"split={split!r} applies only to hub benchmarks ({names}), not to {spec!r}")
     elif spec == "synthetic":
         from crisp.data.synthetic import test_problems
 
@@ -71,7 +75,7 @@ def load_problems(spec: str, *, split: str | None = None, limit: int | None = No
     elif spec.endswith(FILE_SUFFIXES):
         problems = _load_file(Path(spec))
     else:
-        raise ValueError(
+        raise DataError(
             f"unknown data spec {spec!r}: use 'synthetic', one of {', '.join(BENCHMARKS)}, "
             f"or a path ending in {', '.join(FILE_SUFFIXES)}"
         )
@@ -83,7 +87,7 @@ def _load_hub(name: str, split: str | None) -> list[Problem]:
     try:
         import datasets
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependency(
             f"loading {name!r} from the Hugging Face Hub needs the `datasets` package: "
             "pip install 'crisp[hub]'"
         ) from exc
