@@ -71,6 +71,7 @@ def cmd_eval(args) -> None:
                        "enable_thinking": args.enable_thinking},
             "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
             "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+            **({"anatomy": {"markers": _comma_list(args.markers)}} if args.markers is not None else {}),
         }, EvalRunConfig)
         outputs = {args.benchmark: Path(args.out)}
         baselines = {args.benchmark: _summary(Path(args.baseline)) if args.baseline else None}
@@ -84,6 +85,10 @@ def cmd_eval(args) -> None:
         print(f"{benchmark}:")
         print(format_table(rows, baseline="baseline" if baseline else None))
         print(f"wrote {outputs[benchmark]}/summary.json and samples.jsonl")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _summary(path: Path) -> dict:
@@ -135,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
     ev.add_argument("--enable-thinking", type=lambda s: s.lower() == "true", default=None)
     ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--markers", default=None,
+                    help="comma-separated phrases whose rate per 1,000 tokens the summary reports "
+                         "(default: crisp.anatomy.DEFAULT_MARKERS; with --config: anatomy.markers=[...])")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="train a tiny reasoning model, compress it, report")

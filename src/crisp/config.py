@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from crisp.anatomy import DEFAULT_MARKERS, LOOP_NGRAM, LOOP_REPEATS
+
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -299,6 +301,25 @@ class GRPOConfig(RunConfig):
         return rollout.model_dump(exclude={"n", "max_new_tokens"})
 
 
+class AnatomyConfig(Strict):
+    """What `crisp eval` counts in each response (the rules are in crisp.anatomy's docstring)."""
+
+    markers: list[str] = list(DEFAULT_MARKERS)  # phrases, case-insensitive, whole words
+    loop_ngram: PositiveInt = LOOP_NGRAM  # a repetition loop: a span of this many words ...
+    loop_repeats: Annotated[int, Field(ge=2)] = LOOP_REPEATS  # ... occurring at least this many times
+
+    @field_validator("markers")
+    @classmethod
+    def _distinct_phrases(cls, markers: list[str]) -> list[str]:
+        markers = [" ".join(m.split()) for m in markers]
+        if not all(markers):
+            raise ValueError("a marker must have at least one word")
+        repeated = sorted({m for m in markers if [n.lower() for n in markers].count(m.lower()) > 1})
+        if repeated:
+            raise ValueError(f"listed twice (markers are case-insensitive): {', '.join(repeated)}")
+        return markers
+
+
 class EvalModelConfig(Strict):
     path: str  # a local HF directory or a hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -322,6 +343,7 @@ class EvalRunConfig(Strict):
     batch_size: PositiveInt = 256  # sequences per generate call
     baseline: str | None = None  # the output_dir of an earlier `crisp eval --config`: adds compression ratios
     mixed_precision: Literal["no", "bf16"] = "no"
+    anatomy: AnatomyConfig = AnatomyConfig()
 
 
 TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig, GRPOConfig], Field(discriminator="method")]

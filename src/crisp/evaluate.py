@@ -14,7 +14,8 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from crisp.config import EvalRunConfig, SamplingConfig
+from crisp.anatomy import THINK_CLOSE, THINK_OPEN, anatomy_figures, prompt_leaves_thinking_open, response_anatomy
+from crisp.config import AnatomyConfig, EvalRunConfig, SamplingConfig
 from crisp.data import synthetic
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
@@ -72,6 +73,7 @@ def summarize(records: Sequence[dict]) -> dict:
             "accuracy_std_over_samples": _std_over_sample_index(rows),
             "num_problems": len(by_problem),
             "num_samples": len(rows),
+            **anatomy_figures(rows),
             **_step_figures(rows),
         }
 
@@ -81,6 +83,22 @@ def summarize(records: Sequence[dict]) -> dict:
         level: figures([r for r in records if r["difficulty"] == level]) for level in levels
     }
     return summary
+
+
+def add_anatomy(records: Sequence[dict], rollouts: Sequence[Rollout], tokenizer, anatomy: AnatomyConfig) -> None:
+    """Each record gains its rollout's reasoning anatomy (crisp.anatomy.response_anatomy)."""
+
+    def tag_ids(tag: str) -> tuple[int, ...]:  # () where the tokenizer does not know the tag
+        ids = tuple(tokenizer.encode(tag, add_special_tokens=False))
+        return () if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids else ids
+
+    open_ids, close_ids = tag_ids(THINK_OPEN), tag_ids(THINK_CLOSE)
+    for record, rollout in zip(records, rollouts):
+        record.update(response_anatomy(
+            rollout.token_ids, rollout.text, close_ids=close_ids, open_ids=open_ids,
+            prompt_open=prompt_leaves_thinking_open(rollout.prompt_ids, open_ids, close_ids),
+            markers=anatomy.markers, loop_ngram=anatomy.loop_ngram, loop_repeats=anatomy.loop_repeats,
+            decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)))
 
 
 def _step_figures(rows: Sequence[dict]) -> dict:
@@ -143,6 +161,7 @@ def evaluate(
     batch_size: int = 256,
     progress: bool = True,
     accelerator=None,
+    anatomy: AnatomyConfig = AnatomyConfig(),
 ) -> tuple[list[dict], dict]:
     """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them.
 
@@ -160,6 +179,7 @@ def evaluate(
         [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
     records = score_rollouts(problems, rollouts, grader)
+    add_anatomy(records, rollouts, tokenizer, anatomy)
     records = gather(records, accelerator)
     summary = summarize(records)
     grader_obj = get_grader(grader)
@@ -171,6 +191,7 @@ def evaluate(
             "grader": getattr(grader_obj, "name", grader),
             "instruction": instruction,
             "prompt_template": builder.template,
+            "anatomy": anatomy.model_dump(),
         }
     )
     return records, summary
@@ -191,7 +212,8 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines:
             records, summary = evaluate(model, tokenizer, benchmark, builder=builder, sampling=cfg.sampling, k=cfg.k,
                                         seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
                                         grader=cfg.grader, batch_size=cfg.batch_size,
-                                        progress=accelerator.is_main_process, accelerator=accelerator)
+                                        progress=accelerator.is_main_process, accelerator=accelerator,
+                                        anatomy=cfg.anatomy)
         summary.update({"model": cfg.model.path, "benchmark": name})
         if baselines.get(name) is not None:
             summary["vs_baseline"] = compare_to_baseline(summary, baselines[name])

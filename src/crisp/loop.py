@@ -72,6 +72,9 @@ def training_problems(cfg) -> list[Problem]:
 
 def eval_metrics(summary: dict) -> dict:
     metrics = {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]}
+    for key in ("mean_thinking_tokens", "mean_answer_tokens", "loop_rate", "markers_per_1k_tokens"):
+        if key in summary:  # the reasoning anatomy (crisp.anatomy)
+            metrics[f"eval/{key}"] = summary[key]
     for level, figures in summary["by_difficulty"].items():
         metrics[f"eval/L{level}_accuracy"] = figures["accuracy"]
         metrics[f"eval/L{level}_mean_tokens"] = figures["mean_tokens"]
