@@ -71,6 +71,7 @@ def cmd_eval(args) -> None:
                        "enable_thinking": args.enable_thinking},
             "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
             "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+            "report_to": _comma_list(args.report_to),
             **({"anatomy": {"markers": _comma_list(args.markers)}} if args.markers is not None else {}),
         }, EvalRunConfig)
         outputs = {args.benchmark: Path(args.out)}
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
     ev.add_argument("--enable-thinking", type=lambda s: s.lower() == "true", default=None)
     ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--report-to", default="", help="comma-separated experiment trackers: tensorboard, wandb, "
+                    "mlflow, trackio, ... (with --config: report_to=[...])")
     ev.add_argument("--markers", default=None,
                     help="comma-separated phrases whose rate per 1,000 tokens the summary reports "
                          "(default: crisp.anatomy.DEFAULT_MARKERS; with --config: anatomy.markers=[...])")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +25,7 @@ from pydantic import (
 )
 
 from crisp.anatomy import DEFAULT_MARKERS, LOOP_NGRAM, LOOP_REPEATS
+from crisp.tracking import PIP_PACKAGES
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -32,6 +34,17 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 
 class ConfigError(ValueError):
     """A configuration the user must fix; the message names the offending key."""
+
+
+def _known_trackers(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in PIP_PACKAGES]
+    if unknown:
+        raise ValueError(f"unknown tracker {unknown[0]!r}; one of {', '.join(PIP_PACKAGES)}")
+    return list(dict.fromkeys(names))
+
+
+# experiment trackers the run's metrics also go to (crisp.tracking); metrics.jsonl is written either way
+Trackers = Annotated[list[str], AfterValidator(_known_trackers)]
 
 
 class Strict(BaseModel):
@@ -147,6 +160,7 @@ class RunConfig(Strict):
     # "bf16": every forward pass (training, teacher, generation) runs under bf16 autocast; the
     # weights keep model.dtype (float32 weights + bf16 compute is the usual full fine-tuning setup).
     mixed_precision: Literal["no", "bf16"] = "no"
+    report_to: Trackers = []
 
     @property
     def uses_checkpoints(self) -> bool:
@@ -344,6 +358,7 @@ class EvalRunConfig(Strict):
     baseline: str | None = None  # the output_dir of an earlier `crisp eval --config`: adds compression ratios
     mixed_precision: Literal["no", "bf16"] = "no"
     anatomy: AnatomyConfig = AnatomyConfig()
+    report_to: Trackers = []  # the trackers' files go to output_dir/trackers
 
 
 TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig, GRPOConfig], Field(discriminator="method")]

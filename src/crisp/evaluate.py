@@ -21,9 +21,11 @@ from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
 from crisp.distributed import autocast, gather, make_accelerator, shard
 from crisp.grading import get_grader, grade
+from crisp.metrics import MetricsLog
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
+from crisp.tracking import finish_trackers, start_trackers
 
 
 def default_grader(problems: Sequence[Problem]) -> str:
@@ -126,6 +128,20 @@ def _level_key(level: str):
     return (int(digits) if digits else 0, str(level))
 
 
+def eval_metrics(summary: dict, prefix: str = "eval/") -> dict:
+    """A summary's figures as flat metrics (what metrics.jsonl and the trackers get): accuracy, tokens,
+    truncation, the reasoning anatomy with each marker's rate, accuracy and tokens per level."""
+    metrics = {f"{prefix}{key}": summary[key] for key in (
+        "accuracy", "mean_tokens", "truncation_rate", "mean_thinking_tokens", "mean_answer_tokens", "loop_rate",
+        "markers_per_1k_tokens") if key in summary}
+    for marker, rate in summary.get("marker_rates_per_1k_tokens", {}).items():
+        metrics[f"{prefix}markers_per_1k_tokens/{marker.replace(' ', '_')}"] = rate
+    for level, figures in summary["by_difficulty"].items():
+        metrics[f"{prefix}L{level}_accuracy"] = figures["accuracy"]
+        metrics[f"{prefix}L{level}_mean_tokens"] = figures["mean_tokens"]
+    return metrics
+
+
 def compare_to_baseline(summary: dict, baseline: dict) -> dict:
     """Compression ratio CR = tokens / base tokens, and SIRI's dAcc/CR with dAcc = max(acc/acc_base - 1, 0)."""
 
@@ -199,13 +215,18 @@ def evaluate(
 
 def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines: dict[str, dict | None]) -> dict:
     """Evaluate cfg.model on each benchmark (data-parallel under `accelerate launch`); rank 0 writes
-    each one's samples.jsonl and summary.json to outputs[benchmark]. Returns the summaries."""
-    accelerator = make_accelerator(cfg.mixed_precision)
+    each one's samples.jsonl and summary.json to outputs[benchmark], and its figures to
+    output_dir/metrics.jsonl and the trackers (eval/<benchmark>/..., step 0). Returns the summaries."""
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
     problems = {name: load_problems(name, limit=cfg.limit) for name in cfg.benchmarks}  # bad data fails first
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model.to(accelerator.device)
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
+    start_trackers(accelerator, cfg, cfg.output_dir, resuming=False)
+    log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", accelerator)
+    if accelerator.is_main_process:
+        log.truncate_after(-1)  # a new evaluation's figures, not appended to an earlier one's
     summaries = {}
     for name, benchmark in problems.items():
         with autocast(cfg.mixed_precision, accelerator.device):
@@ -219,7 +240,9 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines:
             summary["vs_baseline"] = compare_to_baseline(summary, baselines[name])
         if accelerator.is_main_process:
             write_results(outputs[name], records, summary)
+            log.write(0, eval_metrics(summary, prefix=f"eval/{Path(name).stem}/"))
         summaries[name] = summary
+    finish_trackers(accelerator)
     return summaries
 
 
