@@ -10,8 +10,9 @@ trackers/crisp/, wandb's offline runs in trackers/wandb/, wandb's run id in trac
 On resume:
   tensorboard  the same directory. Steps that ran after the checkpoint and before the crash are
                written again, after a "session start" event at the first of them (`rewind_trackers`):
-               TensorBoard's event reader then drops the earlier values of those steps, so a curve
-               has no gap and one value per step. (A fresh run in a used directory rewinds to step 1.)
+               TensorBoard's Python event reader (EventAccumulator) then drops the earlier values of
+               those steps, so a curve has no gap and one value per step. (A fresh run in a used
+               directory rewinds to step 1.)
   wandb        the same run: its id is kept in the run directory and passed with resume="allow".
                wandb ignores a step it already has, so those steps keep the values first logged,
                which a crisp resume reproduces exactly (only time/ metrics differ).
