@@ -51,14 +51,18 @@ LOOP_REPEATS = 3  # occurrences that make it a loop
 
 def find_sequence(ids: Sequence[int], pattern: Sequence[int], start: int = 0) -> int:
     """Index of the first occurrence of `pattern` in `ids` at or after `start`, or -1."""
-    pattern = list(pattern)
+    ids, pattern = list(ids), list(pattern)
     if not pattern:
         return -1
-    first, width = pattern[0], len(pattern)
-    for i in range(start, len(ids) - width + 1):
-        if ids[i] == first and list(ids[i : i + width]) == pattern:
+    i = start
+    while True:
+        try:
+            i = ids.index(pattern[0], i)  # the scan for the first id runs in C
+        except ValueError:
+            return -1
+        if ids[i : i + len(pattern)] == pattern:
             return i
-    return -1
+        i += 1
 
 
 def find_last_sequence(ids: Sequence[int], pattern: Sequence[int]) -> int:
