@@ -21,7 +21,7 @@ from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
 from crisp.distributed import autocast, gather, make_accelerator, shard
 from crisp.grading import get_grader, grade
-from crisp.metrics import MetricsLog
+from crisp.metrics import MetricsLog, eval_metrics
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
@@ -126,20 +126,6 @@ def _std_over_sample_index(rows: Sequence[dict]) -> float:
 def _level_key(level: str):
     digits = "".join(c for c in str(level) if c.isdigit())
     return (int(digits) if digits else 0, str(level))
-
-
-def eval_metrics(summary: dict, prefix: str = "eval/") -> dict:
-    """A summary's figures as flat metrics (what metrics.jsonl and the trackers get): accuracy, tokens,
-    truncation, the reasoning anatomy with each marker's rate, accuracy and tokens per level."""
-    metrics = {f"{prefix}{key}": summary[key] for key in (
-        "accuracy", "mean_tokens", "truncation_rate", "mean_thinking_tokens", "mean_answer_tokens", "loop_rate",
-        "markers_per_1k_tokens") if key in summary}
-    for marker, rate in summary.get("marker_rates_per_1k_tokens", {}).items():
-        metrics[f"{prefix}markers_per_1k_tokens/{marker.replace(' ', '_')}"] = rate
-    for level, figures in summary["by_difficulty"].items():
-        metrics[f"{prefix}L{level}_accuracy"] = figures["accuracy"]
-        metrics[f"{prefix}L{level}_mean_tokens"] = figures["mean_tokens"]
-    return metrics
 
 
 def compare_to_baseline(summary: dict, baseline: dict) -> dict:

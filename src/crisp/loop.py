@@ -31,10 +31,10 @@ from accelerate import Accelerator
 
 from crisp.config import dump_config
 from crisp.distributed import autocast, load_rng, make_accelerator, save_checkpoint
-from crisp.evaluate import eval_metrics, evaluate
-from crisp.metrics import MetricsLog, Timer
-from crisp.tracking import start_trackers
+from crisp.evaluate import evaluate
+from crisp.metrics import MetricsLog, Timer, eval_metrics
 from crisp.modeling import load_model, load_tokenizer, load_weights, prepare_for_training
+from crisp.tracking import start_trackers
 
 
 class TrainingStopped(RuntimeError):
@@ -50,7 +50,8 @@ def open_run(cfg) -> tuple[Accelerator, Path]:
     if accelerator.is_main_process:
         dump_config(cfg, out / "config.yaml")
     # Continues an earlier run (a cheap look: a broken newest checkpoint is found out at resume).
-    resuming = cfg.resume != "none" and (cfg.resume != "auto" or bool(checkpoint.complete_checkpoints(out / "checkpoints")))
+    resuming = cfg.resume != "none" and (cfg.resume != "auto"
+                                         or bool(checkpoint.complete_checkpoints(out / "checkpoints")))
     start_trackers(accelerator, cfg, out, resuming=resuming)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

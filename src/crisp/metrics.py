@@ -1,5 +1,5 @@
 """metrics.jsonl (and rollouts.jsonl): one JSON object per record, with its step; metric keys are
-namespaced (train/, rollout/, eval/, time/)."""
+namespaced (train/, rollout/, eval/, time/). `eval_metrics` turns an evaluation summary into eval/ keys."""
 
 from __future__ import annotations
 
@@ -51,6 +51,20 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log(_scalars(metrics), step=step)
+
+
+def eval_metrics(summary: dict, prefix: str = "eval/") -> dict:
+    """A summary's figures as flat metrics (what metrics.jsonl and the trackers get): accuracy, tokens,
+    truncation, the reasoning anatomy with each marker's rate, accuracy and tokens per level."""
+    metrics = {f"{prefix}{key}": summary[key] for key in (
+        "accuracy", "mean_tokens", "truncation_rate", "mean_thinking_tokens", "mean_answer_tokens", "loop_rate",
+        "markers_per_1k_tokens") if key in summary}
+    for marker, rate in summary.get("marker_rates_per_1k_tokens", {}).items():
+        metrics[f"{prefix}markers_per_1k_tokens/{marker.replace(' ', '_')}"] = rate
+    for level, figures in summary["by_difficulty"].items():
+        metrics[f"{prefix}L{level}_accuracy"] = figures["accuracy"]
+        metrics[f"{prefix}L{level}_mean_tokens"] = figures["mean_tokens"]
+    return metrics
 
 
 def _scalars(metrics: dict) -> dict[str, float | int]:
