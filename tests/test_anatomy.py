@@ -52,10 +52,10 @@ def test_a_multi_token_tag_and_the_decoded_text_fallback():
 
 
 def test_which_prompts_leave_thinking_open():
-    assert prompt_leaves_thinking_open([3, 4, OPEN, 7], (OPEN,), (CLOSE,))  # R1-Distill: ends with <think>\n
-    assert not prompt_leaves_thinking_open([3, OPEN, 7, CLOSE, 7], (OPEN,), (CLOSE,))  # thinking-free: closed
-    assert not prompt_leaves_thinking_open([3, 4], (OPEN,), (CLOSE,))
-    assert prompt_leaves_thinking_open([OPEN, CLOSE, 3, OPEN], (OPEN,), (CLOSE,))  # the last tag counts
+    assert prompt_leaves_thinking_open("<|im_start|>assistant\n<think>\n")  # R1-Distill: opened
+    assert not prompt_leaves_thinking_open("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking-free
+    assert not prompt_leaves_thinking_open("<|im_start|>assistant\n")  # Qwen3: the response opens it
+    assert prompt_leaves_thinking_open("<think></think> quoted, then <think>")  # the last tag counts
 
 
 def test_count_markers_by_hand():

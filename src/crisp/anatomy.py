@@ -65,18 +65,10 @@ def find_sequence(ids: Sequence[int], pattern: Sequence[int], start: int = 0) ->
         i += 1
 
 
-def find_last_sequence(ids: Sequence[int], pattern: Sequence[int]) -> int:
-    """Index of the last occurrence of `pattern` in `ids`, or -1."""
-    last, at = -1, find_sequence(ids, pattern)
-    while at >= 0:
-        last, at = at, find_sequence(ids, pattern, at + 1)
-    return last
-
-
-def prompt_leaves_thinking_open(prompt_ids: Sequence[int], open_ids: Sequence[int], close_ids: Sequence[int]) -> bool:
-    """Whether the prompt ends inside a thinking section (its last `<think>` is after its last `</think>`)."""
-    opened = find_last_sequence(prompt_ids, open_ids)
-    return opened >= 0 and opened > find_last_sequence(prompt_ids, close_ids)
+def prompt_leaves_thinking_open(prompt_text: str) -> bool:
+    """Whether the prompt ends inside a thinking section: its last `<think>` comes after its last
+    `</think>` (an R1-Distill prompt's opened `<think>\n`, not the thinking-free mode's closed block)."""
+    return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
 
 
 def thinking_end(response_ids: Sequence[int], close_ids: Sequence[int], text: str,

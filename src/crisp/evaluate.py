@@ -95,10 +95,13 @@ def add_anatomy(records: Sequence[dict], rollouts: Sequence[Rollout], tokenizer,
         return () if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids else ids
 
     open_ids, close_ids = tag_ids(THINK_OPEN), tag_ids(THINK_CLOSE)
+    prompt_open: dict[tuple[int, ...], bool] = {}  # the k samples of a problem share their prompt
     for record, rollout in zip(records, rollouts):
+        if rollout.prompt_ids not in prompt_open:  # decoded with the tags even where they are special tokens
+            prompt_open[rollout.prompt_ids] = prompt_leaves_thinking_open(tokenizer.decode(list(rollout.prompt_ids)))
         record.update(response_anatomy(
             rollout.token_ids, rollout.text, close_ids=close_ids, open_ids=open_ids,
-            prompt_open=prompt_leaves_thinking_open(rollout.prompt_ids, open_ids, close_ids),
+            prompt_open=prompt_open[rollout.prompt_ids],
             markers=anatomy.markers, loop_ngram=anatomy.loop_ngram, loop_repeats=anatomy.loop_repeats,
             decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)))
 
