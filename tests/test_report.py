@@ -7,7 +7,7 @@ import json
 import pytest
 
 from crisp.cli import main
-from crisp.report import comparison_lines, load_rows, pareto_front, setting_differences
+from crisp.report import anatomy_lines, comparison_lines, load_rows, pareto_front, setting_differences
 
 
 def summary(accuracy, tokens, levels, **settings):
@@ -70,3 +70,37 @@ def test_rows_in_both_modes_get_a_mode_column_and_a_missing_mode_is_reported():
                                          "thinking_mode: crisp has no thinking_free row"]
     one_mode = {name: rows[name] for name in ("base", "tfpi")}
     assert "mode" not in comparison_lines(one_mode, baseline="base")[0] and not setting_differences(one_mode)
+
+
+def anatomy(thinking, answer, loops, rates):
+    return {"mean_thinking_tokens": thinking, "mean_answer_tokens": answer, "loop_rate": loops,
+            "truncation_rate": 0.25, "markers_per_1k_tokens": sum(rates.values()), "marker_rates_per_1k_tokens": rates}
+
+
+def test_anatomy_table_and_figure(tmp_path, capsys):
+    base = summary(0.5, 100.0, {"1": (0.8, 50.0)}, anatomy={"markers": ["wait", "hmm"]})
+    base.update(anatomy(90.0, 10.0, 0.1, {"wait": 12.0, "hmm": 3.5}))
+    base["by_difficulty"]["1"].update(anatomy(45.0, 5.0, 0.0, {"wait": 8.0, "hmm": 0.0}))
+    crisp = summary(0.5, 40.0, {"1": (0.8, 20.0)}, anatomy={"markers": ["wait", "hmm"]})
+    crisp.update(anatomy(30.0, 10.0, 0.0, {"wait": 1.25, "hmm": 0.0}))
+    old = summary(0.4, 60.0, {})  # evaluated before the anatomy existed
+    rows = {"base": base, "crisp": crisp, "old": old}
+    lines = anatomy_lines(rows)
+    assert lines[0] == ["run", "level", "thinking", "answer", "loops", "truncated", "markers/1k", "wait", "hmm"]
+    assert lines[1] == ["base", "all", "90.0", "10.0", "10.0%", "25.0%", "15.50", "12.00", "3.50"]
+    assert lines[2] == ["", "L1", "45.0", "5.0", "0.0%", "25.0%", "8.00", "8.00", "0.00"]
+    assert lines[3][:3] == ["crisp", "all", "30.0"] and lines[3][-2:] == ["1.25", "0.00"]
+    assert lines[4] == ["", "L1"] + ["-"] * 7  # a level without anatomy figures
+    assert lines[5] == ["old", "all"] + ["-"] * 7
+    assert any(note.startswith("anatomy differs") for note in setting_differences(rows))
+    for name, row in rows.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(row))
+    main(["compare", *(str(tmp_path / name) for name in rows), "--out", str(tmp_path / "report")])
+    assert "reasoning anatomy" in capsys.readouterr().out
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "![reasoning anatomy](anatomy.png)" in report and "| base | all | 90.0 | 10.0 |" in report
+    assert (tmp_path / "report" / "anatomy.png").stat().st_size > 10_000
+    main(["compare", str(tmp_path / "old"), "--out", str(tmp_path / "plain")])  # no anatomy: no figure
+    assert not (tmp_path / "plain" / "anatomy.png").exists()
+    assert "anatomy" not in (tmp_path / "plain" / "report.md").read_text()

@@ -89,6 +89,8 @@ def cmd_eval(args) -> None:
             "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
             "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
             "modes": [m for m in (args.modes or "").split(",") if m],
+            "report_to": _comma_list(args.report_to),
+            **({"anatomy": {"markers": _comma_list(args.markers)}} if args.markers is not None else {}),
         }, EvalRunConfig)
         outputs = {args.benchmark: Path(args.out)}
         baseline_paths = {args.benchmark: Path(args.baseline) if args.baseline else None}
@@ -121,6 +123,10 @@ def _baseline(path: Path, mode: str | None) -> dict:
     if path.is_dir():
         path = path / mode / "summary.json" if mode and (path / mode / "summary.json").is_file() else path / "summary.json"
     return _summary(path)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _summary(path: Path) -> dict:
@@ -188,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--modes", default=None,
                     help="evaluate in several modes, e.g. thinking,thinking_free: each into --out/<mode>/")
     ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--report-to", default="", help="comma-separated experiment trackers: tensorboard, wandb, "
+                    "mlflow, trackio, ... (with --config: report_to=[...])")
+    ev.add_argument("--markers", default=None,
+                    help="comma-separated phrases whose rate per 1,000 tokens the summary reports "
+                         "(default: crisp.anatomy.DEFAULT_MARKERS; with --config: anatomy.markers=[...])")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="train a tiny reasoning model, compress it, report")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from crisp.anatomy import DEFAULT_MARKERS, LOOP_NGRAM, LOOP_REPEATS
+from crisp.tracking import PIP_PACKAGES
+
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -31,6 +35,17 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 
 class ConfigError(ValueError):
     """A configuration the user must fix; the message names the offending key."""
+
+
+def _known_trackers(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in PIP_PACKAGES]
+    if unknown:
+        raise ValueError(f"unknown tracker {unknown[0]!r}; one of {', '.join(PIP_PACKAGES)}")
+    return list(dict.fromkeys(names))
+
+
+# experiment trackers the run's metrics also go to (crisp.tracking); metrics.jsonl is written either way
+Trackers = Annotated[list[str], AfterValidator(_known_trackers)]
 
 
 class Strict(BaseModel):
@@ -149,6 +164,7 @@ class RunConfig(Strict):
     # "bf16": every forward pass (training, teacher, generation) runs under bf16 autocast; the
     # weights keep model.dtype (float32 weights + bf16 compute is the usual full fine-tuning setup).
     mixed_precision: Literal["no", "bf16"] = "no"
+    report_to: Trackers = []
 
     @property
     def uses_checkpoints(self) -> bool:
@@ -366,6 +382,25 @@ class GRPOConfig(RunConfig):
         return rollout.model_dump(exclude={"n", "max_new_tokens"})
 
 
+class AnatomyConfig(Strict):
+    """What `crisp eval` counts in each response (the rules are in crisp.anatomy's docstring)."""
+
+    markers: list[str] = list(DEFAULT_MARKERS)  # phrases, case-insensitive, whole words
+    loop_ngram: PositiveInt = LOOP_NGRAM  # a repetition loop: a span of this many words ...
+    loop_repeats: Annotated[int, Field(ge=2)] = LOOP_REPEATS  # ... occurring at least this many times
+
+    @field_validator("markers")
+    @classmethod
+    def _distinct_phrases(cls, markers: list[str]) -> list[str]:
+        markers = [" ".join(m.split()) for m in markers]
+        if not all(markers):
+            raise ValueError("a marker must have at least one word")
+        repeated = sorted({m for m in markers if [n.lower() for n in markers].count(m.lower()) > 1})
+        if repeated:
+            raise ValueError(f"listed twice (markers are case-insensitive): {', '.join(repeated)}")
+        return markers
+
+
 class EvalModelConfig(Strict):
     path: str  # a local HF directory or a hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -389,6 +424,9 @@ class EvalRunConfig(Strict):
     batch_size: PositiveInt = 256  # sequences per generate call
     baseline: str | None = None  # the output_dir of an earlier `crisp eval --config`: adds compression ratios
     mixed_precision: Literal["no", "bf16"] = "no"
+    anatomy: AnatomyConfig = AnatomyConfig()
+    report_to: Trackers = []  # the trackers' files go to output_dir/trackers
+
     # Evaluate in each of these prompt modes, into output_dir/<benchmark>/<mode>/ (TFPI's two modes:
     # the plain template, and thinking-free prompts); empty: the one mode `prompt` sets, no subfolder.
     modes: list[Literal["thinking", "thinking_free"]] = []

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -37,20 +37,25 @@ from accelerate.utils import DistributedType, gather_object
 from crisp import checkpoint
 from crisp.config import ConfigError
 from crisp.modeling import is_peft, save_model, unwrap
+from crisp.tracking import require_installed, tracker_dir
 
 DDP_TYPES = (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", report_to: Sequence[str] = (), run_dir=None) -> Accelerator:
     """The process's Accelerator. Precision is crisp's own switch (`mixed_precision`, applied by
-    `autocast`); a launcher asking for another one is an error rather than a silent override."""
+    `autocast`); a launcher asking for another one is an error rather than a silent override.
+    `report_to` names experiment trackers (crisp.tracking), which must be installed, with their files
+    in run_dir/trackers; they are started by crisp.tracking.start_trackers."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher != "no" and launcher != mixed_precision:
         raise ConfigError(f"mixed_precision: the config says {mixed_precision!r} but accelerate launch asks for "
                           f"{launcher!r}; set mixed_precision={launcher} in the crisp config or change the launcher's")
+    require_installed(report_to)
+    trackers = dict(log_with=list(report_to), project_dir=tracker_dir(run_dir)) if report_to else {}
     # Without a GPU, accelerate runs several launched processes as one group only when told cpu=True
     # (gloo); with one, it picks the GPU of each rank.
-    return Accelerator(cpu=not torch.cuda.is_available())
+    return Accelerator(cpu=not torch.cuda.is_available(), **trackers)
 
 
 def autocast(mixed_precision: str, device: torch.device):

@@ -14,14 +14,17 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from crisp.config import EvalRunConfig, SamplingConfig
+from crisp.anatomy import THINK_CLOSE, THINK_OPEN, anatomy_figures, prompt_leaves_thinking_open, response_anatomy
+from crisp.config import AnatomyConfig, EvalRunConfig, SamplingConfig
 from crisp.data.problems import Problem
 from crisp.data.tasks import Task, get_task
 from crisp.distributed import autocast, gather, make_accelerator, shard
 from crisp.grading import get_grader, grade
+from crisp.metrics import MetricsLog, eval_metrics
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
+from crisp.tracking import finish_trackers, start_trackers
 
 
 def score_rollouts(problems: Sequence[Problem], rollouts: Sequence[Rollout], grader_name: str,
@@ -68,6 +71,7 @@ def summarize(records: Sequence[dict], task: Task | None = None) -> dict:
             "accuracy_std_over_samples": _std_over_sample_index(rows),
             "num_problems": len(by_problem),
             "num_samples": len(rows),
+            **anatomy_figures(rows),
             **(task.audit_summary(rows) if task is not None else {}),
         }
 
@@ -77,6 +81,25 @@ def summarize(records: Sequence[dict], task: Task | None = None) -> dict:
         level: figures([r for r in records if r["difficulty"] == level]) for level in levels
     }
     return summary
+
+
+def add_anatomy(records: Sequence[dict], rollouts: Sequence[Rollout], tokenizer, anatomy: AnatomyConfig) -> None:
+    """Each record gains its rollout's reasoning anatomy (crisp.anatomy.response_anatomy)."""
+
+    def tag_ids(tag: str) -> tuple[int, ...]:  # () where the tokenizer does not know the tag
+        ids = tuple(tokenizer.encode(tag, add_special_tokens=False))
+        return () if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids else ids
+
+    open_ids, close_ids = tag_ids(THINK_OPEN), tag_ids(THINK_CLOSE)
+    prompt_open: dict[tuple[int, ...], bool] = {}  # the k samples of a problem share their prompt
+    for record, rollout in zip(records, rollouts):
+        if rollout.prompt_ids not in prompt_open:  # decoded with the tags even where they are special tokens
+            prompt_open[rollout.prompt_ids] = prompt_leaves_thinking_open(tokenizer.decode(list(rollout.prompt_ids)))
+        record.update(response_anatomy(
+            rollout.token_ids, rollout.text, close_ids=close_ids, open_ids=open_ids,
+            prompt_open=prompt_open[rollout.prompt_ids],
+            markers=anatomy.markers, loop_ngram=anatomy.loop_ngram, loop_repeats=anatomy.loop_repeats,
+            decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)))
 
 
 def _std_over_sample_index(rows: Sequence[dict]) -> float:
@@ -131,6 +154,7 @@ def evaluate(
     batch_size: int = 256,
     progress: bool = True,
     accelerator=None,
+    anatomy: AnatomyConfig = AnatomyConfig(),
 ) -> tuple[list[dict], dict]:
     """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them
     with `grader` (default: the task's).
@@ -149,6 +173,7 @@ def evaluate(
         [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
     records = score_rollouts(problems, rollouts, grader, task)
+    add_anatomy(records, rollouts, tokenizer, anatomy)
     records = gather(records, accelerator)
     summary = summarize(records, task)
     grader_obj = get_grader(grader)
@@ -161,6 +186,7 @@ def evaluate(
             "instruction": instruction,
             "prompt_template": builder.template,
             "thinking_mode": builder.thinking_mode,
+            "anatomy": anatomy.model_dump(),
         }
     )
     return records, summary
@@ -170,9 +196,10 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
                         baselines: dict[tuple[str, str | None], dict | None]) -> dict[tuple[str, str | None], dict]:
     """Evaluate cfg.model on each benchmark in each of cfg.modes (data-parallel under `accelerate
     launch`); rank 0 writes each one's samples.jsonl and summary.json to outputs[benchmark], or to
-    its <mode> subfolder when modes are given. Summaries and baselines are keyed by (benchmark,
-    mode), the mode None when cfg.modes is empty."""
-    accelerator = make_accelerator(cfg.mixed_precision)
+    its <mode> subfolder when modes are given, and its figures to output_dir/metrics.jsonl and the
+    trackers (eval/<benchmark>/[<mode>/]..., step 0). Summaries and baselines are keyed by
+    (benchmark, mode), the mode None when cfg.modes is empty."""
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, cfg.output_dir)
     tasks = {name: get_task(name) for name in cfg.benchmarks}
     problems = {name: task.eval_problems(cfg.limit) for name, task in tasks.items()}  # bad data fails first
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -180,6 +207,10 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
     model.to(accelerator.device)
     builders = {mode: PromptBuilder.from_config(tokenizer, cfg.prompt if mode is None else cfg.prompt.model_copy(
         update={"thinking_free": mode == "thinking_free"})) for mode in cfg.modes or [None]}
+    start_trackers(accelerator, cfg, cfg.output_dir, resuming=False)
+    log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", accelerator)
+    if accelerator.is_main_process:
+        log.truncate_after(-1)  # a new evaluation's figures, not appended to an earlier one's
     summaries = {}
     for name, benchmark in problems.items():
         for mode, builder in builders.items():
@@ -188,13 +219,17 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
                                             sampling=cfg.sampling,
                                             k=cfg.k, seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
                                             grader=cfg.grader, batch_size=cfg.batch_size,
-                                            progress=accelerator.is_main_process, accelerator=accelerator)
+                                            progress=accelerator.is_main_process, accelerator=accelerator,
+                                            anatomy=cfg.anatomy)
             summary.update({"model": cfg.model.path, "benchmark": name})
             if baselines.get((name, mode)) is not None:
                 summary["vs_baseline"] = compare_to_baseline(summary, baselines[(name, mode)])
             if accelerator.is_main_process:
                 write_results(outputs[name] / mode if mode else outputs[name], records, summary)
+                prefix = f"eval/{Path(name).stem}/" + (f"{mode}/" if mode else "")
+                log.write(0, eval_metrics(summary, prefix=prefix))
             summaries[(name, mode)] = summary
+    finish_trackers(accelerator)
     return summaries
 
 

@@ -52,6 +52,7 @@ from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped
 from crisp.rollout import HFGenerator, Rollout
 from crisp.schedules import max_length_at, stage_at, stage_starts
 from crisp.teacher import Teacher
+from crisp.tracking import finish_trackers
 
 
 def _sampled_logprobs(head, hidden, tokens):
@@ -319,4 +320,5 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     bar.close()
     final = out / "model"
     save_final(accelerator, model, tokenizer, final)
+    finish_trackers(accelerator)
     return final

@@ -31,8 +31,9 @@ from accelerate import Accelerator
 from crisp.config import dump_config
 from crisp.distributed import autocast, load_rng, make_accelerator, save_checkpoint
 from crisp.evaluate import evaluate
-from crisp.metrics import MetricsLog, Timer
+from crisp.metrics import MetricsLog, Timer, eval_metrics
 from crisp.modeling import load_model, load_tokenizer, load_weights, prepare_for_training
+from crisp.tracking import start_trackers
 
 
 class TrainingStopped(RuntimeError):
@@ -41,12 +42,16 @@ class TrainingStopped(RuntimeError):
 
 def open_run(cfg) -> tuple[Accelerator, Path]:
     """How every training loop starts: the process's accelerator, the run directory holding the
-    resolved config (rank 0 writes it), torch's thread count and seed."""
-    accelerator = make_accelerator(cfg.mixed_precision)
+    resolved config (rank 0 writes it), the experiment trackers, torch's thread count and seed."""
     out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, out)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         dump_config(cfg, out / "config.yaml")
+    # Continues an earlier run (a cheap look: a broken newest checkpoint is found out at resume).
+    resuming = cfg.resume != "none" and (cfg.resume != "auto"
+                                         or bool(checkpoint.complete_checkpoints(out / "checkpoints")))
+    start_trackers(accelerator, cfg, out, resuming=resuming)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Subnormal floats (weights and Adam moments decaying towards zero) run elementwise CPU kernels
@@ -72,14 +77,6 @@ def training_problems(cfg) -> tuple[Task, list[Problem], list[Problem]]:
     task = get_task(cfg.data.source)
     problems = task.train_problems(seed=cfg.seed, size=cfg.data.size, levels=cfg.data.levels, limit=cfg.data.limit)
     return task, problems, get_task(cfg.eval.benchmark).eval_problems(cfg.eval.limit) if cfg.eval else []
-
-
-def eval_metrics(summary: dict) -> dict:
-    metrics = {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]}
-    for level, figures in summary["by_difficulty"].items():
-        metrics[f"eval/L{level}_accuracy"] = figures["accuracy"]
-        metrics[f"eval/L{level}_mean_tokens"] = figures["mean_tokens"]
-    return metrics
 
 
 class ProblemStream:
@@ -132,7 +129,7 @@ class TrainingRun:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.stream = stream
         self.builder, self.eval_problems = builder, eval_problems
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", accelerator)  # also to the trackers
         self.rollouts = MetricsLog(self.out / "rollouts.jsonl")
         self.timer = Timer()
         self.skipped, self.consecutive_skips = 0, 0

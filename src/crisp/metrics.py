@@ -1,5 +1,5 @@
 """metrics.jsonl (and rollouts.jsonl): one JSON object per record, with its step; metric keys are
-namespaced (train/, rollout/, eval/, time/)."""
+namespaced (train/, rollout/, eval/, time/). `eval_metrics` turns an evaluation summary into eval/ keys."""
 
 from __future__ import annotations
 
@@ -10,18 +10,27 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from crisp.tracking import rewind_trackers
+
 
 class MetricsLog:
-    def __init__(self, path: str | Path):
+    """A JSONL log. Given an accelerator, every record also goes to its experiment trackers
+    (crisp.tracking), at the record's step."""
+
+    def __init__(self, path: str | Path, accelerator=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.accelerator = accelerator
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: a resumed run rewrites them, a fresh run (step 0) starts empty.
+        The trackers are told too (crisp.tracking.rewind_trackers).
 
         A line that is not JSON can only be the last one, cut by a crash in the middle of a write;
         it is dropped too.
         """
+        if self.accelerator is not None:
+            rewind_trackers(self.accelerator, step)
         if not self.path.exists():
             return
         keep = []
@@ -40,6 +49,27 @@ class MetricsLog:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log(_scalars(metrics), step=step)
+
+
+def eval_metrics(summary: dict, prefix: str = "eval/") -> dict:
+    """A summary's figures as flat metrics (what metrics.jsonl and the trackers get): accuracy, tokens,
+    truncation, the reasoning anatomy with each marker's rate, accuracy and tokens per level."""
+    metrics = {f"{prefix}{key}": summary[key] for key in (
+        "accuracy", "mean_tokens", "truncation_rate", "mean_thinking_tokens", "mean_answer_tokens", "loop_rate",
+        "markers_per_1k_tokens") if key in summary}
+    for marker, rate in summary.get("marker_rates_per_1k_tokens", {}).items():
+        metrics[f"{prefix}markers_per_1k_tokens/{marker.replace(' ', '_')}"] = rate
+    for level, figures in summary["by_difficulty"].items():
+        metrics[f"{prefix}L{level}_accuracy"] = figures["accuracy"]
+        metrics[f"{prefix}L{level}_mean_tokens"] = figures["mean_tokens"]
+    return metrics
+
+
+def _scalars(metrics: dict) -> dict[str, float | int]:
+    """The numbers of a record, as trackers take them (a bool as 0/1; NaN stays NaN)."""
+    return {k: int(v) if isinstance(v, bool) else v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def _plain(value):

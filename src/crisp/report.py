@@ -1,11 +1,14 @@
-"""Compare evaluated runs: one table, a Pareto plot (accuracy vs tokens), a per-difficulty plot.
+"""Compare evaluated runs: one table, a Pareto plot (accuracy vs tokens), a per-difficulty plot,
+and the reasoning anatomy (a table and a figure).
 
 The table has a line per run and per difficulty level: accuracy (avg@k), mean response tokens, the
 token reduction against the baseline run and SIRI's dAcc/CR (dAcc = max(acc/acc_base - 1, 0),
-CR = tokens/tokens_base). Runs are only comparable when they were evaluated alike, so differing
-evaluation settings (k, sampler, grader, prompt template, benchmark) are reported with the table.
-Rows in different prompt modes (thinking, thinking-free) get a mode column, and a model evaluated
-in fewer modes than the others is reported too.
+CR = tokens/tokens_base). The anatomy table has the same lines: mean thinking and answer tokens,
+the share of responses with a repetition loop, the truncation rate, and the marker rates per 1,000
+response tokens (crisp.anatomy). Runs are only comparable when they were evaluated alike, so
+differing evaluation settings (k, sampler, grader, prompt template, benchmark, anatomy rules) are
+reported with the table. Rows in different prompt modes (thinking, thinking-free) get a mode column,
+and a model evaluated in fewer modes than the others is reported too.
 """
 
 from __future__ import annotations
@@ -84,6 +87,49 @@ def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -
     plt.close(fig)
 
 
+def anatomy_plot(rows: dict[str, dict], path: str | Path) -> None:
+    """Left: each marker's rate per 1,000 response tokens, a bar per run. Right: mean thinking and
+    answer tokens per run, stacked, with the share of responses in a repetition loop beside."""
+    measured = {name: s for name, s in rows.items() if "mean_thinking_tokens" in s}
+    markers, names = _markers(measured), list(measured)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2 + 0.2 * len(names)),
+                                      gridspec_kw={"width_ratios": [2, 1]})
+    colors = {name: f"C{i}" for i, name in enumerate(rows)}  # a run's colour in the other figures too
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        rates = measured[name]["marker_rates_per_1k_tokens"]
+        left.bar([j + i * width for j in range(len(markers))], [rates.get(m, 0) for m in markers], width,
+                 label=name, color=colors[name])
+    left.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(markers))], markers, rotation=30,
+                    ha="right")
+    left.set_ylabel("per 1,000 response tokens")
+    left.set_title("Hesitation and self-verification markers")
+    left.grid(axis="y", alpha=0.3)
+    rows_at = list(range(len(names)))[::-1]  # the first run on top
+    thinking = [measured[n]["mean_thinking_tokens"] for n in names]
+    answer = [measured[n]["mean_answer_tokens"] for n in names]
+    right.barh(rows_at, thinking, color=[colors[n] for n in names])
+    right.barh(rows_at, answer, left=thinking, color=[colors[n] for n in names], alpha=0.4, hatch="//")
+    for y, n, t, a in zip(rows_at, names, thinking, answer):
+        right.annotate(f"loops {measured[n]['loop_rate']:.0%}", (t + a, y), va="center", fontsize=8,
+                       textcoords="offset points", xytext=(3, 0))
+    right.set_yticks(rows_at, [f"run {i + 1}" for i in range(len(names))])
+    right.set_xlabel("mean tokens per response")
+    right.set_title("Thinking (solid) and answer (hatched)")
+    right.margins(x=0.25)
+    right.grid(axis="x", alpha=0.3)
+    handles, _ = left.get_legend_handles_labels()
+    fig.legend(handles, [f"run {i + 1}: {n}" for i, n in enumerate(names)], loc="upper center",
+               ncol=min(len(names), 3), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 * -(-len(names) // 3)))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def has_anatomy(rows: dict[str, dict]) -> bool:
+    return any("mean_thinking_tokens" in s for s in rows.values())
+
+
 def _levels(summary: dict) -> list[str]:
     return sorted(summary.get("by_difficulty", {}), key=_level_key)
 
@@ -118,9 +164,39 @@ def comparison_lines(rows: dict[str, dict], *, baseline: str) -> list[list[str]]
     return lines
 
 
+def _markers(rows: dict[str, dict]) -> list[str]:
+    """Every marker any run counted, in first-seen order."""
+    return list(dict.fromkeys(m for s in rows.values() for m in s.get("marker_rates_per_1k_tokens", {})))
+
+
+def anatomy_lines(rows: dict[str, dict]) -> list[list[str]]:
+    """Header + one line per run ("all") and per level: the reasoning anatomy ("-" where not measured)."""
+    markers = _markers(rows)
+    lines = [["run", "level", "thinking", "answer", "loops", "truncated", "markers/1k"] + markers]
+    for name, s in rows.items():
+        for level, figures in [("all", s)] + [(f"L{lv}", s["by_difficulty"][lv]) for lv in _levels(s)]:
+            if "mean_thinking_tokens" not in figures:
+                cells = ["-"] * (5 + len(markers))
+            else:
+                rates = figures["marker_rates_per_1k_tokens"]
+                cells = [f"{figures['mean_thinking_tokens']:.1f}", f"{figures['mean_answer_tokens']:.1f}",
+                         f"{figures['loop_rate']:.1%}", f"{figures.get('truncation_rate', 0):.1%}",
+                         f"{figures['markers_per_1k_tokens']:.2f}"]
+                cells += [f"{rates[m]:.2f}" if m in rates else "-" for m in markers]
+            lines.append([name if level == "all" else "", level] + cells)
+    return lines
+
+
 def comparison_table(rows: dict[str, dict], *, baseline: str, markdown: bool = False) -> str:
     """The comparison as aligned plain text, or as a Markdown table."""
-    lines = comparison_lines(rows, baseline=baseline)
+    return _format(comparison_lines(rows, baseline=baseline), markdown=markdown)
+
+
+def anatomy_table(rows: dict[str, dict], *, markdown: bool = False) -> str:
+    return _format(anatomy_lines(rows), markdown=markdown)
+
+
+def _format(lines: list[list[str]], *, markdown: bool) -> str:
     if markdown:
         out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
         return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines[1:]])
@@ -128,7 +204,7 @@ def comparison_table(rows: dict[str, dict], *, baseline: str, markdown: bool = F
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-SETTINGS = ("benchmark", "k", "sampling", "grader", "prompt_template", "instruction")
+SETTINGS = ("benchmark", "k", "sampling", "grader", "prompt_template", "instruction", "anatomy")
 
 
 def setting_differences(rows: dict[str, dict]) -> list[str]:
@@ -158,12 +234,23 @@ def mode_gaps(rows: dict[str, dict]) -> list[str]:
             for model, have in by_model.items() if modes - have]
 
 
+ANATOMY_NOTE = ("Thinking and answer are mean tokens per response (the thinking section runs to the end of "
+                "the first `</think>`); loops: the share of responses in which some span of n words occurs k "
+                "times (see `anatomy` in summary.json); markers: matches per 1,000 response tokens, "
+                "case-insensitive, whole words.")
+
+
 def write_report(out: str | Path, rows: dict[str, dict], *, baseline: str = "base", title: str = "crisp report",
                  notes: str = "") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pareto_plot(rows, out / "pareto.png")
     difficulty_plot(rows, out / "per_difficulty.png", baseline=baseline)
+    anatomy = []  # the report's anatomy section, where the runs measured it
+    if has_anatomy(rows):
+        anatomy_plot(rows, out / "anatomy.png")
+        anatomy = ["## Reasoning anatomy\n\n" + anatomy_table(rows, markdown=True), ANATOMY_NOTE,
+                   "![reasoning anatomy](anatomy.png)"]
     any_row = next(iter(rows.values()))
     settings = (f"k = {any_row.get('k')} samples per problem, sampling {json.dumps(any_row.get('sampling'))}, "
                 f"grader `{any_row.get('grader')}`, {any_row.get('num_problems')} problems.")
@@ -175,6 +262,7 @@ def write_report(out: str | Path, rows: dict[str, dict], *, baseline: str = "bas
         "\n".join(f"**Not evaluated alike**: {note}" for note in setting_differences(rows)),
         "![accuracy vs tokens](pareto.png)",
         "![per difficulty](per_difficulty.png)",
+        *anatomy,
         notes,
     ] if part)
     (out / "report.md").write_text(text.strip() + "\n")
@@ -227,17 +315,20 @@ def load_rows(paths: list[str]) -> dict[str, dict]:
 
 
 def compare_runs(paths: list[str], *, out: str | None = None, baseline: str | None = None) -> dict[str, dict]:
-    """Print the comparison table (the first run is the baseline unless named); with `out`, also
-    write report.md, pareto.png and per_difficulty.png there."""
+    """Print the comparison table (the first run is the baseline unless named) and the anatomy table;
+    with `out`, also write report.md, pareto.png, per_difficulty.png and anatomy.png there."""
     rows = load_rows(paths)
     baseline = baseline or next(iter(rows))
     if baseline not in rows:
         raise ConfigError(f"--baseline {baseline!r} is not one of the runs: {', '.join(rows)}")
     print(comparison_table(rows, baseline=baseline))
     print(f"\nreduction and dAcc/CR against {baseline}")
+    if has_anatomy(rows):
+        print("\nreasoning anatomy (mean tokens per response; markers per 1,000 response tokens)")
+        print(anatomy_table(rows))
     for note in setting_differences(rows):
         print(f"warning: not evaluated alike: {note}")
     if out:
         write_report(out, rows, baseline=baseline, title="crisp compare")
-        print(f"wrote {out}/report.md, pareto.png, per_difficulty.png")
+        print(f"wrote {out}/report.md, pareto.png, per_difficulty.png" + (", anatomy.png" if has_anatomy(rows) else ""))
     return rows

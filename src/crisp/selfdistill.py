@@ -36,6 +36,7 @@ from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
 from crisp.teacher import Teacher
+from crisp.tracking import finish_trackers
 
 
 def keep_rollouts(correct: Sequence[bool], rule: str) -> list[int]:
@@ -204,4 +205,5 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     bar.close()
     final = out / "model"
     save_final(accelerator, model, tokenizer, final)
+    finish_trackers(accelerator)
     return final

@@ -29,6 +29,7 @@ from crisp.modeling import (build_tiny_model, build_word_tokenizer, eval_mode, l
                             load_weights, prepare_for_training, right_padded)
 from crisp.optim import build_optimizer, clip_and_check
 from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, PromptBuilder
+from crisp.tracking import finish_trackers
 
 
 def length_bucketed_batches(examples: list[SFTExample], batch_tokens: int, rng: random.Random) -> list[list[int]]:
@@ -103,7 +104,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps)
     wrapped, optimizer = prepare(accelerator, model, optimizer,  # forwards go through the wrapper (DDP)
                                  checkpoints=cfg.uses_checkpoints)
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", accelerator)  # also to the trackers
     timer = Timer()
 
     step = 0
@@ -179,4 +180,5 @@ def train_sft(cfg: SFTConfig) -> Path:
     save_final(accelerator, wrapped, tokenizer, final)
     if main:
         dump_config(cfg, final / "crisp_config.yaml")  # marks the model complete, and what built it
+    finish_trackers(accelerator)
     return final
