@@ -4,6 +4,8 @@ rule, the aggregate rates, and a pathological 100k-character response in bounded
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import random
 import time
@@ -78,11 +80,14 @@ def test_repetition_loop_rule():
     assert not has_repetition_loop("x y z q x y w", ngram=3, repeats=2)
     assert has_repetition_loop("Wait. wait, WAIT", ngram=1, repeats=3)  # words are case- and punctuation-blind
     assert not has_repetition_loop("", ngram=1, repeats=1)
-    # the synthetic task's most redundant trace repeats a 7-word check line, not a loop
+    # a verbose synthetic trace repeats short lines (checks, second-guesses), not a 20-word span 3 times
     chain = synthetic.test_chains()[-1]
-    trace = "\n".join(line.text for line in synthetic.sample_trace(random.Random(0), chain, synthetic.VERBOSE))
-    assert trace.count("Wait, let me double-check this step") == 4
+    style = dataclasses.replace(synthetic.VERBOSE, reread=0.0, second_guess=1.0, check_safe=1.0, check_risky=1.0)
+    trace = synthetic.sample_response(random.Random(0), chain, style).text
+    assert trace.count("Hmm, wait: is") == 4 and trace.count("Check:") == 4
     assert not has_repetition_loop(trace)
+    looping = dataclasses.replace(synthetic.VERBOSE, reread=1.0, reread_again=1.0)  # the re-read loop is one
+    assert has_repetition_loop(synthetic.sample_response(random.Random(0), chain, looping).text)
 
 
 def test_response_anatomy_of_a_qwen3_response():
@@ -146,7 +151,7 @@ def test_add_anatomy_finds_the_tags_as_token_ids(tiny_tokenizer):
     thinking_free = PromptBuilder(tiny_tokenizer, template="plain", enable_thinking=False).student_ids(problem)
     assert tiny_tokenizer.decode(thinking_free).endswith("<think>\n\n</think>\n\n")
     r1_distill = PromptBuilder(tiny_tokenizer, template="plain").student_ids(problem) + encode("<think>\n")
-    thought, close = encode("Wait, let me double-check this step."), encode("</think>")
+    thought, close = encode("Hmm, wait: is 3 + 4 really 7? Yes, 7."), encode("</think>")
     answer = encode("\n\nAnswer: 9") + [tiny_tokenizer.eos_token_id]
     assert len(close) == 1
 
@@ -157,11 +162,11 @@ def test_add_anatomy_finds_the_tags_as_token_ids(tiny_tokenizer):
     rollouts = [rollout(r1_distill, thought + close + answer), rollout(thinking_free, answer),
                 rollout(r1_distill, thought, "length"), rollout(thinking_free, encode("<think>\n") + thought, "length")]
     records = [{"tokens": r.num_tokens} for r in rollouts]
-    add_anatomy(records, rollouts, tiny_tokenizer, AnatomyConfig(markers=["wait", "double-check"]))
+    add_anatomy(records, rollouts, tiny_tokenizer, AnatomyConfig(markers=["wait", "hmm"]))
     splits = [(r["thinking_tokens"], r["answer_tokens"]) for r in records]
     assert splits == [(len(thought) + 1, len(answer)), (0, len(answer)), (len(thought), 0), (len(thought) + 2, 0)]
-    assert [r["markers"] for r in records] == [{"wait": 1, "double-check": 1}, {"wait": 0, "double-check": 0},
-                                               {"wait": 1, "double-check": 1}, {"wait": 1, "double-check": 1}]
+    assert [r["markers"] for r in records] == [{"wait": 1, "hmm": 1}, {"wait": 0, "hmm": 0},
+                                               {"wait": 1, "hmm": 1}, {"wait": 1, "hmm": 1}]
 
 
 def test_markers_config_rejects_an_empty_or_repeated_phrase():

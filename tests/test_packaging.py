@@ -140,7 +140,7 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path, capsys, tiny_model_
 # the project refers to nothing outside itself
 # ---------------------------------------------------------------------------------------------
 
-PROJECT_FILES = ("src", "tests", "bench", "README.md", "pyproject.toml", "Makefile")
+PROJECT_FILES = ("src", "tests", "bench", "docs", "README.md", "pyproject.toml", "Makefile")
 # spelled in pieces, so that this file does not mention them either
 OUTSIDE = ("REFERENCE" + ".md", "design" + " notes", ".." + "/shared", "TESTBED" + ".md", "VLLM" + ".md",
            "DESIGN" + ".md")
