@@ -70,7 +70,7 @@ def cmd_eval(args) -> None:
             "prompt": {"template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
                        "enable_thinking": args.enable_thinking},
             "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
-            "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+            "batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "backend": args.backend,
         }, EvalRunConfig)
         outputs = {args.benchmark: Path(args.out)}
         baselines = {args.benchmark: _summary(Path(args.baseline)) if args.baseline else None}
@@ -95,7 +95,7 @@ def _summary(path: Path) -> dict:
 def cmd_demo(args) -> None:
     from crisp.demo import run_demo
 
-    run_demo(args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs)
+    run_demo(args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs, backend=args.backend)
 
 
 def cmd_compare(args) -> None:
@@ -135,12 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
     ev.add_argument("--enable-thinking", type=lambda s: s.lower() == "true", default=None)
     ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                    help="generate with HF generate or a vLLM engine (with --config: backend=vllm)")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="train a tiny reasoning model, compress it, report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--methods", default="crisp", help="comma-separated: crisp, opsd, siri")
     demo.add_argument("--configs", default=None, help="folder with the demo YAML files (default: built in)")
+    demo.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                      help="rollouts and evaluations on HF generate or a vLLM engine (the base's SFT is the same)")
     demo.set_defaults(func=cmd_demo)
 
     compare = sub.add_parser("compare", help="compare evaluated runs: table and Pareto plot")

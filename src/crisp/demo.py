@@ -43,20 +43,30 @@ def ensure_base_model(cfg) -> Path:
     return train_sft(cfg)
 
 
-def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instruction: str | None, template: str) -> dict:
+def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instruction: str | None, template: str,
+                 backend: str = "hf") -> dict:
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir))
     problems = synthetic.test_problems()
+    generator = None  # HF generate
+    if backend == "vllm":
+        from crisp.config import VLLMSettings
+        from crisp.rollout_vllm import VLLMGenerator
+
+        generator = VLLMGenerator(model, tokenizer, VLLMSettings(), max_new_tokens=eval_cfg.sampling.max_new_tokens)
     records, summary = evaluate(
         model, tokenizer, problems, builder=PromptBuilder(tokenizer, template=template),
         sampling=eval_cfg.sampling, k=eval_cfg.k, seed=0, instruction=instruction, batch_size=eval_cfg.batch_size,
+        generator=generator,
     )
     summary["model"] = str(model_dir)
     write_results(out, records, summary)
     return summary
 
 
-def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | None = None) -> dict:
+def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | None = None,
+             backend: str = "hf") -> dict:
+    """`backend`: where the methods' rollouts and every evaluation run (hf or vllm)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -65,7 +75,8 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
     eval_cfg = validate(yaml.safe_load((configs / "demo" / "eval.yaml").read_text()), EvalConfig)
     base_cfg = load_config(configs / "demo" / "base.yaml", [f"output_dir={out / 'base'}"])
     method_cfgs = {  # validated up front: a bad config fails before minutes of training
-        m: load_config(configs / "demo" / METHODS[m], [f"output_dir={out / m}", f"model.path={out / 'base' / 'model'}"])
+        m: load_config(configs / "demo" / METHODS[m], [f"output_dir={out / m}", f"model.path={out / 'base' / 'model'}",
+                                                       f"rollout.backend={backend}"])
         for m in methods
     }
     instruction_spec = base_cfg.mix.instruction
@@ -82,18 +93,19 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
     base_dir = timed("train base (sft)", ensure_base_model, base_cfg)
     rows = {
         "base": timed("eval base", evaluate_row, base_dir, eval_cfg, out / "eval" / "base",
-                      instruction=None, template=template),
+                      instruction=None, template=template, backend=backend),
         "prompt_only": timed("eval prompt_only", evaluate_row, base_dir, eval_cfg, out / "eval" / "prompt_only",
-                             instruction=resolve_instruction(instruction_spec), template=template),
+                             instruction=resolve_instruction(instruction_spec), template=template, backend=backend),
     }
     for method, cfg in method_cfgs.items():
         model_dir = timed(f"train {method}", _train, cfg)
         rows[method] = timed(f"eval {method}", evaluate_row, model_dir, eval_cfg, out / "eval" / method,
-                             instruction=None, template=template)
+                             instruction=None, template=template, backend=backend)
 
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
-    notes = "## Time per stage (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items())
+    notes = f"## Time per stage (s), rollouts and evaluations on {backend}\n\n"
+    notes += "\n".join(f"- {k}: {v}" for k, v in timings.items())
     notes += f"\n\n`prompt_only` is the base model with the `{instruction_spec}` instruction in its prompt."
     report = write_report(out, rows, baseline="base", title="crisp demo: synthetic reasoning task", notes=notes)
     print()

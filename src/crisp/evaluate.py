@@ -143,11 +143,14 @@ def evaluate(
     batch_size: int = 256,
     progress: bool = True,
     accelerator=None,
+    generator=None,
 ) -> tuple[list[dict], dict]:
     """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them.
 
     With an `accelerator` of several processes, each samples and grades a slice of the problems and
-    every process returns all the records (the same ones one process would produce)."""
+    every process returns all the records (the same ones one process would produce). `generator`:
+    the backend to sample with (e.g. a crisp.rollout_vllm.VLLMGenerator holding `model`'s weights);
+    by default HF generate, `batch_size` sequences per call."""
     grader = grader or default_grader(problems)
     if instruction:
         prompts = [builder.teacher_ids(p, instruction=instruction) for p in problems]
@@ -156,7 +159,8 @@ def evaluate(
     sampling = sampling.model_copy(update={"n": k})
     mine = shard(len(prompts), accelerator)
     bar = tqdm(total=len(mine) * k, desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
-    rollouts = HFGenerator(model, tokenizer, batch_size=batch_size).generate(
+    generator = generator or HFGenerator(model, tokenizer, batch_size=batch_size)
+    rollouts = generator.generate(
         [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
     records = score_rollouts(problems, rollouts, grader)
@@ -185,13 +189,20 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path], baselines:
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model.to(accelerator.device)
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
+    generator = None  # HF generate
+    if cfg.backend == "vllm":
+        from crisp.rollout_vllm import VLLMGenerator
+
+        generator = VLLMGenerator(model, tokenizer, cfg.vllm, trust_remote_code=cfg.model.trust_remote_code,
+                                  max_new_tokens=cfg.sampling.max_new_tokens)
     summaries = {}
     for name, benchmark in problems.items():
         with autocast(cfg.mixed_precision, accelerator.device):
             records, summary = evaluate(model, tokenizer, benchmark, builder=builder, sampling=cfg.sampling, k=cfg.k,
                                         seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
                                         grader=cfg.grader, batch_size=cfg.batch_size,
-                                        progress=accelerator.is_main_process, accelerator=accelerator)
+                                        progress=accelerator.is_main_process, accelerator=accelerator,
+                                        generator=generator)
         summary.update({"model": cfg.model.path, "benchmark": name})
         if baselines.get(name) is not None:
             summary["vs_baseline"] = compare_to_baseline(summary, baselines[name])

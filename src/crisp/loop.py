@@ -119,7 +119,7 @@ class TrainingRun:
     """
 
     def __init__(self, cfg, *, accelerator, models: dict[str, torch.nn.Module], tokenizer, optimizer, scheduler,
-                 stream: ProblemStream, builder, eval_problems: Sequence[Problem]):
+                 stream: ProblemStream, builder, eval_problems: Sequence[Problem], eval_generator=None):
         self.cfg = cfg
         self.accelerator = accelerator
         self.main = accelerator.is_main_process  # only rank 0 writes files
@@ -128,6 +128,7 @@ class TrainingRun:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.stream = stream
         self.builder, self.eval_problems = builder, eval_problems
+        self.eval_generator = eval_generator  # the run's vLLM engine, or None: evaluations use HF generate
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         self.rollouts = MetricsLog(self.out / "rollouts.jsonl")
         self.timer = Timer()
@@ -178,7 +179,8 @@ class TrainingRun:
             with self.timer("eval"), self.precision():  # every rank evaluates a share of the problems
                 _, summary = evaluate(self.models["model"], self.tokenizer, self.eval_problems, builder=self.builder,
                                       sampling=cfg.eval.sampling, k=cfg.eval.k, seed=cfg.seed,
-                                      batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator)
+                                      batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator,
+                                      generator=self.eval_generator)
             metrics.update(eval_metrics(summary))
         if stop or step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
             timings = self.timer.pop()
