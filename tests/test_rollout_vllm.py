@@ -285,3 +285,61 @@ def test_cpu_settings_that_would_split_a_seeded_prefill_are_errors(engine_model,
         generator.generate(prompts, SAMPLING, seed=0)  # 3 x 8 prompts: more than 256 prompt tokens
     assert generator.generate(prompts[:2], GREEDY) == HFGenerator(engine_model, tiny_tokenizer).generate(
         prompts[:2], GREEDY)  # within the budget it runs
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs on the engine: kill -9 and resume, two processes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_model_dir(tiny_tokenizer, tmp_path_factory):
+    from crisp.modeling import save_model
+
+    directory = tmp_path_factory.mktemp("engine_model")
+    save_model(build_tiny_model(tiny_tokenizer, architecture="qwen3", seed=0, **ENGINE_TINY), tiny_tokenizer,
+               directory)
+    return directory
+
+
+ENGINE_ROLLOUT = {"backend": "vllm", "vllm": {"max_model_len": 256, "kv_cache_gib": 0.25}}
+
+
+@pytest.mark.slow
+def test_a_vllm_run_killed_and_resumed_equals_an_uninterrupted_one(engine_model_dir, tmp_path):
+    """As test_resume's kill -9 test, on the engine: the resumed run's engine gets the checkpoint's
+    weights, and bitwise the same weights, metrics and rollouts come out."""
+    from crisp.selfdistill import train_selfdistill
+    from test_resume import SELFDISTILL, kill_and_resume, read_jsonl
+
+    base = {**SELFDISTILL, "rollout": {**SELFDISTILL["rollout"], **ENGINE_ROLLOUT}}
+    kill_and_resume(base, engine_model_dir, tmp_path, train_selfdistill, deadline_s=600)
+    rollouts = read_jsonl(tmp_path / "straight" / "rollouts.jsonl")
+    assert len({r["response"] for r in rollouts}) > 1  # the engine sampled, and differently over the steps
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_one_engine_each(engine_model_dir, tmp_path):
+    """`accelerate launch` with 2 processes: each rank's engine generates that rank's share; both
+    ranks end with the same weights, and the rollouts are the ones one process samples."""
+    import yaml
+
+    from crisp import cli
+    from test_distributed import configs, launch_two_processes, metrics
+
+    data = configs(tmp_path, engine_model_dir)["selfdistill"]
+    data = {**data, "rollout": {**data["rollout"], **ENGINE_ROLLOUT}, "eval": {**data["eval"], "limit": 2}}
+    path = tmp_path / "selfdistill.yaml"
+    path.write_text(yaml.safe_dump(data))
+    two, one = tmp_path / "two", tmp_path / "one"
+    # (vLLM's own process groups keep a few gloo threads past crisp's end_processes; the ranks
+    # still exit cleanly, which launch_two_processes checks)
+    launch_two_processes(tmp_path, [["train", str(path), f"output_dir={two}"]], check_threads=False)
+    rank0, rank1 = (torch.load(two / f"weights-rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert (two / "model" / "model.safetensors").exists()
+
+    cli.run(["train", str(path), f"output_dir={one}"])
+    m2, m1 = metrics(two), metrics(one)
+    assert [m["rollout/mean_tokens"] for m in m2] == [m["rollout/mean_tokens"] for m in m1]
+    assert m2[-1]["eval/accuracy"] == m1[-1]["eval/accuracy"]
