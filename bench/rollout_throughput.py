@@ -76,7 +76,8 @@ def start_engine(model, tokenizer, max_new_tokens: int):
     from crisp.rollout_vllm import VLLMGenerator
 
     wall = time.perf_counter()
-    engine = VLLMGenerator(model, tokenizer, VLLMSettings(), max_new_tokens=max_new_tokens)  # max_model_len: the model's
+    # max_model_len: the model's positions
+    engine = VLLMGenerator(model, tokenizer, VLLMSettings(), max_new_tokens=max_new_tokens)
     started = time.perf_counter() - wall
     wall = time.perf_counter()
     engine.load_weights(model)
@@ -146,13 +147,15 @@ def main() -> None:
         row = [name, figures["shape"], f"{figures['tokens']:.0f}", f"{hf['tokens_per_s']:.0f}",
                f"{plain['tokens_per_s']:.0f}", f"{hf['time'] / plain['time']:.2f}"]
         if use_vllm:
-            row += [f"{figures['vllm']['tokens_per_s']:.0f}", f"{figures['vllm']['tokens_per_s'] / hf['tokens_per_s']:.2f}"]
+            vllm = figures["vllm"]["tokens_per_s"]
+            row += [f"{vllm:.0f}", f"{vllm / hf['tokens_per_s']:.2f}"]
         rows.append(row)
     headers = ["model", "shape and batch", "tokens (HF)", "HF generate (tok/s)", "plain loop (tok/s)",
                "time ratio HF / plain"] + (["vLLM (tok/s)", "vLLM / HF tok/s"] if use_vllm else [])
     print(common.table(headers, rows))
     for name, costs in engine_costs.items():
-        print(f"vLLM engine on {name}: start-up {costs['startup_s']:.1f} s, one weight sync {costs['sync_s'] * 1000:.0f} ms")
+        print(f"vLLM engine on {name}: start-up {costs['startup_s']:.1f} s, "
+              f"one weight sync {costs['sync_s'] * 1000:.0f} ms")
     fields = []
     for name, figures in results.items():
         fields += [f"time_ratio_{name}={figures['hf']['time'] / figures['plain']['time']:.3f}",

@@ -95,7 +95,8 @@ def _summary(path: Path) -> dict:
 def cmd_demo(args) -> None:
     from crisp.demo import run_demo
 
-    run_demo(args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs, backend=args.backend)
+    run_demo(args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs,
+             backend=args.backend)
 
 
 def cmd_compare(args) -> None:

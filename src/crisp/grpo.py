@@ -182,7 +182,8 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     grader = default_grader(problems)
     generator = build_generator(cfg.rollout, policy, tokenizer, batch_size=cfg.generation_batch_size,
                                 trust_remote_code=cfg.model.trust_remote_code,
-                                max_new_tokens=max(cfg.schedule.l_max, cfg.eval.sampling.max_new_tokens if cfg.eval else 0))
+                                max_new_tokens=max(cfg.schedule.l_max,
+                                                   cfg.eval.sampling.max_new_tokens if cfg.eval else 0))
     stream = ProblemStream(problems, cfg.seed)
     # the reference model is the initial weights, rebuilt from model.path: a checkpoint need not hold it
     run = TrainingRun(cfg, accelerator=accelerator, models={"model": policy}, tokenizer=tokenizer, optimizer=optimizer,

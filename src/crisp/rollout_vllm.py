@@ -214,14 +214,17 @@ class VLLMGenerator:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed: int | None = None,
                  max_new_tokens: int | None = None, first_index: int = 0, progress=None) -> list[Rollout]:
         """`sampling.n` rollouts per prompt, in prompt order (as crisp.rollout.BatchedGenerator.generate)."""
-        return self.generate_with_logprobs(prompts, sampling, seed=seed, max_new_tokens=max_new_tokens,
-                                           first_index=first_index, progress=progress)[0]
+        return self._run(prompts, sampling, seed, max_new_tokens, first_index, progress, logprobs=False)[0]
 
     def generate_with_logprobs(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
                                seed: int | None = None, max_new_tokens: int | None = None, first_index: int = 0,
                                progress=None) -> tuple[list[Rollout], list[list[float]]]:
         """The rollouts and, for each, the engine's log-probability of every sampled token (of the
         model's raw distribution, before temperature, top-k and top-p)."""
+        return self._run(prompts, sampling, seed, max_new_tokens, first_index, progress, logprobs=True)
+
+    def _run(self, prompts, sampling: SamplingConfig, seed, max_new_tokens, first_index: int, progress, *,
+             logprobs: bool) -> tuple[list[Rollout], list[list[float]] | None]:
         from vllm import SamplingParams
 
         if seed is None:
@@ -233,7 +236,8 @@ class VLLMGenerator:
         eos = self.tokenizer.eos_token_id
         params = [SamplingParams(
             n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, max_tokens=limit,
-            seed=key if sampling.temperature > 0 else None, stop_token_ids=[eos], detokenize=False, logprobs=0,
+            seed=key if sampling.temperature > 0 else None, stop_token_ids=[eos], detokenize=False,
+            logprobs=0 if logprobs else None,
         ) for key in keys]
         if self.asleep:
             self.llm.wake_up()
@@ -244,17 +248,18 @@ class VLLMGenerator:
         if self.settings.enable_sleep_mode:  # level 1: the weights go to host memory, the KV cache is freed
             self.llm.sleep(level=1)
             self.asleep = True
-        rollouts, logprobs = [], []
+        rollouts, values = [], []
         for (index, _, prompt), output in zip(requests, outputs):
             completion = output.outputs[0]
             tokens = tuple(completion.token_ids)
             reason = "stop" if tokens and tokens[-1] == eos else "length"
             rollouts.append(Rollout(index, tuple(prompt), tokens,
                                     self.tokenizer.decode(list(tokens), skip_special_tokens=True), reason))
-            logprobs.append([step[token].logprob for step, token in zip(completion.logprobs, tokens)])
+            if logprobs:
+                values.append([step[token].logprob for step, token in zip(completion.logprobs, tokens)])
         if progress is not None:
             progress.update(len(requests))
-        return rollouts, logprobs
+        return rollouts, values if logprobs else None
 
     def _check(self, requests, limit: int, *, seeded: bool) -> None:
         """Bad lengths are errors naming the key, before the engine computes anything."""
