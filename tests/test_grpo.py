@@ -141,7 +141,7 @@ def test_scheduled_cap_reaches_generation_and_the_normaliser_ignores_it(
             assert all(r.num_tokens <= max_new_tokens for r in rollouts)
             return rollouts
 
-    monkeypatch.setattr(grpo, "HFGenerator", Recording)
+    monkeypatch.setattr("crisp.rollout_vllm.HFGenerator", Recording)  # what build_generator builds
     schedule = {"kind": "stair", "l_min": 3, "l_max": 9, "period": 2}
     cfg = make_cfg(tiny_model_dir, tmp_path / "run", max_steps=4, schedule=schedule)
     train_grpo(cfg)

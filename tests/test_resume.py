@@ -94,7 +94,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert not different, f"not bitwise equal: {different}"
 
 
-def run_killed(config_path: Path, out: Path, kill_after_lines: int, extra_delay: float) -> None:
+def run_killed(config_path: Path, out: Path, kill_after_lines: int, extra_delay: float, deadline_s: float = 120) -> None:
     """`python -m crisp train` in a subprocess, SIGKILLed `extra_delay` s after metrics.jsonl holds
     `kill_after_lines` records: anywhere in a step, in a checkpoint save or in a log write."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -104,7 +104,7 @@ def run_killed(config_path: Path, out: Path, kill_after_lines: int, extra_delay:
     with open(out.parent / f"{out.name}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "crisp", "train", str(config_path)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + deadline_s
         try:
             while time.monotonic() < deadline and proc.poll() is None:
                 if metrics.exists() and metrics.read_bytes().count(b"\n") >= kill_after_lines:
@@ -123,7 +123,8 @@ def run_killed(config_path: Path, out: Path, kill_after_lines: int, extra_delay:
     assert not (out / "model").exists()
 
 
-def kill_and_resume(base: dict, model_dir: Path, tmp_path: Path, train, *, break_newest: bool = False) -> None:
+def kill_and_resume(base: dict, model_dir: Path, tmp_path: Path, train, *, break_newest: bool = False,
+                    deadline_s: float = 120) -> None:
     straight = tmp_path / "straight"
     train(validate(config(base, model_dir, straight)))
 
@@ -134,7 +135,7 @@ def kill_and_resume(base: dict, model_dir: Path, tmp_path: Path, train, *, break
     rng = random.Random()
     # after step 3's record, checkpoints 1 and 2 are complete: the newest has one to fall back to
     kill_after, delay = rng.randint(3, STEPS - 4), rng.uniform(0.0, 0.05)
-    run_killed(config_path, crashed, kill_after, delay)
+    run_killed(config_path, crashed, kill_after, delay, deadline_s)
     newest = checkpoint.latest(crashed / "checkpoints")
     assert newest is not None and checkpoint.load_state(newest)["step"] < STEPS
 

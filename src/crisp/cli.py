@@ -87,7 +87,7 @@ def cmd_eval(args) -> None:
             "prompt": {"template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
                        "enable_thinking": args.enable_thinking, "thinking_free": args.thinking_free},
             "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
-            "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+            "batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "backend": args.backend,
             "modes": [m for m in (args.modes or "").split(",") if m],
             "report_to": _comma_list(args.report_to),
             **({"anatomy": {"markers": _comma_list(args.markers)}} if args.markers is not None else {}),
@@ -138,7 +138,8 @@ def _summary(path: Path) -> dict:
 def cmd_demo(args) -> None:
     from crisp.demo import run_demo
 
-    run_demo(args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs)
+    run_demo(args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs,
+             backend=args.backend)
 
 
 def cmd_recipes(args) -> None:
@@ -199,12 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--markers", default=None,
                     help="comma-separated phrases whose rate per 1,000 tokens the summary reports "
                          "(default: crisp.anatomy.DEFAULT_MARKERS; with --config: anatomy.markers=[...])")
+    ev.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                    help="generate with HF generate or a vLLM engine (with --config: backend=vllm)")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="train a tiny reasoning model, compress it, report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--methods", default="crisp", help="comma-separated: crisp, opsd, siri, tfpi")
     demo.add_argument("--configs", default=None, help="folder with the demo YAML files (default: built in)")
+    demo.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                      help="rollouts and evaluations on HF generate or a vLLM engine (the base's SFT is the same)")
     demo.set_defaults(func=cmd_demo)
 
     recipes = sub.add_parser("recipes", help="list the packaged configs (recipes, demo, accelerate files)")

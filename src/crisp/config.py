@@ -7,6 +7,7 @@ model is built.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -115,6 +116,61 @@ class SamplingConfig(Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0  # 0 = off
     max_new_tokens: PositiveInt = 8192
+
+
+VLLM_INSTALL = "pip install -e '.[vllm]' on a GPU machine, `make setup-vllm` on CPU"
+
+
+def vllm_installed() -> bool:
+    """Whether the vLLM engine is importable by name (crisp imports it only when a run uses it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMSettings(Strict):
+    """The colocated vLLM engine (`backend: vllm`); every default works on CPU and on a GPU."""
+
+    max_model_len: PositiveInt | None = None  # prompt + response tokens per request; None: the model's positions
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.3  # GPU share for the engine (training shares it)
+    kv_cache_gib: PositiveFloat | None = None  # KV cache size; None: 1 GiB on CPU, gpu_memory_utilization on a GPU
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on a GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the trained weights' dtype
+    enable_sleep_mode: bool = False  # GPU only: offload the engine's weights and free its KV cache while training
+    # None: off on CPU (vLLM's CPU sampler cannot seed a split prefill), vLLM's default on a GPU
+    enable_chunked_prefill: bool | None = None
+    max_num_batched_tokens: PositiveInt | None = None  # tokens per engine step; None: vLLM's default
+    max_num_seqs: PositiveInt | None = None  # sequences per engine step; None: vLLM's default
+
+
+class RolloutConfig(SamplingConfig):
+    """The training rollouts' sampler and the backend that runs it."""
+
+    backend: Literal["hf", "vllm"] = "hf"  # hf: Hugging Face generate; vllm: a vLLM engine in this process
+    vllm: VLLMSettings = VLLMSettings()
+
+    @model_validator(mode="after")
+    def _engine_installed(self) -> "RolloutConfig":
+        if self.backend == "vllm" and not vllm_installed():
+            raise ValueError(f"backend: vllm needs the vLLM engine, which is not installed ({VLLM_INSTALL})")
+        return self
+
+
+def check_engine_lengths(backend: str, settings: VLLMSettings, lengths: dict[str, int], *, prefix: str = "") -> None:
+    """A vLLM engine's max_model_len must hold every response it generates: `lengths` maps a config key
+    to a max_new_tokens (the prompt lengths are checked when the engine generates)."""
+    if backend != "vllm" or settings.max_model_len is None:
+        return
+    for key, max_new_tokens in lengths.items():
+        if settings.max_model_len <= max_new_tokens:
+            raise ValueError(f"{prefix}vllm.max_model_len ({settings.max_model_len}) must exceed the prompt plus {key} "
+                             f"({max_new_tokens})")
+
+
+def _training_engine_lengths(cfg) -> None:
+    """The rollouts, and the evaluations that run on the same engine during training."""
+    lengths = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens}
+    if cfg.eval is not None:
+        lengths["eval.sampling.max_new_tokens"] = cfg.eval.sampling.max_new_tokens
+    check_engine_lengths(cfg.rollout.backend, cfg.rollout.vllm, lengths, prefix="rollout.")
 
 
 class OptimConfig(Strict):
@@ -239,7 +295,7 @@ class SelfDistillConfig(RunConfig):
     method: Literal["selfdistill"] = "selfdistill"
     batch_size: PositiveInt = 32  # prompts per optimizer step
     micro_batch_size: PositiveInt = 32
-    rollout: SamplingConfig = SamplingConfig()
+    rollout: RolloutConfig = RolloutConfig()
     rollout_filter: Literal["all", "correct", "incorrect"] = "all"
     teacher: TeacherConfig = TeacherConfig()
     loss: LossConfig = LossConfig()
@@ -249,6 +305,7 @@ class SelfDistillConfig(RunConfig):
     def _micro_divides(self) -> "SelfDistillConfig":
         if (self.batch_size * self.rollout.n) % self.micro_batch_size:
             raise ValueError("micro_batch_size must divide batch_size * rollout.n")
+        _training_engine_lengths(self)
         return self
 
 
@@ -334,7 +391,7 @@ class GRPOConfig(RunConfig):
     group_size: Annotated[int, Field(ge=2)] = 16  # G samples per prompt
     micro_batch_size: PositiveInt = 16  # rollouts per forward/backward
     generation_batch_size: PositiveInt = 256  # sequences per generate call (bounds the KV cache)
-    rollout: SamplingConfig = SamplingConfig()
+    rollout: RolloutConfig = RolloutConfig()
     schedule: LengthSchedule = LengthSchedule()
     eps_low: Annotated[float, Field(ge=0)] = 0.2
     eps_high: Annotated[float, Field(ge=0)] = 0.28
@@ -374,10 +431,11 @@ class GRPOConfig(RunConfig):
                                  f"or be left out: grpo takes it from {owner}")
         filled = self.rollout.model_copy(update={key: value for key, (_, value) in wanted.items()})
         object.__setattr__(self, "rollout", filled)  # plain assignment would re-run this validator
+        _training_engine_lengths(self)
         return self
 
     @field_serializer("rollout")
-    def _rollout_without_derived(self, rollout: SamplingConfig) -> dict:
+    def _rollout_without_derived(self, rollout: RolloutConfig) -> dict:
         """The dumped config leaves out the derived n and max_new_tokens, so it reloads with overrides."""
         return rollout.model_dump(exclude={"n", "max_new_tokens"})
 
@@ -422,6 +480,8 @@ class EvalRunConfig(Strict):
     limit: PositiveInt | None = None  # only the first N problems of each benchmark
     seed: int = 0
     batch_size: PositiveInt = 256  # sequences per generate call
+    backend: Literal["hf", "vllm"] = "hf"  # as rollout.backend in training
+    vllm: VLLMSettings = VLLMSettings()
     baseline: str | None = None  # the output_dir of an earlier `crisp eval --config`: adds compression ratios
     mixed_precision: Literal["no", "bf16"] = "no"
     anatomy: AnatomyConfig = AnatomyConfig()
@@ -439,6 +499,13 @@ class EvalRunConfig(Strict):
             raise ValueError("modes: set modes or prompt.thinking_free, not both")
         if self.modes and self.prompt.enable_thinking is False:  # its "thinking" mode would not think
             raise ValueError("modes: prompt.enable_thinking: false would make every mode thinking-free")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> "EvalRunConfig":
+        if self.backend == "vllm" and not vllm_installed():
+            raise ValueError(f"backend: vllm needs the vLLM engine, which is not installed ({VLLM_INSTALL})")
+        check_engine_lengths(self.backend, self.vllm, {"sampling.max_new_tokens": self.sampling.max_new_tokens})
         return self
 
 

@@ -43,21 +43,30 @@ def ensure_base_model(cfg) -> Path:
 
 
 def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instruction: str | None, template: str,
-                 thinking_free: bool = False) -> dict:
+                 thinking_free: bool = False, backend: str = "hf") -> dict:
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir))
     task = SyntheticTask()
+    generator = None  # HF generate
+    if backend == "vllm":
+        from crisp.config import VLLMSettings
+        from crisp.rollout_vllm import VLLMGenerator
+
+        generator = VLLMGenerator(model, tokenizer, VLLMSettings(), max_new_tokens=eval_cfg.sampling.max_new_tokens)
     records, summary = evaluate(
         model, tokenizer, task.eval_problems(), task=task,
         builder=PromptBuilder(tokenizer, template=template, thinking_free=thinking_free),
         sampling=eval_cfg.sampling, k=eval_cfg.k, seed=0, instruction=instruction, batch_size=eval_cfg.batch_size,
+        generator=generator,
     )
     summary["model"] = str(model_dir)
     write_results(out, records, summary)
     return summary
 
 
-def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | None = None) -> dict:
+def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | None = None,
+             backend: str = "hf") -> dict:
+    """`backend`: where the methods' rollouts and every evaluation run (hf or vllm)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -69,7 +78,8 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
     eval_cfg = validate(yaml.safe_load((configs / "demo" / "eval.yaml").read_text()), EvalConfig)
     base_cfg = load_config(configs / "demo" / "base.yaml", [f"output_dir={out / 'base'}"])
     method_cfgs = {  # validated up front: a bad config fails before minutes of training
-        m: load_config(configs / "demo" / METHODS[m], [f"output_dir={out / m}", f"model.path={out / 'base' / 'model'}"])
+        m: load_config(configs / "demo" / METHODS[m], [f"output_dir={out / m}", f"model.path={out / 'base' / 'model'}",
+                                                       f"rollout.backend={backend}"])
         for m in methods
     }
     template = base_cfg.prompt.template
@@ -95,18 +105,19 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
                                                     thinking_free=True, **kwargs)
 
     rows: dict[str, dict] = {}
-    evaluate_model("base", base_dir, instruction=None)
+    evaluate_model("base", base_dir, instruction=None, backend=backend)
     for preset in PROMPT_ONLY:
         name = f"prompt_only_{preset}"
         rows[name] = timed(f"eval {name}", evaluate_row, base_dir, eval_cfg, out / "eval" / name,
-                           instruction=resolve_instruction(preset), template=template)
+                           instruction=resolve_instruction(preset), template=template, backend=backend)
     for method, cfg in method_cfgs.items():
         model_dir = timed(f"train {method}", _train, cfg)
-        evaluate_model(method, model_dir, instruction=None)
+        evaluate_model(method, model_dir, instruction=None, backend=backend)
 
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
-    notes = "## Time per stage (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items())
+    notes = f"## Time per stage (s), rollouts and evaluations on {backend}\n\n"
+    notes += "\n".join(f"- {k}: {v}" for k, v in timings.items())
     notes += "\n\n`prompt_only_v1` and `prompt_only_v2` are the base model with that instruction in its prompt."
     if both_modes:
         notes += ("\n\nRows marked (thinking-free) are evaluated on thinking-free prompts (an empty closed "

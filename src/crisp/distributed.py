@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -169,4 +170,8 @@ def end_processes() -> None:
     """
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        if "vllm.distributed.parallel_state" in sys.modules:  # a vLLM engine's groups hold gloo workers too
+            from crisp.rollout_vllm import reset_stale_engine_groups
+
+            reset_stale_engine_groups()
         gc.collect()

@@ -155,12 +155,15 @@ def evaluate(
     progress: bool = True,
     accelerator=None,
     anatomy: AnatomyConfig = AnatomyConfig(),
+    generator=None,
 ) -> tuple[list[dict], dict]:
     """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them
     with `grader` (default: the task's).
 
     With an `accelerator` of several processes, each samples and grades a slice of the problems and
-    every process returns all the records (the same ones one process would produce)."""
+    every process returns all the records (the same ones one process would produce). `generator`:
+    the backend to sample with (e.g. a crisp.rollout_vllm.VLLMGenerator holding `model`'s weights);
+    by default HF generate, `batch_size` sequences per call."""
     grader = grader or task.grader
     if instruction:
         prompts = [builder.teacher_ids(p, instruction=instruction) for p in problems]
@@ -169,7 +172,8 @@ def evaluate(
     sampling = sampling.model_copy(update={"n": k})
     mine = shard(len(prompts), accelerator)
     bar = tqdm(total=len(mine) * k, desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
-    rollouts = HFGenerator(model, tokenizer, batch_size=batch_size).generate(
+    generator = generator or HFGenerator(model, tokenizer, batch_size=batch_size)
+    rollouts = generator.generate(
         [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
     records = score_rollouts(problems, rollouts, grader, task)
@@ -207,6 +211,12 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
     model.to(accelerator.device)
     builders = {mode: PromptBuilder.from_config(tokenizer, cfg.prompt if mode is None else cfg.prompt.model_copy(
         update={"thinking_free": mode == "thinking_free"})) for mode in cfg.modes or [None]}
+    generator = None  # HF generate
+    if cfg.backend == "vllm":
+        from crisp.rollout_vllm import VLLMGenerator
+
+        generator = VLLMGenerator(model, tokenizer, cfg.vllm, trust_remote_code=cfg.model.trust_remote_code,
+                                  max_new_tokens=cfg.sampling.max_new_tokens)
     start_trackers(accelerator, cfg, cfg.output_dir, resuming=False)
     log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", accelerator)
     if accelerator.is_main_process:
@@ -220,7 +230,7 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
                                             k=cfg.k, seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
                                             grader=cfg.grader, batch_size=cfg.batch_size,
                                             progress=accelerator.is_main_process, accelerator=accelerator,
-                                            anatomy=cfg.anatomy)
+                                            anatomy=cfg.anatomy, generator=generator)
             summary.update({"model": cfg.model.path, "benchmark": name})
             if baselines.get((name, mode)) is not None:
                 summary["vs_baseline"] = compare_to_baseline(summary, baselines[(name, mode)])

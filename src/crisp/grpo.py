@@ -49,7 +49,8 @@ from crisp.modeling import output_head, response_hidden
 from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder
 from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
-from crisp.rollout import HFGenerator, Rollout
+from crisp.rollout import Rollout
+from crisp.rollout_vllm import build_generator, sync_weights
 from crisp.schedules import max_length_at, stage_at, stage_starts
 from crisp.teacher import Teacher
 from crisp.tracking import finish_trackers
@@ -210,16 +211,21 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     builders = {mode: PromptBuilder.from_config(tokenizer, cfg.prompt.model_copy(update={"thinking_free": mode}))
                 for mode in (False, True)}  # the rollouts use the mode of their step's stage
     grader = task.grader
-    generator = HFGenerator(policy, tokenizer, batch_size=cfg.generation_batch_size)
+    generator = build_generator(cfg.rollout, policy, tokenizer, batch_size=cfg.generation_batch_size,
+                                trust_remote_code=cfg.model.trust_remote_code,
+                                max_new_tokens=max(cfg.schedule.l_max,
+                                                   cfg.eval.sampling.max_new_tokens if cfg.eval else 0))
     stream = ProblemStream(problems, cfg.seed)
     # the reference model is the initial weights, rebuilt from model.path: a checkpoint need not hold it
     run = TrainingRun(cfg, accelerator=accelerator, models={"model": policy}, tokenizer=tokenizer, optimizer=optimizer,
-                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems)
+                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems,
+                      eval_generator=generator if cfg.rollout.backend == "vllm" else None)
     timer, precision = run.timer, run.precision
     pad_id = tokenizer.pad_token_id
     G = cfg.group_size
 
     step, _ = run.resume()
+    sync_weights(generator, policy)  # a vLLM engine gets the resumed weights
     bar = tqdm(total=cfg.max_steps, initial=step, desc="siri grpo", dynamic_ncols=True, disable=not main)
     while step < cfg.max_steps:
         plan = step_plan(cfg, step)
@@ -288,6 +294,8 @@ def train_grpo(cfg: GRPOConfig) -> Path:
                 with timer("step"):
                     grad_norm, stepped = step_if_finite(policy, optimizer, loss, cfg.optim.grad_clip)
                     run.count_step(stepped)
+                    if stepped:
+                        sync_weights(generator, policy)
             scheduler.step()
         step += 1
 

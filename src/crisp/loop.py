@@ -120,7 +120,7 @@ class TrainingRun:
     """
 
     def __init__(self, cfg, *, accelerator, models: dict[str, torch.nn.Module], tokenizer, optimizer, scheduler,
-                 stream: ProblemStream, builder, eval_problems: Sequence[Problem]):
+                 stream: ProblemStream, builder, eval_problems: Sequence[Problem], eval_generator=None):
         self.cfg = cfg
         self.accelerator = accelerator
         self.main = accelerator.is_main_process  # only rank 0 writes files
@@ -129,6 +129,7 @@ class TrainingRun:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.stream = stream
         self.builder, self.eval_problems = builder, eval_problems
+        self.eval_generator = eval_generator  # the run's vLLM engine, or None: evaluations use HF generate
         self.metrics = MetricsLog(self.out / "metrics.jsonl", accelerator)  # also to the trackers
         self.rollouts = MetricsLog(self.out / "rollouts.jsonl")
         self.timer = Timer()
@@ -182,7 +183,8 @@ class TrainingRun:
                 _, summary = evaluate(self.models["model"], self.tokenizer, self.eval_problems, builder=self.builder,
                                       task=get_task(cfg.eval.benchmark),
                                       sampling=cfg.eval.sampling, k=cfg.eval.k, seed=cfg.seed,
-                                      batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator)
+                                      batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator,
+                                      generator=self.eval_generator)
             metrics.update(eval_metrics(summary))
         if always_log or stop or step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
             timings = self.timer.pop()

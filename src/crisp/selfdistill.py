@@ -34,7 +34,8 @@ from crisp.loop import ProblemStream, TrainingRun, open_run, trainable_model, tr
 from crisp.modeling import output_head, response_hidden
 from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder, resolve_instruction
-from crisp.rollout import HFGenerator, Rollout
+from crisp.rollout import Rollout
+from crisp.rollout_vllm import build_generator, sync_weights
 from crisp.teacher import Teacher
 from crisp.tracking import finish_trackers
 
@@ -130,16 +131,20 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
     grader = task.grader
-    generator = HFGenerator(student, tokenizer)
+    generator = build_generator(cfg.rollout, student, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+                                max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.eval.sampling.max_new_tokens
+                                                   if cfg.eval else 0))
     stream = ProblemStream(problems, cfg.seed)
     # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
     models = {"model": student, **({"teacher": teacher.model} if teacher.owns_weights else {})}
     run = TrainingRun(cfg, accelerator=accelerator, models=models, tokenizer=tokenizer, optimizer=optimizer,
-                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems)
+                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems,
+                      eval_generator=generator if cfg.rollout.backend == "vllm" else None)
     timer, precision = run.timer, run.precision
     pad_id = tokenizer.pad_token_id
 
     step, saved = run.resume()
+    sync_weights(generator, student)  # a vLLM engine gets the resumed weights
     if saved is not None:
         teacher.refreshes = saved["refreshes"]
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.teacher.update + " selfdistill", dynamic_ncols=True,
@@ -180,6 +185,8 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
             else:
                 grad_norm, stepped = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
                 run.count_step(stepped)
+                if stepped:
+                    sync_weights(generator, student)
             scheduler.step()
         step += 1
         with timer("teacher_update"):
