@@ -278,7 +278,7 @@ def test_stages_reach_generation_and_prompts_and_are_logged(tiny_model_dir, tmp_
             calls.append((max_new_tokens, [tiny_tokenizer.decode(p) for p in prompts]))
             return super().generate(prompts, sampling, max_new_tokens=max_new_tokens, **kwargs)
 
-    monkeypatch.setattr(grpo, "HFGenerator", Recording)
+    monkeypatch.setattr("crisp.rollout_vllm.HFGenerator", Recording)  # what build_generator builds
     train_grpo(make_cfg(tiny_model_dir, tmp_path / "run", log_every=10, **staged()))
     assert [limit for limit, _ in calls] == [3, 3, 5, 7, 7]
     closed = [all(p.endswith("<think>\n\n</think>\n\n") for p in prompts) for _, prompts in calls]

@@ -11,7 +11,7 @@ from crisp.config import SFTConfig, validate
 from crisp.data import synthetic
 from crisp.data.tasks import get_task
 from crisp.modeling import load_model
-from crisp.prompts import REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
+from crisp.prompts import CLOSED_THINKING, REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
 from crisp.sft import build_model_and_tokenizer, collate, response_loss, train_sft
 
 from conftest import TINY
@@ -45,7 +45,7 @@ def kind_of(prompt: str) -> str:
     for preset in ("v1", "v2"):
         if resolve_instruction(preset) in prompt:
             return preset
-    return "thinking_free" if prompt.endswith(synthetic.THINKING_FREE_SUFFIX) else "plain"
+    return "thinking_free" if prompt.endswith(CLOSED_THINKING) else "plain"
 
 
 def test_the_corpus_holds_every_prompt_a_method_uses_each_in_its_style(mix):

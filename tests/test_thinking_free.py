@@ -129,7 +129,7 @@ def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, monk
             generated.append(rollouts)
             return rollouts
 
-    monkeypatch.setattr(grpo, "HFGenerator", Recording)
+    monkeypatch.setattr("crisp.rollout_vllm.HFGenerator", Recording)  # what build_generator builds
     cfg = make_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, micro_batch_size=8, **{"prompt.thinking_free": True})
     train_grpo(cfg)
     (rollouts,) = generated

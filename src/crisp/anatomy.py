@@ -32,7 +32,9 @@ from collections import Counter
 from functools import lru_cache
 from typing import Callable, Sequence
 
+# Qwen3's thinking-section tags; every other module takes them from here
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
 
 DEFAULT_MARKERS = (
     "wait",

@@ -27,8 +27,9 @@ from transformers import (
     Qwen3Config,
 )
 
+from crisp.anatomy import THINK_CLOSE, THINK_OPEN
+
 PAD, UNK, IM_START, IM_END = "<pad>", "<unk>", "<|im_start|>", "<|im_end|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 # Qwen3's convention: the response opens a <think> section itself; `enable_thinking=False` closes an
 # empty one in the prompt, so the model answers at once (the thinking-free mode of hybrid models).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from crisp.anatomy import THINK_CLOSE, THINK_OPEN
 from crisp.config import ConfigError
 from crisp.data.problems import Problem
 
@@ -48,7 +49,6 @@ INSTRUCTIONS = {
     "word_limit": "Solve the following math problem in at most {words} words.",
 }
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CLOSED_THINKING = "<think>\n\n</think>\n\n"  # what a thinking-free prompt ends with
 
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 from crisp.data.problems import Problem
 from crisp.data.tasks import SFTExample, Task
+from crisp.anatomy import THINK_CLOSE, THINK_OPEN
 
 LEVELS = (1, 2, 3, 4)
 ORDINALS = ("First", "Second", "Third", "Fourth")
@@ -61,8 +62,6 @@ FLIP_WRONG_TO_RIGHT = 0.5
 MAX_REREAD_REPEATS = 5
 TEST_SEED = 20_240_601
 TEST_PER_LEVEL = 50
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-THINKING_FREE_SUFFIX = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 
 
 @dataclass(frozen=True)
