@@ -16,12 +16,13 @@ from pathlib import Path
 
 import yaml
 
-from crisp.config import ConfigError, EvalConfig, load_config, validate
+from crisp.config import ConfigError, EvalConfig, VLLMSettings, load_config, validate
 from crisp.data.synthetic import SyntheticTask
 from crisp.evaluate import evaluate, format_table, write_results
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.report import write_report
+from crisp.rollout_vllm import build_generator
 from crisp.resources import configs_dir as packaged_configs_dir
 
 METHODS = {"crisp": "crisp.yaml", "opsd": "opsd.yaml", "siri": "siri.yaml", "tfpi": "tfpi.yaml"}
@@ -47,12 +48,8 @@ def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instructio
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir))
     task = SyntheticTask()
-    generator = None  # HF generate
-    if backend == "vllm":
-        from crisp.config import VLLMSettings
-        from crisp.rollout_vllm import VLLMGenerator
-
-        generator = VLLMGenerator(model, tokenizer, VLLMSettings(), max_new_tokens=eval_cfg.sampling.max_new_tokens)
+    generator = build_generator(backend, VLLMSettings(), model, tokenizer, batch_size=eval_cfg.batch_size,
+                                max_new_tokens=eval_cfg.sampling.max_new_tokens)
     records, summary = evaluate(
         model, tokenizer, task.eval_problems(), task=task,
         builder=PromptBuilder(tokenizer, template=template, thinking_free=thinking_free),

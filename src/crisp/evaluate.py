@@ -24,6 +24,7 @@ from crisp.metrics import MetricsLog, eval_metrics
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import HFGenerator, Rollout
+from crisp.rollout_vllm import build_generator
 from crisp.tracking import finish_trackers, start_trackers
 
 
@@ -211,12 +212,8 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
     model.to(accelerator.device)
     builders = {mode: PromptBuilder.from_config(tokenizer, cfg.prompt if mode is None else cfg.prompt.model_copy(
         update={"thinking_free": mode == "thinking_free"})) for mode in cfg.modes or [None]}
-    generator = None  # HF generate
-    if cfg.backend == "vllm":
-        from crisp.rollout_vllm import VLLMGenerator
-
-        generator = VLLMGenerator(model, tokenizer, cfg.vllm, trust_remote_code=cfg.model.trust_remote_code,
-                                  max_new_tokens=cfg.sampling.max_new_tokens)
+    generator = build_generator(cfg.backend, cfg.vllm, model, tokenizer, batch_size=cfg.batch_size,
+                                trust_remote_code=cfg.model.trust_remote_code, max_new_tokens=cfg.sampling.max_new_tokens)
     start_trackers(accelerator, cfg, cfg.output_dir, resuming=False)
     log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", accelerator)
     if accelerator.is_main_process:

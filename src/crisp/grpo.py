@@ -211,7 +211,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     builders = {mode: PromptBuilder.from_config(tokenizer, cfg.prompt.model_copy(update={"thinking_free": mode}))
                 for mode in (False, True)}  # the rollouts use the mode of their step's stage
     grader = task.grader
-    generator = build_generator(cfg.rollout, policy, tokenizer, batch_size=cfg.generation_batch_size,
+    generator = build_generator(cfg.rollout.backend, cfg.rollout.vllm, policy, tokenizer, batch_size=cfg.generation_batch_size,
                                 trust_remote_code=cfg.model.trust_remote_code,
                                 max_new_tokens=max(cfg.schedule.l_max,
                                                    cfg.eval.sampling.max_new_tokens if cfg.eval else 0))

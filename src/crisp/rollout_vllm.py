@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from crisp.config import VLLM_INSTALL, ConfigError, RolloutConfig, SamplingConfig, VLLMSettings
+from crisp.config import VLLM_INSTALL, ConfigError, SamplingConfig, VLLMSettings
 from crisp.modeling import is_peft, unwrap
 from crisp.rollout import HFGenerator, Rollout, request_keys
 
@@ -274,12 +274,12 @@ class VLLMGenerator:
                               "cannot do; raise it or leave vllm.enable_chunked_prefill unset (off on CPU)")
 
 
-def build_generator(rollout: RolloutConfig, model: torch.nn.Module, tokenizer, *, batch_size: int = 256,
+def build_generator(backend: str, settings: VLLMSettings, model: torch.nn.Module, tokenizer, *, batch_size: int = 256,
                     trust_remote_code: bool = False, max_new_tokens: int = 0):
-    """The generator that `rollout.backend` names: HFGenerator (batch_size sequences per generate
-    call) or a VLLMGenerator with the model's weights loaded."""
-    if rollout.backend == "vllm":
-        return VLLMGenerator(model, tokenizer, rollout.vllm, trust_remote_code=trust_remote_code,
+    """The generator that `backend` names: HFGenerator (batch_size sequences per generate call) or a
+    VLLMGenerator with `settings` and the model's weights loaded."""
+    if backend == "vllm":
+        return VLLMGenerator(model, tokenizer, settings, trust_remote_code=trust_remote_code,
                              max_new_tokens=max_new_tokens)
     return HFGenerator(model, tokenizer, batch_size=batch_size)
 

@@ -131,7 +131,7 @@ def train_selfdistill(cfg: SelfDistillConfig) -> Path:
     builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
     instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
     grader = task.grader
-    generator = build_generator(cfg.rollout, student, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+    generator = build_generator(cfg.rollout.backend, cfg.rollout.vllm, student, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                 max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.eval.sampling.max_new_tokens
                                                    if cfg.eval else 0))
     stream = ProblemStream(problems, cfg.seed)
