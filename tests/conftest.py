@@ -55,3 +55,42 @@ def loaded_tokenizer(tiny_model_dir):
     from crisp.modeling import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# What training tests inject into a run instead of patching crisp: rewards a random model can earn,
+# and a generator that records what it was asked for.
+# ---------------------------------------------------------------------------------------------
+
+
+def alternating_reward(graded, cap) -> list[float]:
+    """A random tiny model never answers right (all rewards 0, no signal): reward every other
+    rollout instead, so that each group has mixed rewards and non-zero advantages."""
+    return [float(i % 2) for i in range(len(graded))]
+
+
+def parity_reward(graded, cap) -> list[float]:
+    """A reward that a random model can earn, fixed by the rollout itself (the same on every rank)."""
+    return [float(sum(g.rollout.token_ids) % 2) for g in graded]
+
+
+class RecordingGenerator:
+    """Wraps a run's generator: every call's prompts, max_new_tokens and rollouts are recorded."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def generate(self, prompts, sampling, *, max_new_tokens=None, **kwargs):
+        rollouts = self.inner.generate(prompts, sampling, max_new_tokens=max_new_tokens, **kwargs)
+        self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens, "rollouts": rollouts})
+        return rollouts
+
+
+def recorded_run(cfg, **options):
+    """A crisp.driver.Training of `cfg` whose generator records its calls: (training, recorder)."""
+    from crisp.driver import Training
+
+    training = Training(cfg, **options)
+    recorder = RecordingGenerator(training.method.generator)
+    training.method.generator = training.trainer.generator = recorder
+    return training, recorder

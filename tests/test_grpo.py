@@ -1,6 +1,7 @@
-"""SIRI's GRPO loop: log-probs at the response positions, the scheduled cap reaching generation,
+"""SIRI's GRPO method: log-probs at the response positions, the scheduled cap reaching generation,
 ratio 1 on the first pass, a normaliser that ignores the cap, micro-batching, dynamic sampling,
-resume, and the config checks."""
+resume, and the config checks. Rewards are injected (a random tiny model earns none); the policy
+update is also called on its own, on rollouts of the tiny model."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import crisp.grpo as grpo
-import crisp.optim as optim
-from crisp.config import ConfigError, GRPOConfig, dump_config, load_config, set_path, validate
+from conftest import alternating_reward, recorded_run
+from crisp.config import ConfigError, dump_config, load_config, set_path, validate
 from crisp.data import synthetic
-from crisp.grpo import token_logprobs, train_grpo
+from crisp.driver import train
+from crisp.evaluate import score_rollouts
+from crisp.losses import SurrogateSpec
+from crisp.methods.grpo import GRPOConfig, Groups, StepPlan, policy_update, step_plan, token_logprobs
 from crisp.modeling import load_model
+from crisp.optim import step_if_finite
 from crisp.prompts import PromptBuilder
 from crisp.rollout import HFGenerator
+from crisp.config import SamplingConfig
 from crisp.schedules import max_length_at
+from crisp.teacher import Teacher
 
 
 def make_cfg(model_dir, out, **overrides) -> GRPOConfig:
@@ -46,31 +52,6 @@ def make_cfg(model_dir, out, **overrides) -> GRPOConfig:
     return validate(data)
 
 
-@pytest.fixture()
-def alternating_rewards(monkeypatch):
-    """A random tiny model never answers right (all rewards 0, no signal): reward every other
-    rollout instead, so that each group has mixed rewards and non-zero advantages."""
-
-    def rewards(batch, rollouts, records, *, cap, tokenizer, grader_name):
-        return [float(i % 2) for i in range(len(rollouts))]
-
-    monkeypatch.setattr(grpo, "capped_rewards", rewards)
-
-
-@pytest.fixture()
-def surrogate_calls(monkeypatch):
-    """Every call of clipped_surrogate_loss made by the loop: its tensors and keyword arguments."""
-    calls = []
-    real = grpo.clipped_surrogate_loss
-
-    def recording(logprobs, old_logprobs, advantages, mask, **kwargs):
-        calls.append({"logprobs": logprobs.detach().clone(), "old": old_logprobs.clone(), "mask": mask, **kwargs})
-        return real(logprobs, old_logprobs, advantages, mask, **kwargs)
-
-    monkeypatch.setattr(grpo, "clipped_surrogate_loss", recording)
-    return calls
-
-
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
@@ -81,6 +62,38 @@ def _state(model) -> dict:
 
 def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture()
+def groups(tiny_model, tiny_tokenizer) -> Groups:
+    """Two groups of 4 rollouts of the tiny model (up to 12 tokens), rewarded every other one."""
+    builder = PromptBuilder(tiny_tokenizer, template="plain")
+    problems = synthetic.train_problems(0, 64, (1, 2, 3, 4))[:2]
+    sampling = SamplingConfig(n=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12)
+    rollouts = HFGenerator(tiny_model, tiny_tokenizer).generate([builder.student_ids(p) for p in problems], sampling,
+                                                               seed=0)
+    graded = score_rollouts(problems, rollouts, "exact")
+    return Groups(graded, alternating_reward(graded, 12))
+
+
+def update(model, groups: Groups, spec: SurrogateSpec = SurrogateSpec(), *, optimizer_step, micro_batch_size=3,
+           ppo_epochs=1, reference=None):
+    """policy_update as the GRPO method calls it, on the tiny model, with `optimizer_step` as the update."""
+    normaliser = None if spec.aggregation == "sequence" else 2 * 4 * 12.0
+    return policy_update(model, groups, spec, optimizer_step, reference=reference, normaliser=normaliser,
+                         group_size=4, scale_by_std=True, ppo_epochs=ppo_epochs, micro_batch_size=micro_batch_size,
+                         chunk_size=5, pad_id=0)
+
+
+def recording_grads(model, recorded: list):
+    """An optimizer step that only records the accumulated gradients, then clears them."""
+
+    def optimizer_step(loss):
+        recorded.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+        return 0.0
+
+    return optimizer_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,14 +118,66 @@ def test_token_logprobs_equal_full_logits_per_sequence(tiny_model, tiny_tokenize
 
 
 # ---------------------------------------------------------------------------------------------
+# the policy update on its own
+# ---------------------------------------------------------------------------------------------
+
+
+def test_first_pass_ratio_is_one(tiny_model, groups):
+    """The old log-probs recorded before the first pass equal its own; the second pass (after one
+    optimizer step on the same rollouts) differs from the old ones, which are recorded once."""
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2)
+    result = update(tiny_model, groups, ppo_epochs=2,
+                    optimizer_step=lambda loss: step_if_finite(tiny_model, optimizer, loss, 1.0)[0])
+    first, second = result.passes
+    assert first["ratio_mean"] == 1.0 and first["clip_frac_low"] == first["clip_frac_high"] == 0.0
+    assert second["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+    assert result.updated_rollouts == 8 and math.isfinite(result.loss)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_micro_batches_give_the_full_batch_gradient(tiny_model, groups, aggregation):
+    recorded = []
+    for size in (1, 8):
+        update(tiny_model, groups, SurrogateSpec(aggregation=aggregation), micro_batch_size=size,
+               optimizer_step=recording_grads(tiny_model, recorded))
+    micro, full = recorded
+    assert any(g.abs().max() > 0 for g in full.values())
+    for name in full:
+        torch.testing.assert_close(micro[name], full[name], rtol=1e-4, atol=1e-7)
+
+
+def test_zero_advantage_rollouts_are_skipped_without_changing_the_gradient(tiny_model, groups):
+    """Group 0's rewards all agree (zero advantages). Without a KL term its rollouts are left out of
+    the update; with kl_coef > 0 every rollout goes through, but the reference is the policy itself
+    and the k3 term has a zero gradient, so both gradients must agree."""
+    groups.rewards = [1.0] * 4 + [1.0, 0.0] * 2
+    recorded = []
+    skipped = update(tiny_model, groups, optimizer_step=recording_grads(tiny_model, recorded))
+    full = update(tiny_model, groups, SurrogateSpec(kl_coef=1.0), reference=Teacher(tiny_model, update="frozen"),
+                  optimizer_step=recording_grads(tiny_model, recorded))
+    assert (skipped.updated_rollouts, full.updated_rollouts) == (4, 8)
+    assert "kl" in full.passes[0] and "kl" not in skipped.passes[0]
+    for name in recorded[1]:
+        torch.testing.assert_close(recorded[0][name], recorded[1][name], rtol=1e-4, atol=1e-7)
+
+
+def test_an_update_without_mixed_groups_steps_nothing(tiny_model, groups):
+    groups.rewards = [0.0] * 8
+    asked = []
+    result = update(tiny_model, groups, ppo_epochs=2, optimizer_step=lambda loss: asked.append(loss) or math.nan)
+    assert asked == [None, None] and result.updated_rollouts == 0 and math.isnan(result.loss)
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
 
 
-def test_two_step_run_changes_the_parameters(tiny_model_dir, tmp_path, alternating_rewards):
+def test_two_step_run_changes_the_parameters(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    final = train_grpo(make_cfg(tiny_model_dir, out, **{"eval.benchmark": "synthetic", "eval.limit": 2,
-                                                         "eval.sampling.max_new_tokens": 4}))
+    final = train(make_cfg(tiny_model_dir, out, **{"eval.benchmark": "synthetic", "eval.limit": 2,
+                                                   "eval.sampling.max_new_tokens": 4}), reward=alternating_reward)
     assert final == out / "model"
     assert not _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
     metrics = read_metrics(out)
@@ -129,116 +194,50 @@ def test_two_step_run_changes_the_parameters(tiny_model_dir, tmp_path, alternati
     assert load_config(out / "config.yaml").rollout.max_new_tokens == 12  # the dumped config reloads
 
 
-def test_scheduled_cap_reaches_generation_and_the_normaliser_ignores_it(
-    tiny_model_dir, tmp_path, monkeypatch, alternating_rewards, surrogate_calls
-):
-    limits = []
-
-    class Recording(HFGenerator):
-        def generate(self, prompts, sampling, *, max_new_tokens=None, **kwargs):
-            limits.append(max_new_tokens)
-            rollouts = super().generate(prompts, sampling, max_new_tokens=max_new_tokens, **kwargs)
-            assert all(r.num_tokens <= max_new_tokens for r in rollouts)
-            return rollouts
-
-    monkeypatch.setattr("crisp.rollout_vllm.HFGenerator", Recording)  # what build_generator builds
+def test_scheduled_cap_reaches_generation_and_the_normaliser_ignores_it(tiny_model_dir, tmp_path):
     schedule = {"kind": "stair", "l_min": 3, "l_max": 9, "period": 2}
-    cfg = make_cfg(tiny_model_dir, tmp_path / "run", max_steps=4, schedule=schedule)
-    train_grpo(cfg)
+    training, recorder = recorded_run(make_cfg(tiny_model_dir, tmp_path / "run", max_steps=4, schedule=schedule),
+                                      reward=alternating_reward)
+    training.run()
     expected = [max_length_at(t, **schedule) for t in range(4)]
     assert expected == [3, 9, 3, 9]
-    assert limits == expected
-    assert [m["rollout/max_len"] for m in read_metrics(tmp_path / "run")] == expected
+    assert [call["max_new_tokens"] for call in recorder.calls] == expected
+    for call in recorder.calls:
+        assert all(r.num_tokens <= call["max_new_tokens"] for r in call["rollouts"])
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["rollout/max_len"] for m in metrics] == expected
     # the token-level loss is divided by batch_size * group_size * l_max whatever this step's cap is
-    assert {call["normaliser"] for call in surrogate_calls} == {2 * 4 * 9}
-    assert [m["train/loss_normaliser"] for m in read_metrics(tmp_path / "run")] == [72.0] * 4
+    assert [m["train/loss_normaliser"] for m in metrics] == [72.0] * 4
 
 
-def test_first_pass_ratio_is_one(tiny_model_dir, tmp_path, alternating_rewards, surrogate_calls):
-    """The old log-probs recorded after sampling equal the first pass's; the second pass (after one
-    optimizer step on the same rollouts) differs."""
-    train_grpo(make_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, ppo_epochs=2))
-    micro_batches = 3  # 8 rollouts in micro-batches of 3
-    assert len(surrogate_calls) == 2 * micro_batches
-    first, second = surrogate_calls[:micro_batches], surrogate_calls[micro_batches:]
-    for call in first:
-        assert torch.equal(call["logprobs"], call["old"])
-    for a, b in zip(first, second):
-        assert torch.equal(a["old"], b["old"])  # recorded once, reused
-    assert any(not torch.allclose(c["logprobs"], c["old"]) for c in second)
-
-
-@pytest.fixture()
-def grads(monkeypatch) -> list[dict]:
-    """The parameter gradients at every optimizer step, recorded just before clipping."""
-    recorded = []
-    real = optim.clip_and_check
-
-    def recording(model, max_norm):
-        recorded.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return real(model, max_norm)
-
-    monkeypatch.setattr(optim, "clip_and_check", recording)
-    return recorded
-
-
-@pytest.mark.parametrize("aggregation", ["token", "sequence"])
-def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, alternating_rewards, grads, aggregation):
-    for size in (1, 8):
-        train_grpo(make_cfg(tiny_model_dir, tmp_path / f"micro{size}", max_steps=1, micro_batch_size=size,
-                            aggregation=aggregation))
-    micro, full = grads
-    assert any(g.abs().max() > 0 for g in full.values())
-    for name in full:
-        torch.testing.assert_close(micro[name], full[name], rtol=1e-4, atol=1e-7)
-
-
-def test_zero_advantage_rollouts_are_skipped_without_changing_the_gradient(
-    tiny_model_dir, tmp_path, monkeypatch, surrogate_calls, grads
-):
-    """Group 0's rewards all agree (zero advantages). Without a KL term its rollouts are left out of
-    the update; with kl_coef > 0 every rollout goes through, but at the first step the reference is
-    the policy and the k3 term has a zero gradient, so both gradients must agree."""
-    monkeypatch.setattr(grpo, "capped_rewards", lambda batch, rollouts, *a, **k: [1.0] * 4 + [1.0, 0.0] * 2)
-    for kl_coef in (0.0, 1.0):
-        train_grpo(make_cfg(tiny_model_dir, tmp_path / f"kl{kl_coef}", max_steps=1, kl_coef=kl_coef))
-    rows = [int(call["mask"].shape[0]) for call in surrogate_calls]
-    assert rows == [3, 1, 3, 3, 2]  # 4 active rollouts, then all 8, in micro-batches of 3
-    (m,) = read_metrics(tmp_path / "kl0.0")
-    assert m["train/updated_rollouts"] == 4
-    skipped, full = grads
-    for name in full:
-        torch.testing.assert_close(skipped[name], full[name], rtol=1e-4, atol=1e-7)
-
-
-def test_dynamic_sampling_keeps_only_groups_with_mixed_rewards(tiny_model_dir, tmp_path, monkeypatch):
-    def rewards(batch, rollouts, records, *, cap, tokenizer, grader_name):
+def test_dynamic_sampling_keeps_only_groups_with_mixed_rewards(tiny_model_dir, tmp_path):
+    def rewards(graded, cap):
         return [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]  # group 0 all right (no signal), group 1 mixed
 
-    monkeypatch.setattr(grpo, "capped_rewards", rewards)
-    train_grpo(make_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, dynamic_sampling=True, max_sampling_rounds=2))
+    train(make_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, dynamic_sampling=True, max_sampling_rounds=2),
+          reward=rewards)
     (m,) = read_metrics(tmp_path / "run")
     assert m["rollout/sampling_rounds"] == 2 and m["rollout/train_groups"] == 2
     assert m["rollout/mixed_group_fraction"] == 0.5
 
 
-def test_a_step_without_mixed_groups_makes_no_update_and_is_not_a_failure(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(grpo, "capped_rewards", lambda batch, rollouts, *a, **k: [0.0] * len(rollouts))
-    final = train_grpo(make_cfg(tiny_model_dir, tmp_path / "run", dynamic_sampling=True, max_skipped_steps=1))
+def test_a_step_without_mixed_groups_makes_no_update_and_is_not_a_failure(tiny_model_dir, tmp_path):
+    final = train(make_cfg(tiny_model_dir, tmp_path / "run", dynamic_sampling=True, max_skipped_steps=1),
+                  reward=lambda graded, cap: [0.0] * len(graded))
     assert _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
     for m in read_metrics(tmp_path / "run"):
         assert m["rollout/train_groups"] == 0 and m["train/skipped_steps"] == 0
 
 
-def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path, alternating_rewards):
+def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    train_grpo(make_cfg(tiny_model_dir, out, save_every=1))
+    train(make_cfg(tiny_model_dir, out, save_every=1), reward=alternating_reward)
     first = read_metrics(out)
-    final = train_grpo(make_cfg(tiny_model_dir, out, max_steps=3, save_every=1, resume="auto"))
+    final = train(make_cfg(tiny_model_dir, out, max_steps=3, save_every=1, resume="auto"), reward=alternating_reward)
     resumed = read_metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3]
     assert resumed[:2] == first  # the last step was checkpointed: not redone, timings included
-    straight = train_grpo(make_cfg(tiny_model_dir, tmp_path / "straight", max_steps=3))
+    straight = train(make_cfg(tiny_model_dir, tmp_path / "straight", max_steps=3), reward=alternating_reward)
     a, b = _state(load_model(str(final))), _state(load_model(str(straight)))
     assert _same(a, b)
 
@@ -259,27 +258,21 @@ def staged(**overrides) -> dict:
 
 def test_step_plan_follows_the_stages(tiny_model_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, tmp_path, **staged())
-    plans = [grpo.step_plan(cfg, t) for t in range(5)]
+    plans = [step_plan(cfg, t) for t in range(5)]
     assert [p.cap for p in plans] == [3, 3, 5, 7, 7]
     assert [p.stage for p in plans] == [1, 1, 2, 3, 3]
     assert [p.stage_start for p in plans] == [True, False, True, True, False]
     assert [p.thinking_free for p in plans] == [True, True, True, False, False]
     assert (cfg.schedule.l_min, cfg.schedule.l_max, cfg.rollout.max_new_tokens) == (3, 7, 7)
     periodic = make_cfg(tiny_model_dir, tmp_path, **{"prompt.thinking_free": True})
-    assert grpo.step_plan(periodic, 0) == grpo.StepPlan(12, True)  # no stage, the run's mode
+    assert step_plan(periodic, 0) == StepPlan(12, True)  # no stage, the run's mode
 
 
-def test_stages_reach_generation_and_prompts_and_are_logged(tiny_model_dir, tmp_path, monkeypatch,
-                                                            alternating_rewards, surrogate_calls, tiny_tokenizer):
-    calls = []
-
-    class Recording(HFGenerator):
-        def generate(self, prompts, sampling, *, max_new_tokens=None, **kwargs):
-            calls.append((max_new_tokens, [tiny_tokenizer.decode(p) for p in prompts]))
-            return super().generate(prompts, sampling, max_new_tokens=max_new_tokens, **kwargs)
-
-    monkeypatch.setattr("crisp.rollout_vllm.HFGenerator", Recording)  # what build_generator builds
-    train_grpo(make_cfg(tiny_model_dir, tmp_path / "run", log_every=10, **staged()))
+def test_stages_reach_generation_and_prompts_and_are_logged(tiny_model_dir, tmp_path, tiny_tokenizer):
+    training, recorder = recorded_run(make_cfg(tiny_model_dir, tmp_path / "run", log_every=10, **staged()),
+                                      reward=alternating_reward)
+    training.run()
+    calls = [(call["max_new_tokens"], [tiny_tokenizer.decode(p) for p in call["prompts"]]) for call in recorder.calls]
     assert [limit for limit, _ in calls] == [3, 3, 5, 7, 7]
     closed = [all(p.endswith("<think>\n\n</think>\n\n") for p in prompts) for _, prompts in calls]
     assert closed == [True, True, True, False, False]
@@ -292,7 +285,7 @@ def test_stages_reach_generation_and_prompts_and_are_logged(tiny_model_dir, tmp_
     assert [m["rollout/max_len"] for m in metrics] == [3, 5, 7, 7]
     assert [m["rollout/thinking_free"] for m in metrics] == [True, True, False, False]
     # the loss normaliser is batch_size * group_size * the largest stage's length, at every stage
-    assert {call["normaliser"] for call in surrogate_calls} == {2 * 4 * 7}
+    assert {m["train/loss_normaliser"] for m in metrics} == {2 * 4 * 7}
 
 
 # ---------------------------------------------------------------------------------------------

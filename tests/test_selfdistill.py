@@ -13,23 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import crisp.selfdistill as selfdistill
-from crisp.config import ConfigError, LossConfig, SelfDistillConfig, set_path
+from crisp.config import ConfigError, set_path
 from crisp.data import synthetic
 from crisp.losses import per_token_divergence
 from crisp.modeling import load_model
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import Rollout
-from crisp.selfdistill import distill_loss_sum, keep_rollouts, response_hidden, train_selfdistill
+from crisp.driver import Training, train
+from crisp.methods.selfdistill import (DistillBatch, LossConfig, SelfDistillConfig, distill_backward, distill_loss_sum,
+                                       keep_rollouts)
+from crisp.modeling import response_hidden
 from crisp.teacher import Teacher
-
-
-class Cfg:
-    """The part of a SelfDistillConfig that distill_loss_sum and distill_backward read."""
-
-    def __init__(self, micro_batch_size: int = 32, **loss):
-        self.loss = LossConfig(**loss)
-        self.micro_batch_size = micro_batch_size
 
 
 @pytest.fixture()
@@ -110,7 +104,7 @@ def test_distill_loss_sum_equals_a_loop_by_hand(tiny_model, tiny_tokenizer, batc
     student_prompts, teacher_prompts, responses = batch
     tiny_model.eval()
     teacher_model = perturbed_copy(tiny_model)
-    cfg = Cfg(divergence=kind, forward_weight=0.5, chunk_size=3)  # chunks cross rollout boundaries
+    cfg = LossConfig(divergence=kind, forward_weight=0.5, chunk_size=3)  # chunks cross rollout boundaries
     with torch.no_grad():
         total = distill_loss_sum(tiny_model, as_teacher(teacher_model), student_prompts, teacher_prompts, responses,
                                  cfg, tiny_tokenizer.pad_token_id)
@@ -129,7 +123,7 @@ def test_distill_loss_sum_gradient_equals_autograd_through_the_full_logits(tiny_
     model (the tied embedding included) exactly as autograd through the whole (T, V) logits would."""
     student_prompts, teacher_prompts, responses = batch
     teacher_model = perturbed_copy(tiny_model, seed=2)
-    cfg = Cfg(divergence=kind, forward_weight=0.5, beta=0.3, chunk_size=5)
+    cfg = LossConfig(divergence=kind, forward_weight=0.5, beta=0.3, chunk_size=5)
     distill_loss_sum(tiny_model, as_teacher(teacher_model), student_prompts, teacher_prompts, responses, cfg,
                      tiny_tokenizer.pad_token_id).backward()
     fused = _grads(tiny_model)
@@ -150,7 +144,7 @@ def test_teacher_prompt_matters_through_alignment(tiny_model, tiny_tokenizer, ba
     """Same weights, different context: KL > 0; swapping which rollout gets which prompt changes it."""
     student_prompts, teacher_prompts, responses = batch
     tiny_model.eval()
-    cfg = Cfg(divergence="reverse_kl")
+    cfg = LossConfig(divergence="reverse_kl")
     pad = tiny_tokenizer.pad_token_id
     with torch.no_grad():
         loss = distill_loss_sum(tiny_model, as_teacher(tiny_model), student_prompts, teacher_prompts, responses, cfg, pad)
@@ -167,7 +161,7 @@ def test_kl_is_zero_for_same_prompt_and_a_copy(tiny_model, tiny_tokenizer, batch
     teacher = Teacher(tiny_model, update="frozen")
     for kind in ("reverse_kl", "forward_kl", "jsd", "mixed"):
         loss = distill_loss_sum(tiny_model, teacher, student_prompts, student_prompts, responses,
-                                Cfg(divergence=kind), tiny_tokenizer.pad_token_id)
+                                LossConfig(divergence=kind), tiny_tokenizer.pad_token_id)
         assert abs(loss.item()) < 1e-5, kind
 
 
@@ -277,7 +271,7 @@ def _grads(model):
 def test_micro_batches_give_the_full_batch_gradient(tiny_model, tiny_tokenizer, batch, kind):
     student_prompts, teacher_prompts, responses = batch
     teacher_model = perturbed_copy(tiny_model, seed=1)
-    cfg = Cfg(divergence=kind, chunk_size=4)
+    cfg = LossConfig(divergence=kind, chunk_size=4)
     pad = tiny_tokenizer.pad_token_id
     num_tokens = sum(map(len, responses))
 
@@ -302,7 +296,7 @@ def _rollouts(student_prompts, responses, order):
 
 
 def test_distill_backward_buckets_micro_batches_by_length_without_changing_the_step(
-    tiny_model, tiny_tokenizer, batch, monkeypatch
+    tiny_model, tiny_tokenizer, batch
 ):
     student_prompts, teacher_prompts, responses = batch
     teacher = as_teacher(perturbed_copy(tiny_model, seed=3))
@@ -310,29 +304,27 @@ def test_distill_backward_buckets_micro_batches_by_length_without_changing_the_s
     order = [2, 0, 3, 1]  # not sorted by length
     rollouts = _rollouts(student_prompts, responses, order)
     teachers = [teacher_prompts[i] for i in order]
-    calls = []
-    real = selfdistill.response_hidden
+    calls = []  # the lengths of the sequences of every student forward pass
 
-    def recording(model, prompts, responses_, pad_id):
-        if model is tiny_model:
-            calls.append([len(p) + len(r) for p, r in zip(prompts, responses_)])
-        return real(model, prompts, responses_, pad_id)
+    def record(module, args, kwargs):
+        calls.append(kwargs["attention_mask"].sum(dim=1).tolist())
 
-    monkeypatch.setattr(selfdistill, "response_hidden", recording)
+    hook = tiny_model.register_forward_pre_hook(record, with_kwargs=True)
     results = {}
     for size in (4, 2):
         calls.clear()
-        loss = selfdistill.distill_backward(tiny_model, teacher, rollouts, teachers,
-                                            Cfg(divergence="mixed", chunk_size=4, micro_batch_size=size), pad)
+        loss = distill_backward(tiny_model, teacher, DistillBatch(rollouts, teachers),
+                                LossConfig(divergence="mixed", chunk_size=4), pad_id=pad, micro_batch_size=size)
         results[size] = (loss, _grads(tiny_model), list(calls))
         tiny_model.zero_grad(set_to_none=True)
+    hook.remove()
     lengths = sorted(len(student_prompts[i]) + len(responses[i]) for i in order)
     assert results[4][2] == [[len(student_prompts[i]) + len(responses[i]) for i in order]]  # one batch: as given
     assert results[2][2] == [lengths[:2], lengths[2:]]  # two micro-batches: the two shortest, the two longest
     assert results[2][0] == pytest.approx(results[4][0], rel=1e-6) and results[4][0] > 0
     for name, grad in results[4][1].items():
         torch.testing.assert_close(results[2][1][name], grad, rtol=1e-4, atol=1e-7)
-    empty = selfdistill.distill_backward(tiny_model, teacher, [], [], Cfg(micro_batch_size=2), pad)
+    empty = distill_backward(tiny_model, teacher, DistillBatch([], []), LossConfig(), pad_id=pad, micro_batch_size=2)
     assert math.isnan(empty)
 
 
@@ -366,30 +358,17 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
 
-@pytest.fixture()
-def capture_teacher(monkeypatch):
-    """Record the Teacher that train_selfdistill builds."""
-    made = []
-
-    class Recording(Teacher):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(selfdistill, "Teacher", Recording)
-    return made
-
-
-def test_two_step_run_trains_the_student_and_keeps_the_frozen_teacher(tiny_model_dir, tmp_path, capture_teacher):
+def test_two_step_run_trains_the_student_and_keeps_the_frozen_teacher(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, out, **{"eval.benchmark": "synthetic", "eval.limit": 3,
                                            "eval.sampling.max_new_tokens": 6})
-    final = train_selfdistill(cfg)
+    training = Training(cfg)
+    final = training.run()
     assert final == out / "model"
     initial = _state(load_model(str(tiny_model_dir)))
     trained = _state(load_model(str(final)))
     assert not _same(trained, initial)
-    (teacher,) = capture_teacher
+    teacher = training.method.teacher
     assert teacher.update == "frozen"
     assert _same(_state(teacher.model), initial)
     metrics = read_metrics(out)
@@ -410,7 +389,7 @@ def test_correct_only_filter_with_no_correct_rollouts_does_not_update(tiny_model
     makes no update, and it is not a failure either (it must not count towards max_skipped_steps)."""
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, out, rollout_filter="correct", max_steps=3, max_skipped_steps=1)
-    final = train_selfdistill(cfg)
+    final = train(cfg)
     assert _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
@@ -421,7 +400,7 @@ def test_correct_only_filter_with_no_correct_rollouts_does_not_update(tiny_model
 
 def test_incorrect_only_filter_trains(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    final = train_selfdistill(make_cfg(tiny_model_dir, out, rollout_filter="incorrect", max_steps=1))
+    final = train(make_cfg(tiny_model_dir, out, rollout_filter="incorrect", max_steps=1))
     assert not _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
     assert read_metrics(out)[0]["rollout/kept"] == 4
 
@@ -435,15 +414,15 @@ def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path):
     first run's records untouched and ends bitwise equal to a run that went straight through."""
     out = tmp_path / "run"
     common = {"save_every": 1, "teacher.update": "refresh", "teacher.refresh_every": 1}
-    train_selfdistill(make_cfg(tiny_model_dir, out, **common))
+    train(make_cfg(tiny_model_dir, out, **common))
     first = read_metrics(out)
     assert [m["step"] for m in first] == [1, 2]
     assert (out / "checkpoints" / "step-00000002" / "teacher").is_dir()
     with pytest.raises(ConfigError, match="resume=auto"):  # relaunched without resume: nothing is wiped
-        train_selfdistill(make_cfg(tiny_model_dir, out, max_steps=3, **common))
+        train(make_cfg(tiny_model_dir, out, max_steps=3, **common))
     assert read_metrics(out) == first
 
-    final = train_selfdistill(make_cfg(tiny_model_dir, out, max_steps=3, resume="auto", **common))
+    final = train(make_cfg(tiny_model_dir, out, max_steps=3, resume="auto", **common))
     resumed = read_metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3]
     assert resumed[:2] == first  # not redone: even the timings are the first run's
@@ -451,7 +430,7 @@ def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path):
     assert (final / "config.json").is_file()
 
     straight = tmp_path / "straight"
-    final_straight = train_selfdistill(make_cfg(tiny_model_dir, straight, max_steps=3, **common))
+    final_straight = train(make_cfg(tiny_model_dir, straight, max_steps=3, **common))
     a, b = _state(load_model(str(final))), _state(load_model(str(final_straight)))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [_comparable(m) for m in read_metrics(straight)] == [_comparable(m) for m in resumed]

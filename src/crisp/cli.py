@@ -38,13 +38,7 @@ def cmd_train(args) -> int:
     from crisp.resources import resolve_config
 
     cfg = load_config(resolve_config(args.config), args.overrides)
-    if cfg.method == "sft":
-        from crisp.sft import train_sft as train
-    elif cfg.method == "selfdistill":
-        from crisp.selfdistill import train_selfdistill as train
-    else:
-        from crisp.grpo import train_grpo as train
-    from crisp.loop import TrainingStopped
+    from crisp.driver import TrainingStopped, train
 
     try:
         final = train(cfg)

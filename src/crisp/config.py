@@ -1,6 +1,8 @@
 """Run configurations: strict pydantic models, loaded from YAML with `key=value` overrides.
 
-Every training config shares `method`, `output_dir`, `max_steps`, `seed` and `resume`; an unknown
+This module holds the sections every run shares; each method's own config (a `RunConfig` with its
+`method` literal) lives with the method, in crisp.methods. Every training config shares `method`,
+`output_dir`, `max_steps`, `seed`, `resume` and the sections below; an unknown
 key, a wrong type or an out-of-range value is a `ConfigError` that names the key, raised before any
 model is built.
 """
@@ -17,12 +19,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    TypeAdapter,
     ValidationError,
-    ValidationInfo,
-    field_serializer,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -165,7 +163,7 @@ def check_engine_lengths(backend: str, settings: VLLMSettings, lengths: dict[str
                              f"({max_new_tokens})")
 
 
-def _training_engine_lengths(cfg) -> None:
+def training_engine_lengths(cfg) -> None:
     """The rollouts, and the evaluations that run on the same engine during training."""
     lengths = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens}
     if cfg.eval is not None:
@@ -221,223 +219,12 @@ class RunConfig(Strict):
     # weights keep model.dtype (float32 weights + bf16 compute is the usual full fine-tuning setup).
     mixed_precision: Literal["no", "bf16"] = "no"
     report_to: Trackers = []
+    max_skipped_steps: PositiveInt = 10  # stop after this many consecutive non-finite steps
 
     @property
     def uses_checkpoints(self) -> bool:
         """Whether the run saves checkpoints or resumes from one."""
         return bool(self.save_every) or self.resume != "none"
-
-
-class SFTMix(Strict):
-    """The synthetic task's SFT corpus: the share of each prompt kind (they add up to 1): plain (the
-    student's prompt), the v1 and v2 instructions (CRISP's teachers), OPSD's reference-solution prompt,
-    the thinking-free prompt; and the share of instructed and reference traces that start verbose."""
-
-    plain: Probability = 0.45
-    v1: Probability = 0.15
-    v2: Probability = 0.15
-    reference: Probability = 0.1
-    thinking_free: Probability = 0.15
-    verbose_prefix_fraction: Probability = 0.5
-
-    def weights(self) -> dict[str, float]:
-        return {kind: getattr(self, kind) for kind in ("plain", "v1", "v2", "reference", "thinking_free")}
-
-    @model_validator(mode="after")
-    def _fractions_add_up(self) -> "SFTMix":
-        total = sum(self.weights().values())
-        if abs(total - 1) > 1e-6:
-            raise ValueError(f"plain + v1 + v2 + reference + thinking_free must add up to 1 (got {total:g})")
-        return self
-
-
-class SFTConfig(RunConfig):
-    method: Literal["sft"] = "sft"
-    batch_tokens: PositiveInt = 2048
-    mix: SFTMix = SFTMix()
-    # Steps between lookup probes (synthetic task only; 0 = never): teacher-forced accuracy on the
-    # held-out problems' operand and result tokens, per step index, logged as probe/* metrics.
-    probe_every: Annotated[int, Field(ge=0)] = 0
-
-    @model_validator(mode="after")
-    def _probe_needs_the_synthetic_task(self) -> "SFTConfig":
-        if self.probe_every and self.data.source != "synthetic":
-            raise ValueError("probe_every: the lookup probe needs data.source: synthetic")
-        return self
-
-
-class TeacherConfig(Strict):
-    instruction: str | None = "v1"  # preset name, custom text, or null
-    reference_solution: bool = False  # OPSD: show the teacher a verified solution
-    update: Literal["frozen", "refresh", "ema", "live"] = "refresh"
-    refresh_every: Annotated[int, Field(ge=0)] = 50  # M; 0 = never (same as frozen)
-    ema_decay: Probability = 0.999
-    percent: PositiveInt = 50  # for the "percent" instruction preset
-    words: PositiveInt = 100  # for the "word_limit" preset
-
-    @model_validator(mode="after")
-    def _has_context(self) -> "TeacherConfig":
-        if not self.instruction and not self.reference_solution:
-            raise ValueError("the teacher needs an instruction, a reference solution, or both")
-        return self
-
-
-class LossConfig(Strict):
-    divergence: Literal["reverse_kl", "forward_kl", "jsd", "mixed", "sampled_token"] = "reverse_kl"
-    beta: Probability = 0.5
-    forward_weight: Annotated[float, Field(ge=0)] = 0.5
-    term_clip: PositiveFloat | None = None
-    teacher_top_k: PositiveInt | None = None
-    chunk_size: PositiveInt = 128
-
-
-class SelfDistillConfig(RunConfig):
-    method: Literal["selfdistill"] = "selfdistill"
-    batch_size: PositiveInt = 32  # prompts per optimizer step
-    micro_batch_size: PositiveInt = 32
-    rollout: RolloutConfig = RolloutConfig()
-    rollout_filter: Literal["all", "correct", "incorrect"] = "all"
-    teacher: TeacherConfig = TeacherConfig()
-    loss: LossConfig = LossConfig()
-    max_skipped_steps: PositiveInt = 10  # stop after this many consecutive non-finite steps
-
-    @model_validator(mode="after")
-    def _micro_divides(self) -> "SelfDistillConfig":
-        if (self.batch_size * self.rollout.n) % self.micro_batch_size:
-            raise ValueError("micro_batch_size must divide batch_size * rollout.n")
-        _training_engine_lengths(self)
-        return self
-
-
-class Stage(Strict):
-    """One stage of a staged schedule: its maximum response length, for `steps` training steps."""
-
-    max_length: PositiveInt
-    steps: PositiveInt
-    # None: the run's prompt.thinking_free; false for a last stage in thinking mode ("TFPI + RL")
-    thinking_free: bool | None = None
-
-
-class LengthSchedule(Strict):
-    """The maximum rollout length L over training steps: SIRI's periodic kinds (see
-    crisp.schedules.max_length_at) or `kind: stages`, TFPI's stages of growing length (`stages`: a
-    list of {max_length, steps}, run in order). For stages, l_min and l_max are the smallest and the
-    largest stage length, filled in here; the run's max_steps may stop inside the stages but not
-    run past them."""
-
-    kind: Literal["constant", "stair", "cosine", "stair_cosine", "stages"] = "constant"
-    l_min: PositiveInt = 8192
-    l_max: PositiveInt = 16384
-    period: PositiveInt = 640  # T, in training steps
-    stages: list[Stage] | None = None
-
-    @field_validator("l_max")
-    @classmethod
-    def _ordered(cls, l_max: int, info: ValidationInfo) -> int:
-        l_min = info.data.get("l_min")
-        if info.data.get("kind") != "stages" and l_min is not None and l_min > l_max:  # stages: checked below
-            raise ValueError(f"schedule.l_max ({l_max}) must be >= schedule.l_min ({l_min})")
-        return l_max
-
-    @model_validator(mode="after")
-    def _stages_fill_the_bounds(self) -> "LengthSchedule":
-        if self.kind != "stages":
-            if self.stages is not None:
-                raise ValueError("schedule.stages: only with schedule.kind: stages")
-            return self
-        if not self.stages:
-            raise ValueError("schedule.stages: kind stages needs a list of {max_length, steps}")
-        lengths = [stage.max_length for stage in self.stages]
-        derived = {"l_min": min(lengths), "l_max": max(lengths)}
-        for key, value in derived.items():
-            if key in self.model_fields_set and getattr(self, key) != value:
-                raise ValueError(f"schedule.{key} ({getattr(self, key)}) must equal the stages' "
-                                 f"{'smallest' if key == 'l_min' else 'largest'} max_length ({value}) or be left out")
-        if "period" in self.model_fields_set:
-            raise ValueError("schedule.period: not used by kind stages")
-        for key, value in derived.items():
-            object.__setattr__(self, key, value)  # plain assignment would re-run this validator
-        return self
-
-    @model_serializer(mode="wrap")
-    def _without_derived(self, handler) -> dict:
-        """A dumped staged schedule leaves out the derived bounds (so that it reloads with other
-        stages); a periodic one leaves out the unused stages."""
-        data = handler(self)
-        for key in ("l_min", "l_max", "period") if self.kind == "stages" else ("stages",):
-            data.pop(key, None)
-        return data
-
-    @property
-    def stage_steps(self) -> list[int]:
-        return [stage.steps for stage in self.stages or []]
-
-
-class GRPOConfig(RunConfig):
-    """SIRI: GRPO with DAPO's changes, a length-capped reward and a max-length schedule.
-
-    `rollout` sets the sampler; its `max_new_tokens` and `n` come from `schedule` and `group_size`.
-    `loss_normaliser` is the denominator of the token-level loss:
-      - "constant" (default): batch_size * group_size * schedule.l_max (with stages: the largest
-        stage length), the same number every step,
-        so neither the scheduled cap nor how long this batch's responses are changes the weight of
-        a token (a shorter cap does not inflate the per-token gradient);
-      - "batch_tokens": the response tokens of the step's batch (DAPO's token mean); it shrinks
-        when the cap shrinks, so every token weighs more in the compression phase.
-    """
-
-    method: Literal["grpo"] = "grpo"
-    batch_size: PositiveInt = 128  # prompts per step
-    group_size: Annotated[int, Field(ge=2)] = 16  # G samples per prompt
-    micro_batch_size: PositiveInt = 16  # rollouts per forward/backward
-    generation_batch_size: PositiveInt = 256  # sequences per generate call (bounds the KV cache)
-    rollout: RolloutConfig = RolloutConfig()
-    schedule: LengthSchedule = LengthSchedule()
-    eps_low: Annotated[float, Field(ge=0)] = 0.2
-    eps_high: Annotated[float, Field(ge=0)] = 0.28
-    scale_by_std: bool = True
-    aggregation: Literal["token", "sequence"] = "token"
-    loss_normaliser: Literal["constant", "batch_tokens"] = "constant"
-    kl_coef: Annotated[float, Field(ge=0)] = 0.0  # k3 KL to the initial model; 0 = no reference model
-    ppo_epochs: PositiveInt = 1  # optimizer steps per rollout batch (old log-probs from sampling time)
-    dynamic_sampling: bool = False  # DAPO: resample until batch_size groups have mixed rewards
-    max_sampling_rounds: PositiveInt = 3  # generation rounds per step when dynamic_sampling is on
-    chunk_size: PositiveInt = 1024  # response tokens per LM-head chunk when computing log-probs
-    max_skipped_steps: PositiveInt = 10  # stop after this many consecutive non-finite steps
-
-    @field_validator("eps_high")
-    @classmethod
-    def _clip_range(cls, eps_high: float, info: ValidationInfo) -> float:
-        eps_low = info.data.get("eps_low")
-        if eps_low is not None and eps_high < eps_low:
-            raise ValueError(f"eps_high ({eps_high}) must be >= eps_low ({eps_low})")
-        return eps_high
-
-    @model_validator(mode="after")
-    def _max_steps_within_the_stages(self) -> "GRPOConfig":
-        if self.schedule.kind == "stages" and self.max_steps > sum(self.schedule.stage_steps):
-            raise ValueError(f"max_steps ({self.max_steps}) runs past the schedule's stages "
-                             f"({sum(self.schedule.stage_steps)} steps in all): lengthen a stage or lower max_steps")
-        return self
-
-    @model_validator(mode="after")
-    def _rollout_follows_group_and_schedule(self) -> "GRPOConfig":
-        """rollout.n is group_size and rollout.max_new_tokens is schedule.l_max: filled in here so
-        that the dumped config shows them; an explicit different value is an error, not ignored."""
-        wanted = {"n": ("group_size", self.group_size), "max_new_tokens": ("schedule.l_max", self.schedule.l_max)}
-        for key, (owner, value) in wanted.items():
-            if key in self.rollout.model_fields_set and getattr(self.rollout, key) != value:
-                raise ValueError(f"rollout.{key} ({getattr(self.rollout, key)}) must equal {owner} ({value}) "
-                                 f"or be left out: grpo takes it from {owner}")
-        filled = self.rollout.model_copy(update={key: value for key, (_, value) in wanted.items()})
-        object.__setattr__(self, "rollout", filled)  # plain assignment would re-run this validator
-        _training_engine_lengths(self)
-        return self
-
-    @field_serializer("rollout")
-    def _rollout_without_derived(self, rollout: RolloutConfig) -> dict:
-        """The dumped config leaves out the derived n and max_new_tokens, so it reloads with overrides."""
-        return rollout.model_dump(exclude={"n", "max_new_tokens"})
 
 
 class AnatomyConfig(Strict):
@@ -509,11 +296,6 @@ class EvalRunConfig(Strict):
         return self
 
 
-TrainConfig = Annotated[Union[SFTConfig, SelfDistillConfig, GRPOConfig], Field(discriminator="method")]
-_ADAPTER = TypeAdapter(TrainConfig)
-METHODS = ("sft", "selfdistill", "grpo")
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -543,10 +325,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _describe(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "tagged-union")))
-        method = str(e["loc"][0]) if e["loc"] else ""
-        if method in METHODS:  # the discriminated union puts the method first; a top-level check has only it
-            loc = "" if loc == method else loc.removeprefix(method + ".")
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         message = e["msg"].removeprefix("Value error, ")
         if message.split(":")[0].split(" (")[0].startswith(loc or "\0"):  # a check that names its own key
             lines.append(message)
@@ -556,13 +335,16 @@ def _describe(error: ValidationError) -> str:
 
 
 def validate(data: dict, model: type[BaseModel] | None = None):
-    """Validate a config dict; the method picks the model unless one is given."""
+    """Validate a config dict; the method's config (crisp.methods) is the model unless one is given."""
+    if model is None:
+        from crisp.methods import config_classes
+
+        classes = config_classes()
+        if data.get("method") not in classes:
+            raise ConfigError(f"method: must be one of {', '.join(classes)} (got {data.get('method')!r})")
+        model = classes[data["method"]]
     try:
-        if model is not None:
-            return model.model_validate(data)
-        if data.get("method") not in METHODS:
-            raise ConfigError(f"method: must be one of {', '.join(METHODS)} (got {data.get('method')!r})")
-        return _ADAPTER.validate_python(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
 

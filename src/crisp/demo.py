@@ -18,6 +18,7 @@ import yaml
 
 from crisp.config import ConfigError, EvalConfig, VLLMSettings, load_config, validate
 from crisp.data.synthetic import SyntheticTask
+from crisp.driver import train
 from crisp.evaluate import evaluate, format_table, write_results
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
@@ -32,15 +33,13 @@ BOTH_MODES = ("tfpi",)  # the methods whose rows (and the base's) are evaluated 
 
 def ensure_base_model(cfg) -> Path:
     """Train the base model unless output_dir already holds one built from the same config."""
-    from crisp.sft import train_sft
-
     out = Path(cfg.output_dir)
     resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     marker = out / "model" / "crisp_config.yaml"
     if marker.is_file() and marker.read_text() == resolved:
         print(f"reusing the base model in {out / 'model'} (same config)")
         return out / "model"
-    return train_sft(cfg)
+    return train(cfg)
 
 
 def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instruction: str | None, template: str,
@@ -108,7 +107,7 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
         rows[name] = timed(f"eval {name}", evaluate_row, base_dir, eval_cfg, out / "eval" / name,
                            instruction=resolve_instruction(preset), template=template, backend=backend)
     for method, cfg in method_cfgs.items():
-        model_dir = timed(f"train {method}", _train, cfg)
+        model_dir = timed(f"train {method}", train, cfg)
         evaluate_model(method, model_dir, instruction=None, backend=backend)
 
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
@@ -124,15 +123,3 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
     print(format_table(rows, baseline="base"))
     print(f"\nreport: {report}")
     return rows
-
-
-def _train(cfg) -> Path:
-    if cfg.method == "selfdistill":
-        from crisp.selfdistill import train_selfdistill
-
-        return train_selfdistill(cfg)
-    if cfg.method == "grpo":
-        from crisp.grpo import train_grpo
-
-        return train_grpo(cfg)
-    raise ValueError(f"demo cannot train method {cfg.method!r}")

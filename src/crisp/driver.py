@@ -1,48 +1,213 @@
-"""What the self-distillation and GRPO loops share around their own step.
+"""The one training driver every method runs on (crisp.methods).
 
-- `ProblemStream`: the training problems in a seeded shuffle, epoch after epoch; its (epoch,
-  position) is the data position a checkpoint saves.
-- `TrainingRun`: the run directory's logs, resume from a checkpoint, the skip-or-step decision for
-  a non-finite loss or gradient, and the end of every step: stop after too many consecutive skips,
-  evaluate, log, checkpoint.
+A method builds what it trains (the model, its data stream, a teacher or reference, a rollout
+engine) and owns its step: one function of typed inputs that samples, computes its loss and asks the
+`Trainer` for the optimizer update. The driver owns the run around the steps:
 
-Under `accelerate launch` every rank keeps the same bookkeeping (the loss and gradient norm it
-sees are already reduced over ranks, so all ranks skip, stop and evaluate together); only rank 0
-writes logs and checkpoints, and every rank resumes from the same checkpoint.
+  open      the run directory with the resolved config, trackers, threads, seed
+  prepare   optimizer and LR schedule, the accelerate wrapper (DDP / FSDP)
+  resume    weights of every model a checkpoint holds, optimizer, schedule, RNG states, the data
+            position, the skip counts and the method's own state
+  steps     the method's step; a non-finite loss or gradient skips the optimizer step (counted),
+            too many in a row stop the run before its checkpoint is written
+  after     evaluate when due, log, checkpoint when due and at the last step
+  end       the final model (with the config that built it), trackers closed
 
-A checkpoint holds everything the next step depends on (weights of every model passed in,
-optimizer, LR schedule, RNG states, data position, skip counts and the loop's own state), so a run
-resumed from checkpoint `s` computes steps s+1, s+2, ... exactly as an uninterrupted run does.
+Under `accelerate launch` every rank keeps the same bookkeeping (the loss and gradient norm it sees
+are already reduced over ranks, so all ranks skip, stop and evaluate together); only rank 0 writes
+logs and checkpoints, and every rank resumes from the same checkpoint.
+
+A checkpoint holds everything the next step depends on, so a run resumed from checkpoint `s`
+computes steps s+1, s+2, ... exactly as an uninterrupted run does.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
 import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from crisp import checkpoint
+from crisp.config import EvalConfig, RunConfig, dump_config
 from crisp.data.problems import Problem
 from crisp.data.tasks import Task, get_task
-from accelerate import Accelerator
-
-from crisp.config import dump_config
-from crisp.distributed import autocast, load_rng, make_accelerator, save_checkpoint
+from crisp.distributed import autocast, load_rng, make_accelerator, prepare, save_checkpoint, save_final
 from crisp.evaluate import evaluate
 from crisp.metrics import MetricsLog, Timer, eval_metrics
 from crisp.modeling import load_model, load_tokenizer, load_weights, prepare_for_training
-from crisp.tracking import start_trackers
+from crisp.optim import build_optimizer, step_if_finite
+from crisp.prompts import PromptBuilder
+from crisp.rollout_vllm import sync_weights
+from crisp.tracking import finish_trackers, start_trackers
+
+T = TypeVar("T")
 
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many consecutive non-finite steps); the message says what to do."""
 
 
-def open_run(cfg) -> tuple[Accelerator, Path]:
-    """How every training loop starts: the process's accelerator, the run directory holding the
-    resolved config (rank 0 writes it), the experiment trackers, torch's thread count and seed."""
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of the data order of one epoch (every method's stream)."""
+    return seed * 1000 + epoch
+
+
+class EpochStream(Generic[T]):
+    """Items epoch after epoch, each epoch's order drawn from its own seeded RNG; `take` continues
+    where the last call stopped, and (epoch, position) is the data position a checkpoint saves."""
+
+    def __init__(self, make_epoch: Callable[[random.Random], Sequence[T]], seed: int):
+        self.make_epoch, self.seed = make_epoch, seed
+        self.epoch, self.position = 0, 0
+        self.items = make_epoch(random.Random(epoch_seed(seed, 0)))
+
+    def take(self, count: int) -> list[T]:
+        batch = []
+        while len(batch) < count:
+            if self.position == len(self.items):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.items = self.make_epoch(random.Random(epoch_seed(self.seed, self.epoch)))
+            batch.append(self.items[self.position])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.items = self.make_epoch(random.Random(epoch_seed(self.seed, self.epoch)))
+
+
+def problem_stream(problems: Sequence[Problem], seed: int) -> EpochStream[Problem]:
+    """The training problems in a fresh seeded shuffle every epoch."""
+
+    def shuffled(rng: random.Random) -> list[Problem]:
+        order = list(range(len(problems)))
+        rng.shuffle(order)
+        return [problems[i] for i in order]
+
+    return EpochStream(shuffled, seed)
+
+
+@dataclass
+class StepResult:
+    """What one training step reports to the driver."""
+
+    metrics: dict[str, float]  # the method's figures: train/loss, rollout/..., its own
+    samples: list[dict] = field(default_factory=list)  # records for rollouts.jsonl
+    progress: dict[str, str] = field(default_factory=dict)  # the progress bar's postfix
+    always_log: bool = False  # log this step whatever log_every says (e.g. the first step of a stage)
+    tokens: int | None = None  # tokens trained on, for train/tokens_per_s
+
+
+class Evaluation(Protocol):
+    """An in-training evaluation: whether it is due after optimizer step `step`, and its metrics."""
+
+    def due(self, step: int) -> bool: ...
+
+    def __call__(self, trainer: "Trainer") -> dict[str, float]: ...
+
+
+class BenchmarkEvaluation:
+    """eval.benchmark at eval.every steps and at the end, sampled as `crisp eval` would (each rank a
+    share of the problems), with the run's prompt mode and, when there is one, its vLLM engine."""
+
+    def __init__(self, cfg: EvalConfig, problems: Sequence[Problem], *, max_steps: int, seed: int,
+                 builder: PromptBuilder, generator=None):
+        self.cfg, self.problems, self.max_steps, self.seed, self.builder = cfg, problems, max_steps, seed, builder
+        self.task = get_task(cfg.benchmark)
+        self.generator = generator  # None: HF generate
+
+    def due(self, step: int) -> bool:
+        return step == self.max_steps or bool(self.cfg.every and step % self.cfg.every == 0)
+
+    def __call__(self, trainer: "Trainer") -> dict[str, float]:
+        _, summary = evaluate(trainer.unwrapped, self.builder.tokenizer, self.problems, builder=self.builder,
+                              task=self.task, sampling=self.cfg.sampling, k=self.cfg.k, seed=self.seed,
+                              batch_size=self.cfg.batch_size, progress=False, accelerator=trainer.accelerator,
+                              generator=self.generator)
+        return eval_metrics(summary)
+
+
+class Method:
+    """A training method, as the driver sees it. A subclass (one file in crisp.methods, with its
+    config) builds in `__init__` what it trains and sets the attributes below; `step` is its step."""
+
+    label: str  # the progress bar's
+    model: torch.nn.Module  # the trained model, unwrapped
+    tokenizer: object
+    stream: EpochStream
+    # the modules a checkpoint holds, by name, unwrapped: "model" (saved with the tokenizer; with LoRA
+    # its adapters, a teacher adapter included) and any other whose weights the config cannot rebuild
+    checkpointed: dict[str, torch.nn.Module]
+    evaluation: Evaluation | None = None
+    generator: object = None  # a rollout engine holding its own copy of the weights, or None
+    updates_per_step: int = 1  # optimizer steps per training step (the LR schedule's length)
+
+    def step(self, step: int, trainer: "Trainer") -> StepResult:
+        """Training step `step` (0-based), its optimizer update(s) included (`trainer.update`)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What the method itself must carry across a resume (e.g. the teacher's refresh count)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Trainer:
+    """What a step needs from the driver: the wrapped model every forward pass goes through, the
+    timer, the precision context, and the optimizer update."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # wrapped (DDP / FSDP)
+    unwrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_clip: float | None
+    mixed_precision: str
+    generator: object = None
+    timer: Timer = field(default_factory=Timer)
+    skipped: int = 0
+    consecutive_skips: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process  # only rank 0 writes files
+
+    def precision(self):
+        """bf16 autocast for forward passes when mixed_precision asks for it."""
+        return autocast(self.mixed_precision, self.accelerator.device)
+
+    def update(self, loss: float | None) -> float:
+        """One optimizer step on the accumulated gradients, skipped (and counted) when `loss` or the
+        gradient norm is not finite; `loss` None: nothing to learn from this time, no step and no
+        skip. The LR schedule advances either way. Returns the gradient norm before clipping."""
+        with self.timer("step"):
+            grad_norm = math.nan
+            if loss is not None:
+                grad_norm, stepped = step_if_finite(self.unwrapped, self.optimizer, loss, self.grad_clip)
+                self.skipped += not stepped
+                self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
+                if stepped:
+                    sync_weights(self.generator, self.unwrapped)  # a vLLM engine gets the new weights
+            self.scheduler.step()
+        return grad_norm
+
+
+def open_run(cfg: RunConfig) -> tuple[Accelerator, Path]:
+    """The process's accelerator, the run directory holding the resolved config (rank 0 writes it),
+    the experiment trackers, torch's thread count and seed."""
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +226,7 @@ def open_run(cfg) -> tuple[Accelerator, Path]:
     return accelerator, out
 
 
-def trainable_model(cfg):
+def trainable_model(cfg: RunConfig):
     """The model at `model.path` and its tokenizer, with LoRA and gradient checkpointing as
     configured, in training mode."""
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -71,7 +236,7 @@ def trainable_model(cfg):
     return model, tokenizer
 
 
-def training_problems(cfg) -> tuple[Task, list[Problem], list[Problem]]:
+def training_problems(cfg: RunConfig) -> tuple[Task, list[Problem], list[Problem]]:
     """The task of `data.source`, its training problems, and the problems `eval.benchmark` evaluates on
     (bad data fails here, before any model is loaded)."""
     task = get_task(cfg.data.source)
@@ -79,132 +244,114 @@ def training_problems(cfg) -> tuple[Task, list[Problem], list[Problem]]:
     return task, problems, get_task(cfg.eval.benchmark).eval_problems(cfg.eval.limit) if cfg.eval else []
 
 
-class ProblemStream:
-    """Problems in a fresh seeded shuffle every epoch; `take` continues where the last call stopped."""
+class Training:
+    """One training run of `cfg` (the method its `method` names, crisp.methods): `Training(cfg).run()`.
 
-    def __init__(self, problems: Sequence[Problem], seed: int):
-        self.problems = problems
-        self.seed = seed
-        self.epoch, self.position = 0, 0
-        self.order = self._shuffled(0)
+    `options` go to the method (e.g. GRPO's `reward`). Between construction and `run`, `method`
+    holds what the method built and `trainer` the optimizer and the wrapped model."""
 
-    def _shuffled(self, epoch: int) -> list[int]:
-        order = list(range(len(self.problems)))
-        random.Random(self.seed * 1000 + epoch).shuffle(order)
-        return order
+    def __init__(self, cfg: RunConfig, **options):
+        from crisp.methods import method_class
 
-    def take(self, count: int) -> list[Problem]:
-        batch = []
-        while len(batch) < count:
-            if self.position == len(self.order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self.order = self._shuffled(self.epoch)
-            batch.append(self.problems[self.order[self.position]])
-            self.position += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self.order = self._shuffled(self.epoch)
-
-
-class TrainingRun:
-    """The run directory and the per-step bookkeeping of one training loop.
-
-    `models` are the modules a checkpoint holds, by name, unwrapped (not DDP): "model" (the trained
-    one, saved with the tokenizer; with LoRA its adapters, a teacher adapter included) and any other
-    whose weights cannot be rebuilt from the config (e.g. "teacher").
-    """
-
-    def __init__(self, cfg, *, accelerator, models: dict[str, torch.nn.Module], tokenizer, optimizer, scheduler,
-                 stream: ProblemStream, builder, eval_problems: Sequence[Problem], eval_generator=None):
         self.cfg = cfg
-        self.accelerator = accelerator
-        self.main = accelerator.is_main_process  # only rank 0 writes files
-        self.out = Path(cfg.output_dir)
-        self.models, self.tokenizer = models, tokenizer
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.stream = stream
-        self.builder, self.eval_problems = builder, eval_problems
-        self.eval_generator = eval_generator  # the run's vLLM engine, or None: evaluations use HF generate
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", accelerator)  # also to the trackers
+        self.accelerator, self.out = open_run(cfg)
+        self.method: Method = method_class(cfg.method)(cfg, self.accelerator, **options)
+        model = self.method.model
+        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps * self.method.updates_per_step)
+        wrapped, optimizer = prepare(self.accelerator, model, optimizer, checkpoints=cfg.uses_checkpoints)
+        self.trainer = Trainer(self.accelerator, wrapped, model, optimizer, scheduler, cfg.optim.grad_clip,
+                               cfg.mixed_precision, generator=self.method.generator)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.accelerator)  # also to the trackers
         self.rollouts = MetricsLog(self.out / "rollouts.jsonl")
-        self.timer = Timer()
-        self.skipped, self.consecutive_skips = 0, 0
+        self.step = 0
+        self.window_tokens, self.window_seconds = 0, 0.0  # for train/tokens_per_s since the last record
 
-    def precision(self):
-        """bf16 autocast for forward passes when cfg.mixed_precision asks for it."""
-        return autocast(self.cfg.mixed_precision, self.accelerator.device)
+    def run(self) -> Path:
+        """Train to cfg.max_steps (resuming as cfg.resume says); returns the final model's directory."""
+        cfg, method, trainer = self.cfg, self.method, self.trainer
+        self.resume()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=method.label, dynamic_ncols=True,
+                   disable=not trainer.main)
+        while self.step < cfg.max_steps:
+            start = time.perf_counter()
+            result = method.step(self.step, trainer)
+            self.window_seconds += time.perf_counter() - start
+            self.window_tokens += result.tokens or 0
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(result.progress)
+            self.end_step(result)
+        bar.close()
+        final = self.out / "model"
+        save_final(self.accelerator, trainer.model, method.tokenizer, final)
+        if trainer.main:
+            dump_config(cfg, final / "crisp_config.yaml")  # marks the model complete, and what built it
+        finish_trackers(self.accelerator)
+        return final
 
-    def resume(self) -> tuple[int, dict | None]:
-        """Load the checkpoint that cfg.resume names, if any: (its step, the loop's saved state).
-
-        Log records past that step are dropped, so the resumed steps are written once; a fresh run
-        (step 0) starts with empty logs.
-        """
-        step, loop_state = 0, None
+    def resume(self) -> None:
+        """Load the checkpoint that cfg.resume names, if any. Log records past its step are dropped,
+        so the resumed steps are written once; a fresh run (step 0) starts with empty logs."""
+        trainer, method = self.trainer, self.method
         source = checkpoint.resolve_resume(self.cfg.resume, self.out)
         if source is not None:
             state = checkpoint.load_state(source)
-            for name, model in self.models.items():
+            for name, model in method.checkpointed.items():
                 load_weights(model, source / name)  # a LoRA model gets its adapters back
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.stream.load_state_dict(state["data"])
-            self.skipped, self.consecutive_skips = state["skipped"], state["consecutive_skips"]
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            trainer.scheduler.load_state_dict(state["scheduler"])
+            method.stream.load_state_dict(state["data"])
+            trainer.skipped, trainer.consecutive_skips = state["skipped"], state["consecutive_skips"]
             load_rng(self.accelerator, state)
-            step, loop_state = state["step"], state["loop"]
-        if self.main:
-            self.metrics.truncate_after(step)
-            self.rollouts.truncate_after(step)
-        return step, loop_state
+            method.load_state_dict(state["method"])
+            self.step = state["step"]
+        sync_weights(method.generator, method.model)  # a vLLM engine gets the resumed weights
+        if trainer.main:
+            self.metrics.truncate_after(self.step)
+            self.rollouts.truncate_after(self.step)
 
-    def count_step(self, stepped: bool) -> None:
-        """Count a step that optim.step_if_finite skipped (non-finite loss or gradient norm)."""
-        if stepped:
-            self.consecutive_skips = 0
-        else:
-            self.skipped += 1
-            self.consecutive_skips += 1
-
-    def end_step(self, step: int, metrics: dict, samples: Sequence[dict], loop_state: dict, *,
-                 always_log: bool = False) -> None:
-        """After optimizer step `step`: evaluate and log when due (or `always_log`, e.g. the first
-        step of a stage), stop after too many consecutive skipped steps (before saving, so the last
-        checkpoint is a good one), checkpoint when due and at the last step (so that extending a
-        finished run with resume=auto redoes nothing)."""
-        cfg = self.cfg
-        stop = self.consecutive_skips >= cfg.max_skipped_steps
-        if cfg.eval and not stop and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
-            with self.timer("eval"), self.precision():  # every rank evaluates a share of the problems
-                _, summary = evaluate(self.models["model"], self.tokenizer, self.eval_problems, builder=self.builder,
-                                      task=get_task(cfg.eval.benchmark),
-                                      sampling=cfg.eval.sampling, k=cfg.eval.k, seed=cfg.seed,
-                                      batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator,
-                                      generator=self.eval_generator)
-            metrics.update(eval_metrics(summary))
-        if always_log or stop or step % cfg.log_every == 0 or step == cfg.max_steps or "eval/accuracy" in metrics:
-            timings = self.timer.pop()
-            if self.main:
-                self.metrics.write(step, {**metrics, **timings})
-                for sample in samples:
+    def end_step(self, result: StepResult) -> None:
+        """After optimizer step `step`: evaluate and log when due, stop after too many consecutive
+        skipped steps (before saving, so the last checkpoint is a good one), checkpoint when due and
+        at the last step (so that extending a finished run with resume=auto redoes nothing)."""
+        cfg, step, trainer, evaluation = self.cfg, self.step, self.trainer, self.method.evaluation
+        stop = trainer.consecutive_skips >= cfg.max_skipped_steps
+        metrics = {**result.metrics, "train/lr": trainer.scheduler.get_last_lr()[0],
+                   "train/skipped_steps": trainer.skipped}
+        evaluated = evaluation is not None and not stop and evaluation.due(step)
+        if evaluated:
+            with trainer.timer("eval"), trainer.precision():  # every rank evaluates (a share of the problems)
+                metrics.update(evaluation(trainer))
+        if result.always_log or stop or evaluated or step % cfg.log_every == 0 or step == cfg.max_steps:
+            if self.window_tokens:
+                metrics["train/tokens_per_s"] = self.window_tokens / self.window_seconds
+            self.window_tokens, self.window_seconds = 0, 0.0
+            metrics.update(trainer.timer.pop())
+            if trainer.main:
+                self.metrics.write(step, metrics)
+                for sample in result.samples:
                     self.rollouts.write(step, sample)
         if stop:
             raise TrainingStopped(
-                f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
+                f"{trainer.consecutive_skips} consecutive steps had a non-finite loss or gradient (step {step}); "
                 f"stopping. The last good checkpoint is in {self.out / 'checkpoints'}; "
                 "lower optim.lr or check the data."
             )
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            self.save(step, loop_state)
+            self.save()
 
-    def save(self, step: int, loop_state: dict) -> None:
-        models = {name: (model, self.tokenizer if name == "model" else None) for name, model in self.models.items()}
-        save_checkpoint(self.accelerator, self.out / "checkpoints", step, models=models,
+    def save(self) -> None:
+        trainer, method = self.trainer, self.method
+        models = {name: (model, method.tokenizer if name == "model" else None)
+                  for name, model in method.checkpointed.items()}
+        save_checkpoint(self.accelerator, self.out / "checkpoints", self.step, models=models,
                         keep=self.cfg.keep_checkpoints, state={
-                            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                            "data": self.stream.state_dict(), "skipped": self.skipped,
-                            "consecutive_skips": self.consecutive_skips, "loop": loop_state})
+                            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                            "data": method.stream.state_dict(), "skipped": trainer.skipped,
+                            "consecutive_skips": trainer.consecutive_skips, "method": method.state_dict()})
+
+
+def train(cfg: RunConfig, **options) -> Path:
+    """Run `cfg` to the end; returns the directory of the final model (output_dir/model)."""
+    return Training(cfg, **options).run()
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,7 @@ from crisp.config import AnatomyConfig, EvalRunConfig, SamplingConfig
 from crisp.data.problems import Problem
 from crisp.data.tasks import Task, get_task
 from crisp.distributed import autocast, gather, make_accelerator, shard
-from crisp.grading import get_grader, grade
+from crisp.grading import GradeResult, get_grader, grade
 from crisp.metrics import MetricsLog, eval_metrics
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
@@ -28,30 +29,47 @@ from crisp.rollout_vllm import build_generator
 from crisp.tracking import finish_trackers, start_trackers
 
 
+@dataclass
+class GradedRollout:
+    """One rollout, the problem it answers, its grade, and the figures the task and the reasoning
+    anatomy add (evaluation only); `record()` is its row in samples.jsonl and rollouts.jsonl."""
+
+    problem: Problem
+    rollout: Rollout
+    grade: GradeResult
+    audit: dict = field(default_factory=dict)  # Task.audit's figures
+    anatomy: dict = field(default_factory=dict)  # crisp.anatomy.response_anatomy's figures
+
+    @property
+    def correct(self) -> bool:
+        return self.grade.correct
+
+    def record(self) -> dict:
+        return {"id": self.problem.id, "difficulty": self.problem.difficulty, "gold": self.problem.answer,
+                "response": self.rollout.text, "tokens": self.rollout.num_tokens,
+                "finish_reason": self.rollout.finish_reason, "correct": self.grade.correct,
+                "extracted": self.grade.extracted, "timed_out": self.grade.timed_out, **self.audit, **self.anatomy}
+
+
 def score_rollouts(problems: Sequence[Problem], rollouts: Sequence[Rollout], grader_name: str,
-                   task: Task | None = None) -> list[dict]:
-    """One record per rollout: problem, response, tokens, finish reason, grade, and the task's audit."""
+                   task: Task | None = None) -> list[GradedRollout]:
+    """Each rollout graded against its problem's answer, with the task's audit when a task is given."""
     grader = get_grader(grader_name)
-    records = []
+    graded = []
     for rollout in rollouts:
         problem = problems[rollout.prompt_index]
-        result = grade(rollout.text, problem.answer, grader=grader)
-        records.append(
-            {
-                "id": problem.id,
-                "difficulty": problem.difficulty,
-                "gold": problem.answer,
-                "response": rollout.text,
-                "tokens": rollout.num_tokens,
-                "finish_reason": rollout.finish_reason,
-                "correct": result.correct,
-                "extracted": result.extracted,
-                "timed_out": result.timed_out,
-            }
-        )
-        if task is not None:
-            records[-1].update(task.audit(problem, rollout.text))
-    return records
+        audit = task.audit(problem, rollout.text) if task is not None else {}
+        graded.append(GradedRollout(problem, rollout, grade(rollout.text, problem.answer, grader=grader), audit))
+    return graded
+
+
+def rollout_metrics(graded: Sequence[GradedRollout]) -> dict[str, float]:
+    """The rollout/ figures every training method logs for the rollouts of a step."""
+    return {
+        "rollout/accuracy": sum(g.correct for g in graded) / len(graded),
+        "rollout/mean_tokens": sum(g.rollout.num_tokens for g in graded) / len(graded),
+        "rollout/truncation_rate": sum(g.rollout.finish_reason == "length" for g in graded) / len(graded),
+    }
 
 
 def summarize(records: Sequence[dict], task: Task | None = None) -> dict:
@@ -84,8 +102,8 @@ def summarize(records: Sequence[dict], task: Task | None = None) -> dict:
     return summary
 
 
-def add_anatomy(records: Sequence[dict], rollouts: Sequence[Rollout], tokenizer, anatomy: AnatomyConfig) -> None:
-    """Each record gains its rollout's reasoning anatomy (crisp.anatomy.response_anatomy)."""
+def add_anatomy(graded: Sequence[GradedRollout], tokenizer, anatomy: AnatomyConfig) -> None:
+    """Each graded rollout gains its reasoning anatomy (crisp.anatomy.response_anatomy)."""
 
     def tag_ids(tag: str) -> tuple[int, ...]:  # () where the tokenizer does not know the tag
         ids = tuple(tokenizer.encode(tag, add_special_tokens=False))
@@ -93,10 +111,11 @@ def add_anatomy(records: Sequence[dict], rollouts: Sequence[Rollout], tokenizer,
 
     open_ids, close_ids = tag_ids(THINK_OPEN), tag_ids(THINK_CLOSE)
     prompt_open: dict[tuple[int, ...], bool] = {}  # the k samples of a problem share their prompt
-    for record, rollout in zip(records, rollouts):
+    for g in graded:
+        rollout = g.rollout
         if rollout.prompt_ids not in prompt_open:  # decoded with the tags even where they are special tokens
             prompt_open[rollout.prompt_ids] = prompt_leaves_thinking_open(tokenizer.decode(list(rollout.prompt_ids)))
-        record.update(response_anatomy(
+        g.anatomy = dict(response_anatomy(
             rollout.token_ids, rollout.text, close_ids=close_ids, open_ids=open_ids,
             prompt_open=prompt_open[rollout.prompt_ids],
             markers=anatomy.markers, loop_ngram=anatomy.loop_ngram, loop_repeats=anatomy.loop_repeats,
@@ -177,9 +196,9 @@ def evaluate(
     rollouts = generator.generate(
         [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
-    records = score_rollouts(problems, rollouts, grader, task)
-    add_anatomy(records, rollouts, tokenizer, anatomy)
-    records = gather(records, accelerator)
+    graded = score_rollouts(problems, rollouts, grader, task)
+    add_anatomy(graded, tokenizer, anatomy)
+    records = gather([g.record() for g in graded], accelerator)
     summary = summarize(records, task)
     grader_obj = get_grader(grader)
     summary.update(

@@ -16,6 +16,7 @@ Conventions used throughout this module
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from torch import Tensor
 __all__ = [
     "DIVERGENCE_KINDS",
     "AGGREGATIONS",
+    "DivergenceSpec",
+    "SurrogateSpec",
     "per_token_divergence",
     "divergence_sum",
     "clipped_surrogate_loss",
@@ -82,6 +85,35 @@ def _check_divergence(kind: str, beta: float, forward_weight: float) -> None:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if kind == "mixed" and forward_weight < 0.0:
         raise ValueError(f"forward_weight must be >= 0, got {forward_weight}")
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """Which divergence a self-distillation loss computes, and its options (see per_token_divergence)."""
+
+    kind: str = "reverse_kl"
+    beta: float = 0.5  # jsd only
+    forward_weight: float = 0.5  # mixed only
+    term_clip: float | None = None
+    teacher_top_k: int | None = None
+
+    def __post_init__(self):
+        _check_divergence(self.kind, self.beta, self.forward_weight)
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether the gradient has a closed form (no per-term clip or top-k support to differentiate)."""
+        return self.kind in ("reverse_kl", "forward_kl", "mixed") and self.term_clip is None and self.teacher_top_k is None
+
+
+@dataclass(frozen=True)
+class SurrogateSpec:
+    """The settings of clipped_surrogate_loss that a GRPO run fixes."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    aggregation: str = "token"
+    kl_coef: float = 0.0
 
 
 def per_token_divergence(
@@ -204,11 +236,14 @@ def _analytic_divergence(student_logits: Tensor, teacher_logits: Tensor, *, kind
     return reverse + forward_weight * forward, grad
 
 
-def _autograd_divergence(student_logits: Tensor, teacher_logits: Tensor, *, tokens: Tensor | None, options: dict):
+def _autograd_divergence(student_logits: Tensor, teacher_logits: Tensor, *, tokens: Tensor | None,
+                         spec: DivergenceSpec):
     """Per-token values and the gradient of their sum with respect to the student logits, by autograd."""
     with torch.enable_grad():
         logits = _upcast(student_logits).detach().requires_grad_(True)  # (n, V) fp32, so the gradient is fp32
-        values = per_token_divergence(logits, teacher_logits, tokens=tokens, **options)  # (n,)
+        values = per_token_divergence(logits, teacher_logits, tokens=tokens, kind=spec.kind, beta=spec.beta,
+                                      forward_weight=spec.forward_weight, term_clip=spec.term_clip,
+                                      teacher_top_k=spec.teacher_top_k)  # (n,)
         (grad,) = torch.autograd.grad(values.sum(), logits)  # (n, V)
     return values.detach(), grad
 
@@ -234,7 +269,7 @@ def _divergence_chunks(
     tokens: Tensor | None,
     *,
     chunk_size: int,
-    options: dict,
+    spec: DivergenceSpec,
     grads: tuple[bool, bool, bool] = (False, False, False),
 ):
     """Per-token divergences, chunk by chunk, and the gradients of their sum that ``grads`` asks for.
@@ -244,9 +279,6 @@ def _divergence_chunks(
     matmuls), so nothing is recomputed in backward and no logits are kept.
     """
     want_hidden, want_weight, want_bias = grads
-    closed_form = options["kind"] in ("reverse_kl", "forward_kl", "mixed") and (
-        options.get("term_clip") is None and options.get("teacher_top_k") is None
-    )
     n_rows = student_hidden.shape[0]
     per_token = torch.empty(n_rows, dtype=torch.promote_types(student_hidden.dtype, torch.float32),
                             device=student_hidden.device)  # (N,)
@@ -258,14 +290,14 @@ def _divergence_chunks(
         hidden = student_hidden[start:stop]  # (n, H)
         student_logits = _linear_logits(hidden, student_weight, student_bias)  # (n, V)
         teacher_logits = _linear_logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)  # (n, V)
-        if closed_form:
+        if spec.closed_form:
             values, grad_logits = _analytic_divergence(
-                student_logits, teacher_logits, kind=options["kind"], forward_weight=options.get("forward_weight", 0.5)
+                student_logits, teacher_logits, kind=spec.kind, forward_weight=spec.forward_weight
             )  # (n,), (n, V)
         else:
             token_chunk = None if tokens is None else tokens[start:stop]  # (n,)
             values, grad_logits = _autograd_divergence(student_logits, teacher_logits, tokens=token_chunk,
-                                                       options=options)  # (n,), (n, V)
+                                                       spec=spec)  # (n,), (n, V)
         per_token[start:stop] = values
         del student_logits, teacher_logits
         if want_hidden:
@@ -282,10 +314,10 @@ class _DivergenceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                tokens, chunk_size, options):
+                tokens, chunk_size, spec):
         per_token, grad_hidden, grad_weight, grad_bias = _divergence_chunks(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, tokens,
-            chunk_size=chunk_size, options=options, grads=tuple(ctx.needs_input_grad[:3]),
+            chunk_size=chunk_size, spec=spec, grads=tuple(ctx.needs_input_grad[:3]),
         )
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
@@ -306,12 +338,12 @@ def divergence_sum(
     student_weight: Tensor,
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
+    spec: DivergenceSpec,
     *,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     chunk_size: int = 128,
     tokens: Tensor | None = None,
-    **divergence_options,
 ) -> tuple[Tensor, Tensor]:
     """Sum over positions of ``per_token_divergence`` between two linear LM heads, without the ``(N, V)`` logits.
 
@@ -329,10 +361,10 @@ def divergence_sum(
         student_weight: ``(V, H)`` student LM-head weight (may be tied to the input embedding).
         teacher_hidden: ``(N, H)`` teacher hidden states at the same positions.
         teacher_weight: ``(V, H)`` teacher LM-head weight (may be the same tensor as the student's).
+        spec: the divergence and its options.
         student_bias, teacher_bias: optional ``(V,)`` head biases.
         chunk_size: rows per chunk (``>= 1``); need not divide ``N``.
         tokens: ``(N,)`` sampled ids, for ``kind="sampled_token"``.
-        **divergence_options: keyword options of ``per_token_divergence`` (``kind`` is required).
 
     Returns:
         ``(total, per_token)``: the 0-d sum (differentiable) and the ``(N,)`` values (detached), fp32
@@ -345,14 +377,11 @@ def divergence_sum(
         raise ValueError(f"student_hidden has {n_rows} rows but teacher_hidden has {teacher_hidden.shape[0]}")
     if tokens is not None and tokens.shape[0] != n_rows:
         raise ValueError(f"tokens has {tokens.shape[0]} entries, expected {n_rows}")
-    # checked here too: the closed-form kinds never call per_token_divergence
-    _check_divergence(divergence_options.get("kind"), divergence_options.get("beta", 0.5),
-                      divergence_options.get("forward_weight", 0.5))
     teacher = [None if t is None else t.detach() for t in (teacher_hidden, teacher_weight, teacher_bias)]
     student = (student_hidden, student_weight, student_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student):
-        return _DivergenceSum.apply(*student, *teacher, tokens, chunk_size, divergence_options)
-    per_token = _divergence_chunks(*student, *teacher, tokens, chunk_size=chunk_size, options=divergence_options)[0]
+        return _DivergenceSum.apply(*student, *teacher, tokens, chunk_size, spec)
+    per_token = _divergence_chunks(*student, *teacher, tokens, chunk_size=chunk_size, spec=spec)[0]
     return per_token.sum(), per_token
 
 

@@ -68,6 +68,13 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def rollout_seed(run_seed: int, step: int, sampling_round: int | None = None) -> int:
+    """The generation seed of training step `step` (0-based) of a run seeded with `run_seed`; a
+    method that samples in several rounds per step (GRPO's dynamic sampling) has 1,000 seeds a step."""
+    base = run_seed * 1_000_003
+    return base + step if sampling_round is None else base + step * 1_000 + sampling_round
+
+
 def request_keys(seed: int, prompt_indices: Sequence[int], sample_indices: Sequence[int]) -> torch.Tensor:
     """One 32-bit key per request (prompt i, sample j) of a call seeded with `seed`."""
     seed %= 2**64

@@ -1,4 +1,5 @@
-"""Self-distillation: CRISP (a "be concise" teacher) and OPSD (a reference-solution teacher).
+"""Self-distillation (method: selfdistill): CRISP (a "be concise" teacher) and OPSD (a
+reference-solution teacher).
 
 One step, top to bottom:
   generate  student rollouts from the plain prompts (n per prompt)
@@ -18,26 +19,71 @@ the kept rollouts with the loss divided by the response tokens of the whole batc
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from pydantic import Field, model_validator
 
-from crisp.config import SelfDistillConfig
+from crisp.config import (PositiveFloat, PositiveInt, Probability, RolloutConfig, RunConfig, Strict,
+                          training_engine_lengths)
 from crisp.data.problems import Problem
-from crisp.distributed import (gather, grad_sync, micro_batches, prepare, reduce_sum, save_final,
-                               shard)
-from crisp.evaluate import score_rollouts
-from crisp.losses import divergence_sum
-from crisp.loop import ProblemStream, TrainingRun, open_run, trainable_model, training_problems
+from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum, shard
+from crisp.driver import (BenchmarkEvaluation, Method, StepResult, Trainer, problem_stream, trainable_model,
+                          training_problems)
+from crisp.evaluate import GradedRollout, rollout_metrics, score_rollouts
+from crisp.losses import DivergenceSpec, divergence_sum
 from crisp.modeling import output_head, response_hidden
-from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder, resolve_instruction
-from crisp.rollout import Rollout
-from crisp.rollout_vllm import build_generator, sync_weights
+from crisp.rollout import Rollout, rollout_seed
+from crisp.rollout_vllm import build_generator
 from crisp.teacher import Teacher
-from crisp.tracking import finish_trackers
+
+
+class TeacherConfig(Strict):
+    instruction: str | None = "v1"  # preset name, custom text, or null
+    reference_solution: bool = False  # OPSD: show the teacher a verified solution
+    update: Literal["frozen", "refresh", "ema", "live"] = "refresh"
+    refresh_every: Annotated[int, Field(ge=0)] = 50  # M; 0 = never (same as frozen)
+    ema_decay: Probability = 0.999
+    percent: PositiveInt = 50  # for the "percent" instruction preset
+    words: PositiveInt = 100  # for the "word_limit" preset
+
+    @model_validator(mode="after")
+    def _has_context(self) -> "TeacherConfig":
+        if not self.instruction and not self.reference_solution:
+            raise ValueError("the teacher needs an instruction, a reference solution, or both")
+        return self
+
+
+class LossConfig(Strict):
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "mixed", "sampled_token"] = "reverse_kl"
+    beta: Probability = 0.5
+    forward_weight: Annotated[float, Field(ge=0)] = 0.5
+    term_clip: PositiveFloat | None = None
+    teacher_top_k: PositiveInt | None = None
+    chunk_size: PositiveInt = 128
+
+    def spec(self) -> DivergenceSpec:
+        return DivergenceSpec(kind=self.divergence, beta=self.beta, forward_weight=self.forward_weight,
+                              term_clip=self.term_clip, teacher_top_k=self.teacher_top_k)
+
+
+class SelfDistillConfig(RunConfig):
+    method: Literal["selfdistill"] = "selfdistill"
+    batch_size: PositiveInt = 32  # prompts per optimizer step
+    micro_batch_size: PositiveInt = 32
+    rollout: RolloutConfig = RolloutConfig()
+    rollout_filter: Literal["all", "correct", "incorrect"] = "all"
+    teacher: TeacherConfig = TeacherConfig()
+    loss: LossConfig = LossConfig()
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> "SelfDistillConfig":
+        if (self.batch_size * self.rollout.n) % self.micro_batch_size:
+            raise ValueError("micro_batch_size must divide batch_size * rollout.n")
+        training_engine_lengths(self)
+        return self
 
 
 def keep_rollouts(correct: Sequence[bool], rule: str) -> list[int]:
@@ -48,7 +94,8 @@ def keep_rollouts(correct: Sequence[bool], rule: str) -> list[int]:
     return [i for i, c in enumerate(correct) if c == wanted]
 
 
-def distill_loss_sum(student, teacher: Teacher, student_prompts, teacher_prompts, responses, cfg, pad_id):
+def distill_loss_sum(student, teacher: Teacher, student_prompts, teacher_prompts, responses, loss: LossConfig,
+                     pad_id: int) -> torch.Tensor:
     """Sum over the response tokens of the per-token divergence (the caller divides by the count).
 
     The teacher runs under inference mode and only its hidden states at the response positions
@@ -59,57 +106,48 @@ def distill_loss_sum(student, teacher: Teacher, student_prompts, teacher_prompts
     student_hidden = response_hidden(student, student_prompts, responses, pad_id)  # (N, H)
     tokens = torch.tensor([t for r in responses for t in r], device=student_hidden.device)  # (N,)
     student_head, teacher_head = output_head(student), teacher.head
-    total, _ = divergence_sum(
-        student_hidden,
-        student_head.weight,
-        teacher_hidden,
-        teacher_head.weight,
-        student_bias=student_head.bias,
-        teacher_bias=teacher_head.bias,
-        chunk_size=cfg.loss.chunk_size,
-        tokens=tokens,
-        kind=cfg.loss.divergence,
-        beta=cfg.loss.beta,
-        forward_weight=cfg.loss.forward_weight,
-        term_clip=cfg.loss.term_clip,
-        teacher_top_k=cfg.loss.teacher_top_k,
-    )
+    total, _ = divergence_sum(student_hidden, student_head.weight, teacher_hidden, teacher_head.weight, loss.spec(),
+                              student_bias=student_head.bias, teacher_bias=teacher_head.bias,
+                              chunk_size=loss.chunk_size, tokens=tokens)
     return total
 
 
-def distill_backward(model, teacher: Teacher, rollouts: Sequence[Rollout], teacher_prompts: Sequence[Sequence[int]],
-                     cfg, pad_id: int, *, accelerator=None, precision=contextlib.nullcontext) -> float:
+@dataclass(frozen=True)
+class DistillBatch:
+    """The rollouts one step trains on (the whole batch: every rank holds it) and, for each, the
+    teacher's prompt for the same problem."""
+
+    rollouts: Sequence[Rollout]
+    teacher_prompts: Sequence[Sequence[int]]
+
+
+def distill_backward(model, teacher: Teacher, batch: DistillBatch, loss: LossConfig, *, pad_id: int,
+                     micro_batch_size: int, accelerator=None, precision=contextlib.nullcontext) -> float:
     """Loss and backward of one step: the mean divergence per response token (nan if there is none).
 
-    `rollouts` are the step's whole batch (every rank holds it); this rank trains on its share of
-    them (crisp.distributed.micro_batches; all of them without an accelerator) in micro-batches of
-    `cfg.micro_batch_size`. Each micro-batch's summed divergence is divided by the batch's token
-    count (times the number of ranks, which DDP averages over), so the accumulated gradient is that
-    of one big batch. With more than one micro-batch the share is first ordered by length, so that
-    each micro-batch pads to a length close to its own (the gradient is the same, only summed in
-    another order). `model` is the (possibly wrapped) student every forward goes through;
-    `precision` the autocast context of the forward passes.
+    This rank trains on its share of the batch (crisp.distributed.micro_batches; all of it without an
+    accelerator) in micro-batches of `micro_batch_size`. Each micro-batch's summed divergence is
+    divided by the batch's token count (times the number of ranks, which DDP averages over), so the
+    accumulated gradient is that of one big batch. With more than one micro-batch the share is first
+    ordered by length, so that each micro-batch pads to a length close to its own (the gradient is
+    the same, only summed in another order). `model` is the (possibly wrapped) student every forward
+    goes through; `precision` the autocast context of the forward passes.
     """
+    rollouts = batch.rollouts
     num_tokens = sum(r.num_tokens for r in rollouts)  # over the whole batch, every rank
     if not num_tokens:
         return float("nan")
     world = accelerator.num_processes if accelerator is not None else 1
-    micro = micro_batches(len(rollouts), cfg.micro_batch_size, accelerator,
+    micro = micro_batches(len(rollouts), micro_batch_size, accelerator,
                           length=lambda i: len(rollouts[i].prompt_ids) + rollouts[i].num_tokens)
     loss_total = 0.0
     for m, (indices, real) in enumerate(micro):
         chosen = [rollouts[i] for i in indices]
         with grad_sync(accelerator, model, last=m == len(micro) - 1):
             with precision():
-                loss_sum = distill_loss_sum(
-                    model,
-                    teacher,
-                    [r.prompt_ids for r in chosen],
-                    [teacher_prompts[i] for i in indices],
-                    [r.token_ids for r in chosen],
-                    cfg,
-                    pad_id,
-                )
+                loss_sum = distill_loss_sum(model, teacher, [r.prompt_ids for r in chosen],
+                                            [batch.teacher_prompts[i] for i in indices],
+                                            [r.token_ids for r in chosen], loss, pad_id)
             # DDP averages gradients over ranks; a placeholder micro-batch weighs nothing
             (loss_sum * (world if real else 0) / num_tokens).backward()
         if real:
@@ -117,100 +155,75 @@ def distill_backward(model, teacher: Teacher, rollouts: Sequence[Rollout], teach
     return reduce_sum({"loss": loss_total}, accelerator)["loss"] / num_tokens
 
 
-def train_selfdistill(cfg: SelfDistillConfig) -> Path:
-    accelerator, out = open_run(cfg)
-    main = accelerator.is_main_process  # only rank 0 writes files
-    task, problems, eval_problems = training_problems(cfg)  # bad data fails here, before any model is loaded
-    student, tokenizer = trainable_model(cfg)
-    teacher = Teacher(student, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every,
-                      ema_decay=cfg.teacher.ema_decay)
-    teacher.model.to(accelerator.device)
-    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
-    # model: the wrapped student, which every forward pass of the student goes through (DDP/FSDP)
-    model, optimizer = prepare(accelerator, student, optimizer, checkpoints=cfg.uses_checkpoints)
-    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
-    instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words)
-    grader = task.grader
-    generator = build_generator(cfg.rollout.backend, cfg.rollout.vllm, student, tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.eval.sampling.max_new_tokens
-                                                   if cfg.eval else 0))
-    stream = ProblemStream(problems, cfg.seed)
-    # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
-    models = {"model": student, **({"teacher": teacher.model} if teacher.owns_weights else {})}
-    run = TrainingRun(cfg, accelerator=accelerator, models=models, tokenizer=tokenizer, optimizer=optimizer,
-                      scheduler=scheduler, stream=stream, builder=builder, eval_problems=eval_problems,
-                      eval_generator=generator if cfg.rollout.backend == "vllm" else None)
-    timer, precision = run.timer, run.precision
-    pad_id = tokenizer.pad_token_id
+class SelfDistill(Method):
+    def __init__(self, cfg: SelfDistillConfig, accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.label = cfg.teacher.update + " selfdistill"
+        self.task, problems, eval_problems = training_problems(cfg)  # bad data fails before any model is loaded
+        self.model, self.tokenizer = trainable_model(cfg)
+        self.teacher = Teacher(self.model, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every,
+                               ema_decay=cfg.teacher.ema_decay)
+        self.teacher.model.to(accelerator.device)
+        # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
+        self.checkpointed = {"model": self.model, **({"teacher": self.teacher.model} if self.teacher.owns_weights
+                                                     else {})}
+        self.builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
+        self.instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent,
+                                               words=cfg.teacher.words)
+        max_new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.sampling.max_new_tokens if cfg.eval else 0)
+        self.generator = build_generator(cfg.rollout.backend, cfg.rollout.vllm, self.model, self.tokenizer,
+                                         trust_remote_code=cfg.model.trust_remote_code, max_new_tokens=max_new_tokens)
+        self.stream = problem_stream(problems, cfg.seed)
+        if cfg.eval:
+            self.evaluation = BenchmarkEvaluation(
+                cfg.eval, eval_problems, max_steps=cfg.max_steps, seed=cfg.seed, builder=self.builder,
+                generator=self.generator if cfg.rollout.backend == "vllm" else None)
 
-    step, saved = run.resume()
-    sync_weights(generator, student)  # a vLLM engine gets the resumed weights
-    if saved is not None:
-        teacher.refreshes = saved["refreshes"]
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.teacher.update + " selfdistill", dynamic_ncols=True,
-               disable=not main)
-    while step < cfg.max_steps:
-        batch: list[Problem] = stream.take(cfg.batch_size)
-
-        # Each rank generates and grades its slice of the prompts; then every rank holds the whole batch.
-        mine = shard(len(batch), accelerator)
-        with timer("generate"), precision():
-            rollouts: list[Rollout] = generator.generate(
-                [builder.student_ids(batch[i]) for i in mine], cfg.rollout, seed=cfg.seed * 1_000_003 + step,
-                first_index=mine.start,
-            )
-        with timer("grade"):
-            records = score_rollouts(batch, rollouts, grader)
-        rollouts, records = map(list, zip(*gather(list(zip(rollouts, records)), accelerator)))
-        correct = [r["correct"] for r in records]
-        kept = keep_rollouts(correct, cfg.rollout_filter)
-        teacher_prompts = {}
+    def step(self, step: int, trainer: Trainer) -> StepResult:
+        cfg, timer = self.cfg, trainer.timer
+        batch: list[Problem] = self.stream.take(cfg.batch_size)
+        graded = self.rollouts(batch, step, trainer)
+        kept = keep_rollouts([g.correct for g in graded], cfg.rollout_filter)
         with timer("prompts"):
+            teacher_prompts = {}
             for i in kept:
-                index = rollouts[i].prompt_index
+                index = graded[i].rollout.prompt_index
                 if index not in teacher_prompts:
-                    teacher_prompts[index] = builder.teacher_ids(
-                        batch[index], instruction=instruction, reference=cfg.teacher.reference_solution
-                    )
-
+                    teacher_prompts[index] = self.builder.teacher_ids(
+                        batch[index], instruction=self.instruction, reference=cfg.teacher.reference_solution)
         with timer("loss_backward"):
-            kept_rollouts = [rollouts[i] for i in kept]
-            loss = distill_backward(model, teacher, kept_rollouts,
-                                    [teacher_prompts[r.prompt_index] for r in kept_rollouts], cfg, pad_id,
-                                    accelerator=accelerator, precision=precision)
-
-        with timer("step"):
-            if not kept:  # the rollout filter kept nothing: no update, but not a failed step either
-                grad_norm = float("nan")
-            else:
-                grad_norm, stepped = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
-                run.count_step(stepped)
-                if stepped:
-                    sync_weights(generator, student)
-            scheduler.step()
-        step += 1
+            rollouts = [graded[i].rollout for i in kept]
+            loss = distill_backward(trainer.model, self.teacher,
+                                    DistillBatch(rollouts, [teacher_prompts[r.prompt_index] for r in rollouts]),
+                                    cfg.loss, pad_id=self.tokenizer.pad_token_id, micro_batch_size=cfg.micro_batch_size,
+                                    accelerator=trainer.accelerator, precision=trainer.precision)
+        # the rollout filter kept nothing: no update, but not a failed step either
+        grad_norm = trainer.update(loss if kept else None)
         with timer("teacher_update"):
-            refreshed = teacher.after_step(step, student)
+            refreshed = self.teacher.after_step(step + 1, self.model)
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, **rollout_metrics(graded),
+                   "rollout/kept": len(kept), "teacher/refreshes": self.teacher.refreshes,
+                   "teacher/refreshed": refreshed}
+        progress = {"loss": f"{loss:.4f}", "len": f"{metrics['rollout/mean_tokens']:.0f}",
+                    "acc": f"{metrics['rollout/accuracy']:.2f}"}
+        return StepResult(metrics, samples=[g.record() for g in graded[:2]], progress=progress)
 
-        lengths = [r.num_tokens for r in rollouts]
-        metrics = {
-            "train/loss": loss,
-            "train/grad_norm": grad_norm,
-            "train/lr": scheduler.get_last_lr()[0],
-            "train/skipped_steps": run.skipped,
-            "rollout/accuracy": sum(correct) / len(correct),
-            "rollout/mean_tokens": sum(lengths) / len(lengths),
-            "rollout/truncation_rate": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-            "rollout/kept": len(kept),
-            "teacher/refreshes": teacher.refreshes,
-            "teacher/refreshed": refreshed,
-        }
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", len=f"{metrics['rollout/mean_tokens']:.0f}",
-                        acc=f"{metrics['rollout/accuracy']:.2f}")
-        run.end_step(step, metrics, samples=records[:2], loop_state={"refreshes": teacher.refreshes})
-    bar.close()
-    final = out / "model"
-    save_final(accelerator, model, tokenizer, final)
-    finish_trackers(accelerator)
-    return final
+    def rollouts(self, batch: list[Problem], step: int, trainer: Trainer) -> list[GradedRollout]:
+        """n graded rollouts per problem. Each rank generates and grades its slice of the prompts;
+        then every rank holds the whole batch."""
+        mine = shard(len(batch), trainer.accelerator)
+        with trainer.timer("generate"), trainer.precision():
+            rollouts = self.generator.generate([self.builder.student_ids(batch[i]) for i in mine], self.cfg.rollout,
+                                               seed=rollout_seed(self.cfg.seed, step), first_index=mine.start)
+        with trainer.timer("grade"):
+            graded = score_rollouts(batch, rollouts, self.task.grader)
+        return gather(graded, trainer.accelerator)
+
+    def state_dict(self) -> dict:
+        return {"refreshes": self.teacher.refreshes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.refreshes = state["refreshes"]
+
+
+CONFIG, METHOD = SelfDistillConfig, SelfDistill

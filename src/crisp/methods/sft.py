@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: builds the demo's base model and SFT baselines.
+"""Supervised fine-tuning: builds the demo's base model and SFT baselines (method: sft).
 
 The task of `data.source` makes the corpus (crisp.data.tasks): for a problem file, its reference
 solutions; for the synthetic task, every prompt kind the demo's methods use, answered in its style.
@@ -11,25 +11,57 @@ rows; the loss is divided by the trained tokens of the whole batch (see crisp.di
 from __future__ import annotations
 
 import random
-import time
-from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from pydantic import Field, model_validator
 
-from crisp import checkpoint
-from crisp.config import SFTConfig, dump_config
-from crisp.data.tasks import SFTExample, get_task
-from crisp.distributed import (autocast, load_rng, prepare, reduce_sum, save_checkpoint, save_final,
-                               shard)
-from crisp.loop import open_run
-from crisp.metrics import MetricsLog, Timer
+from crisp.config import PositiveInt, Probability, RunConfig, Strict
+from crisp.data.tasks import Probe, SFTExample, get_task
+from crisp.distributed import reduce_sum, shard
+from crisp.driver import EpochStream, Method, StepResult, Trainer
 from crisp.modeling import (build_tiny_model, build_word_tokenizer, eval_mode, load_model, load_tokenizer,
-                            load_weights, prepare_for_training, right_padded)
-from crisp.optim import build_optimizer, clip_and_check
+                            prepare_for_training, right_padded)
 from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, PromptBuilder
-from crisp.tracking import finish_trackers
+
+
+class SFTMix(Strict):
+    """The synthetic task's SFT corpus: the share of each prompt kind (they add up to 1): plain (the
+    student's prompt), the v1 and v2 instructions (CRISP's teachers), OPSD's reference-solution prompt,
+    the thinking-free prompt; and the share of instructed and reference traces that start verbose."""
+
+    plain: Probability = 0.45
+    v1: Probability = 0.15
+    v2: Probability = 0.15
+    reference: Probability = 0.1
+    thinking_free: Probability = 0.15
+    verbose_prefix_fraction: Probability = 0.5
+
+    def weights(self) -> dict[str, float]:
+        return {kind: getattr(self, kind) for kind in ("plain", "v1", "v2", "reference", "thinking_free")}
+
+    @model_validator(mode="after")
+    def _fractions_add_up(self) -> "SFTMix":
+        total = sum(self.weights().values())
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"plain + v1 + v2 + reference + thinking_free must add up to 1 (got {total:g})")
+        return self
+
+
+class SFTConfig(RunConfig):
+    method: Literal["sft"] = "sft"
+    batch_tokens: PositiveInt = 2048
+    mix: SFTMix = SFTMix()
+    # Steps between lookup probes (synthetic task only; 0 = never): teacher-forced accuracy on the
+    # held-out problems' operand and result tokens, per step index, logged as probe/* metrics.
+    probe_every: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _probe_needs_the_synthetic_task(self) -> "SFTConfig":
+        if self.probe_every and self.data.source != "synthetic":
+            raise ValueError("probe_every: the lookup probe needs data.source: synthetic")
+        return self
 
 
 def length_bucketed_batches(examples: list[SFTExample], batch_tokens: int, rng: random.Random) -> list[list[int]]:
@@ -70,6 +102,7 @@ def response_loss(model, input_ids, attention, labels) -> torch.Tensor:
 
 
 def build_model_and_tokenizer(cfg: SFTConfig):
+    """model.tiny: a new model with a word-level tokenizer covering the task; else model.path."""
     if cfg.model.tiny is not None:
         texts = get_task(cfg.data.source).vocabulary_texts(cfg.seed)
         texts += list(INSTRUCTIONS.values()) + list(STUDENT_TEMPLATES.values()) + [REFERENCE_TEMPLATE]
@@ -91,94 +124,65 @@ def build_model_and_tokenizer(cfg: SFTConfig):
     return model, tokenizer
 
 
-def train_sft(cfg: SFTConfig) -> Path:
-    """Run SFT; returns the directory of the final model (output_dir/model)."""
-    accelerator, out = open_run(cfg)
-    main = accelerator.is_main_process  # only rank 0 writes files
-    model, tokenizer = build_model_and_tokenizer(cfg)
-    model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
-    builder = PromptBuilder.from_config(tokenizer, cfg.prompt)
-    task = get_task(cfg.data.source)
-    examples = task.sft_examples(cfg, builder)
-    probe = task.probe(builder) if cfg.probe_every else None
-    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps)
-    wrapped, optimizer = prepare(accelerator, model, optimizer,  # forwards go through the wrapper (DDP)
-                                 checkpoints=cfg.uses_checkpoints)
-    log = MetricsLog(out / "metrics.jsonl", accelerator)  # also to the trackers
-    timer = Timer()
+def sft_step(model: torch.nn.Module, rows: list[SFTExample], pad_id: int, *, trainer: Trainer) -> tuple[float, int]:
+    """Cross-entropy on the batch `rows` and its optimizer update: (the batch's loss over all ranks,
+    the batch's tokens). This rank trains on its contiguous slice of the rows."""
+    accelerator, device = trainer.accelerator, trainer.accelerator.device
+    with trainer.timer("data"):
+        mine = [rows[i] for i in shard(len(rows), accelerator)]
+        input_ids, attention, labels = collate(mine or rows[:1], pad_id)  # (B, T) each
+        my_tokens = sum(sum(e.loss_mask) for e in mine)
+        trained_tokens = sum(sum(e.loss_mask) for e in rows)  # the whole batch's, on every rank
+    with trainer.timer("forward_backward"):
+        with trainer.precision():
+            loss = response_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
+        # This rank's mean, reweighted to its share of the batch's tokens, times the ranks that DDP
+        # averages over (exactly 1 in one process); a rank without rows runs one row with weight 0.
+        (loss * (accelerator.num_processes * my_tokens / trained_tokens)).backward()
+    loss = reduce_sum({"loss": loss.item() * my_tokens}, accelerator)["loss"] / trained_tokens
+    return loss, sum(len(e.prompt_ids) + len(e.response_ids) for e in rows)
 
-    step = 0
-    resume_from = checkpoint.resolve_resume(cfg.resume, out)
-    if resume_from is not None:
-        state = checkpoint.load_state(resume_from)
-        load_weights(model, resume_from / "model")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        load_rng(accelerator, state)
-        step, epoch, position = state["step"], state["epoch"], state["position"]
 
-    def epoch_batches(epoch: int) -> list[list[int]]:  # deterministic shuffle per epoch
-        return length_bucketed_batches(examples, cfg.batch_tokens, random.Random(cfg.seed * 1000 + epoch))
+class LookupProbe:
+    """The task's probe (SFTConfig.probe_every) as an in-training evaluation: every rank runs it
+    (FSDP forwards together)."""
 
-    if resume_from is None:
-        epoch, position = 0, 0
-    batches = epoch_batches(epoch)
-    if main:
-        log.truncate_after(step)
-    model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", dynamic_ncols=True, disable=not main)
-    tokens_seen, window_start = 0, time.perf_counter()
-    while step < cfg.max_steps:
-        if position >= len(batches):
-            epoch, position = epoch + 1, 0
-            batches = epoch_batches(epoch)
-        with timer("data"):
-            rows = [examples[i] for i in batches[position]]
-            position += 1
-            mine = [rows[i] for i in shard(len(rows), accelerator)]
-            input_ids, attention, labels = collate(mine or rows[:1], tokenizer.pad_token_id)  # (B, T) each
-            my_tokens = sum(sum(e.loss_mask) for e in mine)
-            trained_tokens = sum(sum(e.loss_mask) for e in rows)  # the whole batch's, on every rank
-        with timer("forward_backward"):
-            with autocast(cfg.mixed_precision, accelerator.device):
-                loss = response_loss(wrapped, input_ids.to(accelerator.device), attention.to(accelerator.device),
-                                     labels.to(accelerator.device))
-            # This rank's mean, reweighted to its share of the batch's tokens, times the ranks that DDP
-            # averages over (exactly 1 in one process); a rank without rows runs one row with weight 0.
-            (loss * (accelerator.num_processes * my_tokens / trained_tokens)).backward()
-        with timer("step"):
-            grad_norm = clip_and_check(model, cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += sum(len(e.prompt_ids) + len(e.response_ids) for e in rows)
-        bar.update(1)
-        probed = {}
-        if probe and (step % cfg.probe_every == 0 or step == cfg.max_steps):  # every rank (FSDP forwards together)
-            probe_start = time.perf_counter()
-            with eval_mode(model):
-                probed = probe(wrapped)
-            window_start += time.perf_counter() - probe_start  # not training time
-        if step % cfg.log_every == 0 or step == cfg.max_steps:  # every rank: reduce_sum is collective
-            loss = reduce_sum({"loss": loss.item() * my_tokens}, accelerator)["loss"] / trained_tokens
-            elapsed = time.perf_counter() - window_start
-            metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "train/tokens_per_s": tokens_seen / elapsed, **timer.pop(), **probed}
-            if main:
-                log.write(step, metrics)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            tokens_seen, window_start = 0, time.perf_counter()
-        elif probed and main:
-            log.write(step, probed)
-        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_checkpoint(accelerator, out / "checkpoints", step, models={"model": (model, tokenizer)},
-                            state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "epoch": epoch, "position": position}, keep=cfg.keep_checkpoints)
-    bar.close()
-    final = out / "model"
-    save_final(accelerator, wrapped, tokenizer, final)
-    if main:
-        dump_config(cfg, final / "crisp_config.yaml")  # marks the model complete, and what built it
-    finish_trackers(accelerator)
-    return final
+    def __init__(self, probe: Probe, every: int, max_steps: int):
+        self.probe, self.every, self.max_steps = probe, every, max_steps
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.max_steps
+
+    def __call__(self, trainer: Trainer) -> dict[str, float]:
+        with eval_mode(trainer.unwrapped):
+            return self.probe(trainer.model)
+
+
+class SFT(Method):
+    label = "sft"
+
+    def __init__(self, cfg: SFTConfig, accelerator):
+        self.cfg = cfg
+        model, self.tokenizer = build_model_and_tokenizer(cfg)
+        self.model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                          lora=cfg.model.lora)
+        self.model.train()
+        self.checkpointed = {"model": self.model}
+        builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
+        task = get_task(cfg.data.source)
+        examples = task.sft_examples(cfg, builder)
+        probe = task.probe(builder) if cfg.probe_every else None
+        self.evaluation = LookupProbe(probe, cfg.probe_every, cfg.max_steps) if probe else None
+        # length-bucketed batches of examples, in a fresh order every epoch
+        self.stream = EpochStream(lambda rng: [[examples[i] for i in batch] for batch in
+                                               length_bucketed_batches(examples, cfg.batch_tokens, rng)], cfg.seed)
+
+    def step(self, step: int, trainer: Trainer) -> StepResult:
+        (rows,) = self.stream.take(1)
+        loss, tokens = sft_step(trainer.model, rows, self.tokenizer.pad_token_id, trainer=trainer)
+        grad_norm = trainer.update(loss)
+        return StepResult({"train/loss": loss, "train/grad_norm": grad_norm}, progress={"loss": f"{loss:.3f}"},
+                          tokens=tokens)
+
+
+CONFIG, METHOD = SFTConfig, SFT
