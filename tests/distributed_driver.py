@@ -1,10 +1,12 @@
 """Run by `accelerate launch` from test_distributed.py: the first argument is a folder, each further
 one a `crisp` command line.
 
-Every rank runs the commands through crisp's CLI; when a training run saves its final model, each
-rank first dumps the weights it holds to <output_dir>/weights-rank<r>.pt, so that the test can
-check that the ranks ended identical. Then, as `crisp` itself does at its end, the rank ends its
-process group, and writes the names of the threads it has left to <folder>/threads-rank<r>.json.
+Every rank runs the commands as crisp's CLI would (`run_command`); a training run rewards GRPO's
+rollouts with conftest.parity_reward (a random model earns the task's reward too rarely), and when
+it is done each rank dumps the weights it holds to <output_dir>/weights-rank<r>.pt, so that the
+test can check that the ranks ended identical. Then, as `crisp` itself does at its end, the rank
+ends its process group, and writes the names of the threads it has left to
+<folder>/threads-rank<r>.json.
 """
 
 from __future__ import annotations
@@ -16,17 +18,25 @@ from pathlib import Path
 
 import torch
 
-import crisp.grpo
-import crisp.selfdistill
-import crisp.sft
+from conftest import parity_reward
 from crisp import cli
+from crisp.config import load_config
 from crisp.distributed import end_processes
+from crisp.driver import Training
 from crisp.modeling import unwrap
 
 
-def parity_rewards(batch, rollouts, records, **kwargs) -> list[float]:
-    """A reward that a random model can earn, fixed by the rollout itself (the same on every rank)."""
-    return [float(sum(r.token_ids) % 2) for r in rollouts]
+def run_command(words: list[str]) -> None:
+    """`crisp eval ...` through the CLI; `crisp train CONFIG overrides...` through the driver, with
+    the parity reward for GRPO and each rank's weights dumped at the end."""
+    if words[0] != "train":
+        assert cli.run(words) == 0, words
+        return
+    cfg = load_config(words[1], words[2:])
+    training = Training(cfg, **({"reward": parity_reward} if cfg.method == "grpo" else {}))
+    training.run()
+    weights = {k: v.detach().clone() for k, v in unwrap(training.trainer.model).state_dict().items()}
+    torch.save(weights, Path(cfg.output_dir) / f"weights-rank{training.accelerator.process_index}.pt")
 
 
 def native_threads() -> list[str] | None:
@@ -36,21 +46,9 @@ def native_threads() -> list[str] | None:
     return sorted((task / "comm").read_text().strip() for task in tasks.iterdir()) if tasks.is_dir() else None
 
 
-def dumping(save_final):
-    def save_and_dump(accelerator, model, tokenizer, directory):
-        weights = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-        torch.save(weights, Path(directory).parent / f"weights-rank{accelerator.process_index}.pt")
-        save_final(accelerator, model, tokenizer, directory)
-
-    return save_and_dump
-
-
 if __name__ == "__main__":
-    for module in (crisp.selfdistill, crisp.grpo, crisp.sft):
-        module.save_final = dumping(module.save_final)
-    crisp.grpo.capped_rewards = parity_rewards
     folder, commands = Path(sys.argv[1]), sys.argv[2:]
     for command in commands:
-        assert cli.run(command.split()) == 0, command
+        run_command(command.split())
     end_processes()
     (folder / f"threads-rank{os.environ['RANK']}.json").write_text(json.dumps(native_threads()))

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -28,11 +27,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from conftest import TINY, vocabulary
-from crisp.config import LossConfig, SamplingConfig
+from crisp.config import SamplingConfig
 from crisp.modeling import build_tiny_model, build_word_tokenizer
 from crisp.optim import clip_and_check
 from crisp.rollout import HFGenerator, KVCacheGenerator
-from crisp.selfdistill import distill_loss_sum
+from crisp.methods.selfdistill import LossConfig, distill_loss_sum
 from crisp.teacher import Teacher
 
 WEIGHT_SCALE, EOS_SCALE = 4.0, 3.0
@@ -71,14 +70,14 @@ def main(out: Path) -> None:
 
     responses = [list(r.token_ids) for r in expected_rollouts]
     rows = [r.prompt_index for r in expected_rollouts]
-    cfg = SimpleNamespace(loss=LossConfig(divergence="reverse_kl", chunk_size=5))
+    loss_cfg = LossConfig(divergence="reverse_kl", chunk_size=5)
     pad, tokens = tokenizer.pad_token_id, sum(map(len, responses))
     mine = range(rank * len(rows) // world, (rank + 1) * len(rows) // world)
     loss = distill_loss_sum(student, teacher, [prompts[rows[i]] for i in mine], [prompts[rows[i]] for i in mine],
-                            [responses[i] for i in mine], cfg, pad)
+                            [responses[i] for i in mine], loss_cfg, pad)
     (loss * world / tokens).backward()
     full = distill_loss_sum(unsharded, teacher, [prompts[i] for i in rows], [prompts[i] for i in rows], responses,
-                            cfg, pad)
+                            loss_cfg, pad)
     (full / tokens).backward()
     grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in student.named_parameters()}
     grad_diff = max((grads[n] - p.grad).abs().max().item() for n, p in unsharded.named_parameters())

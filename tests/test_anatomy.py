@@ -17,7 +17,7 @@ from crisp.anatomy import (DEFAULT_MARKERS, anatomy_figures, count_markers, find
 from crisp.cli import main
 from crisp.config import AnatomyConfig, ConfigError, EvalRunConfig, validate
 from crisp.data import synthetic
-from crisp.evaluate import add_anatomy, summarize
+from crisp.evaluate import add_anatomy, score_rollouts, summarize
 from crisp.prompts import PromptBuilder
 from crisp.rollout import Rollout
 
@@ -161,8 +161,9 @@ def test_add_anatomy_finds_the_tags_as_token_ids(tiny_tokenizer):
 
     rollouts = [rollout(r1_distill, thought + close + answer), rollout(thinking_free, answer),
                 rollout(r1_distill, thought, "length"), rollout(thinking_free, encode("<think>\n") + thought, "length")]
-    records = [{"tokens": r.num_tokens} for r in rollouts]
-    add_anatomy(records, rollouts, tiny_tokenizer, AnatomyConfig(markers=["wait", "hmm"]))
+    graded = score_rollouts([problem], rollouts, "exact")
+    add_anatomy(graded, tiny_tokenizer, AnatomyConfig(markers=["wait", "hmm"]))
+    records = [g.anatomy for g in graded]
     splits = [(r["thinking_tokens"], r["answer_tokens"]) for r in records]
     assert splits == [(len(thought) + 1, len(answer)), (0, len(answer)), (len(thought), 0), (len(thought) + 2, 0)]
     assert [r["markers"] for r in records] == [{"wait": 1, "hmm": 1}, {"wait": 0, "hmm": 0},

@@ -15,7 +15,7 @@ import torch
 from crisp import checkpoint
 from crisp.config import ConfigError
 from crisp.data import synthetic
-from crisp.loop import ProblemStream
+from crisp.driver import problem_stream
 from crisp.metrics import MetricsLog
 from crisp.modeling import load_model
 
@@ -175,15 +175,15 @@ def test_truncating_a_log_drops_later_records_and_a_torn_last_line(tmp_path):
 
 def test_a_problem_stream_resumes_where_it_stopped_across_epochs():
     problems = synthetic.train_problems(0, 7, (1, 2))
-    stream = ProblemStream(problems, seed=3)
+    stream = problem_stream(problems, seed=3)
     stream.take(5)
     state = stream.state_dict()
     expected = [p.id for p in stream.take(12)]  # crosses two epoch boundaries
-    resumed = ProblemStream(problems, seed=3)
+    resumed = problem_stream(problems, seed=3)
     resumed.load_state_dict(state)
     assert [p.id for p in resumed.take(12)] == expected
     # every epoch is a permutation, and consecutive epochs are shuffled differently
-    fresh = ProblemStream(problems, seed=3)
+    fresh = problem_stream(problems, seed=3)
     first, second = [p.id for p in fresh.take(7)], [p.id for p in fresh.take(7)]
     assert sorted(first) == sorted(second) == sorted(p.id for p in problems) and first != second
 

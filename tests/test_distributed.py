@@ -23,14 +23,13 @@ import torch
 import yaml
 
 import crisp
-import crisp.grpo as grpo
 from crisp import checkpoint, cli
 from crisp.config import ConfigError, LoraSpec
 from crisp.distributed import DistributedType, make_accelerator, micro_batches, prepare, reduce_sum, shard
 from crisp.modeling import prepare_for_training
 
 from conftest import TINY
-from distributed_driver import parity_rewards
+from distributed_driver import run_command
 from test_resume import assert_bitwise_equal, weights
 
 HERE = Path(__file__).parent
@@ -195,11 +194,10 @@ def metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tiny_model_dir, tmp_path, monkeypatch):
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     launch_two_processes(tmp_path, commands(tmp_path, tiny_model_dir, processes=2))
-    monkeypatch.setattr(grpo, "capped_rewards", parity_rewards)
     for command in commands(tmp_path, tiny_model_dir, processes=1):
-        cli.main(command)
+        run_command(command)
 
     initial = weights(tiny_model_dir)
     for method in ("selfdistill", "grpo", "sft"):

@@ -15,17 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import crisp.grpo as grpo
 from crisp.config import LoraSpec
 from crisp.data import synthetic
 from crisp.distributed import autocast
-from crisp.grpo import train_grpo
 from crisp.modeling import eval_mode, prepare_for_training, response_hidden
 from crisp.prompts import PromptBuilder, resolve_instruction
-from crisp.selfdistill import train_selfdistill
+from crisp.driver import train
 from crisp.teacher import Teacher
 
-from distributed_driver import parity_rewards
+from conftest import parity_reward
 from test_grpo import make_cfg as grpo_cfg
 from test_resume import assert_bitwise_equal, weights
 from test_selfdistill import make_cfg, read_metrics
@@ -177,14 +175,14 @@ def test_lora_selfdistill_trains_a_low_rank_update_saves_merged_and_resumes(tiny
     common = {"model.lora": LORA.model_dump(), "teacher.update": "refresh", "teacher.refresh_every": 1,
               "save_every": 1, "mixed_precision": "bf16"}
     out = tmp_path / "run"
-    train_selfdistill(make_cfg(tiny_model_dir, out, **common))
+    train(make_cfg(tiny_model_dir, out, **common))
     first = read_metrics(out)
     checkpoint = out / "checkpoints" / "step-00000001" / "model"
     assert (checkpoint / "adapter_model.safetensors").is_file()  # the student's adapter
     assert (checkpoint / "teacher" / "adapter_model.safetensors").is_file()  # the teacher's, refreshed at step 1
     assert not (checkpoint / "model.safetensors").exists()  # a checkpoint holds adapters, not the base
 
-    final = train_selfdistill(make_cfg(tiny_model_dir, out, max_steps=3, resume="auto", **common))
+    final = train(make_cfg(tiny_model_dir, out, max_steps=3, resume="auto", **common))
     resumed = read_metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3] and resumed[:2] == first  # the last step was checkpointed
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
@@ -196,19 +194,17 @@ def test_lora_selfdistill_trains_a_low_rank_update_saves_merged_and_resumes(tiny
     for k in changed:
         assert torch.linalg.matrix_rank(trained[k] - base[k], atol=1e-6) <= LORA.r
 
-    straight = train_selfdistill(make_cfg(tiny_model_dir, tmp_path / "straight", max_steps=3, **common))
+    straight = train(make_cfg(tiny_model_dir, tmp_path / "straight", max_steps=3, **common))
     again = weights(straight)
     assert_bitwise_equal(trained, again)  # the adapters came back exactly
 
 
-def test_lora_grpo_with_a_kl_term_to_the_adapter_free_base(tiny_model_dir, tmp_path, monkeypatch):
+def test_lora_grpo_with_a_kl_term_to_the_adapter_free_base(tiny_model_dir, tmp_path):
     """The GRPO reference is the base model with the adapters off: no second copy, and the k3 KL
     starts at 0 (B = 0) and grows once the adapter has moved."""
-    monkeypatch.setattr(grpo, "capped_rewards", parity_rewards)
-
     out = tmp_path / "run"
-    final = train_grpo(grpo_cfg(tiny_model_dir, out, max_steps=2, kl_coef=0.5, ppo_epochs=2,
-                                **{"model.lora": LORA.model_dump()}))
+    final = train(grpo_cfg(tiny_model_dir, out, max_steps=2, kl_coef=0.5, ppo_epochs=2,
+                           **{"model.lora": LORA.model_dump()}), reward=parity_reward)
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     assert 0 < metrics[-1]["train/kl"] < 1

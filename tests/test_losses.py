@@ -10,6 +10,7 @@ import torch
 
 from crisp.losses import (
     DIVERGENCE_KINDS,
+    DivergenceSpec,
     clipped_surrogate_loss,
     divergence_sum,
     per_token_divergence,
@@ -247,8 +248,9 @@ def _full_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens
 def _fused_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens, options, chunk_size):
     h = student_hidden.clone().requires_grad_(True)
     total, per_token = divergence_sum(
-        h, student_head.weight, teacher_hidden, teacher_head.weight, student_bias=student_head.bias,
-        teacher_bias=teacher_head.bias, chunk_size=chunk_size, tokens=tokens, **options,
+        h, student_head.weight, teacher_hidden, teacher_head.weight, DivergenceSpec(**options),
+        student_bias=student_head.bias,
+        teacher_bias=teacher_head.bias, chunk_size=chunk_size, tokens=tokens,
     )
     total.backward()
     return total, per_token, h.grad
@@ -284,9 +286,8 @@ def test_divergence_sum_scales_with_the_upstream_gradient_and_accumulates():
     hidden = torch.randn(9, 6, dtype=torch.float64)
     _, (_, grad_w, _) = _full_sum(student_head, teacher_head, hidden, hidden.flip(0), None, {"kind": "reverse_kl"})
     student_head.weight.grad = torch.ones_like(student_head.weight)
-    total, _ = divergence_sum(hidden, student_head.weight, hidden.flip(0), teacher_head.weight,
-                              student_bias=student_head.bias, teacher_bias=teacher_head.bias, chunk_size=4,
-                              kind="reverse_kl")
+    total, _ = divergence_sum(hidden, student_head.weight, hidden.flip(0), teacher_head.weight, DivergenceSpec(),
+                              student_bias=student_head.bias, teacher_bias=teacher_head.bias, chunk_size=4)
     (total / 4.0).backward()
     assert torch.allclose(student_head.weight.grad, 1.0 + grad_w / 4.0, atol=1e-12)
 
@@ -306,9 +307,9 @@ def test_divergence_sum_keeps_no_logits_for_backward():
     assert max(saved) >= n * vocab  # the unchunked graph holds (N, V) tensors
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        total, per_token = divergence_sum(hidden, student_head.weight, hidden, teacher_head.weight,
+        total, per_token = divergence_sum(hidden, student_head.weight, hidden, teacher_head.weight, DivergenceSpec(),
                                           student_bias=student_head.bias, teacher_bias=teacher_head.bias,
-                                          chunk_size=chunk, kind="reverse_kl")
+                                          chunk_size=chunk)
     # only the gradients themselves are kept: (N, H), (V, H) and (V,), never a (chunk, V) block
     assert sorted(saved) == sorted([n * hidden_size, vocab * hidden_size, vocab])
     assert torch.allclose(per_token, full.detach(), atol=1e-6)
@@ -325,8 +326,8 @@ def test_divergence_sum_with_one_shared_head_gives_no_teacher_gradient():
         full.sum().backward()
         grad_full = head.weight.grad.clone()
         head.zero_grad(set_to_none=True)
-        total, _ = divergence_sum(student_hidden, head.weight, teacher_hidden, head.weight, student_bias=head.bias,
-                                  teacher_bias=head.bias, chunk_size=3, kind=kind)
+        total, _ = divergence_sum(student_hidden, head.weight, teacher_hidden, head.weight, DivergenceSpec(kind=kind),
+                                  student_bias=head.bias, teacher_bias=head.bias, chunk_size=3)
         total.backward()
         assert torch.allclose(total, full.sum())
         assert torch.allclose(head.weight.grad, grad_full, atol=1e-10), kind
@@ -342,8 +343,8 @@ def test_divergence_sum_low_precision_inputs():
     weight = student_head.weight.detach().bfloat16().requires_grad_(True)
     h = hidden.bfloat16().requires_grad_(True)
     total, per_token = divergence_sum(h, weight, hidden.flip(0).bfloat16(), teacher_head.weight.bfloat16(),
-                                      student_bias=student_head.bias.bfloat16(),
-                                      teacher_bias=teacher_head.bias.bfloat16(), kind="mixed", chunk_size=4)
+                                      DivergenceSpec(kind="mixed"), student_bias=student_head.bias.bfloat16(),
+                                      teacher_bias=teacher_head.bias.bfloat16(), chunk_size=4)
     total.backward()
     assert per_token.dtype == torch.float32 and h.grad.dtype == weight.grad.dtype == torch.bfloat16
     assert torch.allclose(per_token.double(), full, rtol=0.05, atol=1e-3)
@@ -358,12 +359,12 @@ def test_divergence_sum_without_grad_and_empty():
     for grad_mode in (torch.no_grad, torch.inference_mode):
         with grad_mode():
             total, per_token = divergence_sum(hidden, student_head.weight, hidden, teacher_head.weight,
-                                              student_bias=student_head.bias, teacher_bias=teacher_head.bias,
-                                              chunk_size=2, kind="forward_kl")
+                                              DivergenceSpec(kind="forward_kl"), student_bias=student_head.bias,
+                                              teacher_bias=teacher_head.bias, chunk_size=2)
         assert torch.allclose(per_token, expected) and torch.allclose(total, expected.sum())
         assert not total.requires_grad
     total, per_token = divergence_sum(hidden[:0], student_head.weight, hidden[:0], teacher_head.weight,
-                                      kind="reverse_kl")
+                                      DivergenceSpec())
     assert per_token.shape == (0,) and total.item() == 0.0
 
 
@@ -371,16 +372,17 @@ def test_divergence_sum_errors():
     head, _ = _heads(13)
     hidden = torch.randn(5, 6, dtype=torch.float64)
     with pytest.raises(ValueError, match="chunk_size"):
-        divergence_sum(hidden, head.weight, hidden, head.weight, chunk_size=0, kind="reverse_kl")
+        divergence_sum(hidden, head.weight, hidden, head.weight, DivergenceSpec(), chunk_size=0)
     with pytest.raises(ValueError, match="rows"):
-        divergence_sum(hidden, head.weight, hidden[:4], head.weight, kind="reverse_kl")
+        divergence_sum(hidden, head.weight, hidden[:4], head.weight, DivergenceSpec())
     with pytest.raises(ValueError, match="tokens"):
-        divergence_sum(hidden, head.weight, hidden, head.weight, kind="sampled_token", tokens=torch.zeros(3).long())
+        divergence_sum(hidden, head.weight, hidden, head.weight, DivergenceSpec(kind="sampled_token"),
+                       tokens=torch.zeros(3).long())
+    # the spec refuses what per_token_divergence refuses, for the closed-form kinds too (they never call it)
     with pytest.raises(ValueError, match="unknown divergence kind"):
-        divergence_sum(hidden, head.weight, hidden, head.weight, kind="kl")
-    # the closed-form path never reaches per_token_divergence, and still refuses what it refuses
+        DivergenceSpec(kind="kl")
     with pytest.raises(ValueError, match="forward_weight"):
-        divergence_sum(hidden, head.weight, hidden, head.weight, kind="mixed", forward_weight=-1.0)
+        DivergenceSpec(kind="mixed", forward_weight=-1.0)
 
 
 # ----------------------------------------------------------------------------- GRPO surrogate

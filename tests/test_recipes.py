@@ -15,13 +15,12 @@ import pytest
 import torch
 import yaml
 
-import crisp.grpo as grpo
 from crisp import cli
 from crisp.config import EvalRunConfig, load_config
+from crisp.driver import train
 from crisp.modeling import DTYPES, build_tiny_model, load_model, save_model
 
-from conftest import TINY
-from distributed_driver import parity_rewards
+from conftest import TINY, parity_reward
 from test_selfdistill import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +79,7 @@ def assert_only_overridden(written, run, overrides: list[str]) -> None:
 
 
 @pytest.mark.parametrize("recipe", training_recipes(), ids=lambda p: p.stem)
-def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, family_models, tmp_path, monkeypatch):
+def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, family_models, tmp_path):
     written = load_config(recipe)
     family = FAMILY[written.model.path]
     out = tmp_path / "run"
@@ -89,10 +88,8 @@ def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, family_model
     run = load_config(recipe, overrides)
     assert_only_overridden(written, run, overrides)
     assert load_model(str(family_models[family])).config.model_type == family
-    if run.method == "grpo":  # a random model earns no reward: give half the rollouts one, so the step updates
-        monkeypatch.setattr(grpo, "capped_rewards", parity_rewards)
-
-    cli.main(["train", str(recipe), *overrides])
+    # a random model earns no reward: give about half the rollouts one, so that a GRPO step updates
+    train(run, **({"reward": parity_reward} if run.method == "grpo" else {}))
 
     (metrics,) = read_metrics(out)
     assert metrics["step"] == 1 and metrics["train/skipped_steps"] == 0

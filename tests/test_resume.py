@@ -21,15 +21,12 @@ import torch
 import yaml
 
 import crisp
-import crisp.optim as optim
-import crisp.selfdistill as selfdistill
 from crisp import checkpoint, cli
 from crisp.config import validate
 from crisp.data import synthetic
-from crisp.grpo import train_grpo
+from crisp.driver import Training, TrainingStopped, train
 from crisp.modeling import load_model, save_model
 from crisp.prompts import PromptBuilder
-from crisp.selfdistill import train_selfdistill
 
 SELFDISTILL = {
     "method": "selfdistill",
@@ -123,7 +120,7 @@ def run_killed(config_path: Path, out: Path, kill_after_lines: int, extra_delay:
     assert not (out / "model").exists()
 
 
-def kill_and_resume(base: dict, model_dir: Path, tmp_path: Path, train, *, break_newest: bool = False,
+def kill_and_resume(base: dict, model_dir: Path, tmp_path: Path, *, break_newest: bool = False,
                     deadline_s: float = 120) -> None:
     straight = tmp_path / "straight"
     train(validate(config(base, model_dir, straight)))
@@ -205,13 +202,13 @@ def answering_model_and_data(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
 
 
 def test_selfdistill_killed_and_resumed_equals_uninterrupted(tiny_model_dir, tmp_path):
-    kill_and_resume(SELFDISTILL, tiny_model_dir, tmp_path, train_selfdistill)
+    kill_and_resume(SELFDISTILL, tiny_model_dir, tmp_path)
 
 
 def test_grpo_killed_and_resumed_from_an_older_checkpoint_equals_uninterrupted(answering_model_and_data, tmp_path):
     model_dir, problems = answering_model_and_data
     base = {**GRPO, "data": {"source": str(problems)}}
-    kill_and_resume(base, model_dir, tmp_path, train_grpo, break_newest=True)
+    kill_and_resume(base, model_dir, tmp_path, break_newest=True)
     metrics = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     assert all(m["train/updated_rollouts"] > 0 for m in metrics)  # every step changed the policy
     assert 0 < sum(m["rollout/accuracy"] for m in metrics) / len(metrics) < 1
@@ -227,7 +224,7 @@ def test_grpo_staged_killed_and_resumed_across_stage_boundaries_equals_uninterru
               {"max_length": 10, "steps": 2}, {"max_length": 12, "steps": 2, "thinking_free": False}]
     base = {**GRPO, "data": {"source": str(problems)}, "prompt": {"template": "plain", "thinking_free": True},
             "schedule": {"kind": "stages", "stages": stages}}
-    kill_and_resume(base, model_dir, tmp_path, train_grpo)
+    kill_and_resume(base, model_dir, tmp_path)
     metrics = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     assert [m["rollout/stage"] for m in metrics] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert [m["step"] for m in metrics if "train/stage_start" in m] == [1, 3, 5, 7, 9]
@@ -239,39 +236,32 @@ def test_grpo_staged_killed_and_resumed_across_stage_boundaries_equals_uninterru
 # ---------------------------------------------------------------------------------------------
 
 
-def poison_steps(monkeypatch, module, name: str, steps: set[int], calls_per_step: int, make_bad) -> None:
-    """Replace module.name so that its result is made non-finite during the given (1-based) steps."""
-    real, calls = getattr(module, name), []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        result = real(*args, **kwargs)
-        return make_bad(result) if (len(calls) - 1) // calls_per_step + 1 in steps else result
-
-    monkeypatch.setattr(module, name, poisoned)
+def poison_gradients(training: Training, steps: set[int]) -> None:
+    """Make every gradient of the run's model infinite during the given (1-based) steps, through
+    autograd's own hooks on the parameters."""
+    for parameter in training.method.model.parameters():
+        if parameter.requires_grad:
+            parameter.register_hook(lambda grad: grad * math.inf if training.step + 1 in steps else grad)
 
 
 @pytest.mark.parametrize("method", ["selfdistill", "grpo"])
 def test_non_finite_steps_are_skipped_then_stop_the_run_keeping_a_good_checkpoint(
-    method, tiny_model_dir, answering_model_and_data, tmp_path, monkeypatch, capsys
+    method, tiny_model_dir, answering_model_and_data, tmp_path
 ):
-    """Steps 3, 5 and 6 go non-finite (a NaN loss for selfdistill, an infinite gradient norm for
-    GRPO). Each is skipped and counted; with max_skipped_steps=2 the second consecutive one stops
-    the run with exit code 1 and a message, after logging it and before checkpointing it."""
-    if method == "selfdistill":  # 4 rollouts in micro-batches of 2: two loss calls per step
-        poison_steps(monkeypatch, selfdistill, "distill_loss_sum", {3, 5, 6}, 2, lambda loss: loss * math.nan)
+    """Steps 3, 5 and 6 get an infinite gradient. Each is skipped and counted; with
+    max_skipped_steps=2 the second consecutive one stops the run with a message, after logging it
+    and before checkpointing it."""
+    if method == "selfdistill":
         data = config(SELFDISTILL, tiny_model_dir, tmp_path / "run")
     else:
-        poison_steps(monkeypatch, optim, "clip_and_check", {3, 5, 6}, 1, lambda norm: math.inf)  # via step_if_finite
         model_dir, problems = answering_model_and_data
         data = config({**GRPO, "data": {"source": str(problems)}}, model_dir, tmp_path / "run")
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({**data, "max_skipped_steps": 2}))
+    training = Training(validate({**data, "max_skipped_steps": 2}))
+    poison_gradients(training, {3, 5, 6})
 
-    with pytest.raises(SystemExit) as info:
-        cli.main(["train", str(path)])
-    assert info.value.code == 1
-    message = capsys.readouterr().err
+    with pytest.raises(TrainingStopped) as info:
+        training.run()
+    message = str(info.value)
     assert "2 consecutive steps had a non-finite loss or gradient (step 6)" in message
     assert str(tmp_path / "run" / "checkpoints") in message
 
@@ -287,3 +277,18 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_keeping_a_good_checkpoin
     assert_bitwise_equal(weights(five / "model"), weights(four / "model"))
     assert all(torch.isfinite(w).all() for w in weights(five / "model").values())
     assert checkpoint.load_state(five)["consecutive_skips"] == 1
+
+
+def test_a_diverging_run_stops_the_cli_with_exit_code_1(tiny_model_dir, tmp_path, capsys):
+    """A learning rate that blows the weights up: the next steps' losses are not finite, and after
+    max_skipped_steps of them `crisp train` stops with exit code 1 and says where the good
+    checkpoint is."""
+    path = tmp_path / "run.yaml"
+    data = config(SELFDISTILL, tiny_model_dir, tmp_path / "run", max_skipped_steps=2)
+    path.write_text(yaml.safe_dump({**data, "optim": {**data["optim"], "lr": 1e30, "grad_clip": None}}))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", str(path)])
+    assert info.value.code == 1
+    message = capsys.readouterr().err
+    assert "consecutive steps had a non-finite loss or gradient" in message
+    assert str(tmp_path / "run" / "checkpoints") in message

@@ -1,5 +1,5 @@
 """Boxing several guesses is not a way to collect GRPO reward: the reward the SIRI loop computes
-(crisp.grpo.capped_rewards -> crisp.rewards.length_capped_reward -> crisp.grading.grade, nothing
+(crisp.methods.grpo.LengthCappedReward -> crisp.rewards.length_capped_reward -> crisp.grading.grade, nothing
 replaced) is 0 for such responses, and a policy trained on it unlearns guessing."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from crisp.data.problems import Problem
 from crisp.evaluate import score_rollouts
 from crisp.grading import ExactGrader, extract_boxed
-from crisp.grpo import capped_rewards
+from crisp.methods.grpo import LengthCappedReward
 from crisp.rewards import group_advantages
 from crisp.rollout import Rollout
 
@@ -20,7 +20,7 @@ EOS = 0
 
 
 class CharTokenizer:
-    """One token per character (id = code point + 1) and EOS = 0: what capped_rewards needs of a
+    """One token per character (id = code point + 1) and EOS = 0: what LengthCappedReward needs of a
     tokenizer, so that a response's text reaches the grader unchanged."""
 
     eos_token_id = EOS
@@ -41,8 +41,7 @@ def loop_rewards(batch: list[Problem], texts: list[tuple[int, str]], grader: str
     """The rewards as the GRPO loop computes them: score the rollouts, then the capped rewards."""
     tokenizer = CharTokenizer()
     rollouts = [rollout(tokenizer, index, text) for index, text in texts]
-    records = score_rollouts(batch, rollouts, grader)
-    return capped_rewards(batch, rollouts, records, cap=10_000, tokenizer=tokenizer, grader_name=grader)
+    return LengthCappedReward(tokenizer, grader)(score_rollouts(batch, rollouts, grader), cap=10_000)
 
 
 @pytest.mark.parametrize("grader", ["exact", "math-verify"])

@@ -31,7 +31,7 @@ except ConfigError:
     pytest.skip("vLLM is not installed (make setup-vllm)", allow_module_level=True)
 
 from crisp.data import synthetic
-from crisp.grpo import token_logprobs
+from crisp.methods.grpo import token_logprobs
 from crisp.modeling import build_tiny_model, prepare_for_training
 from crisp.prompts import PromptBuilder
 from crisp.rollout import HFGenerator
@@ -309,11 +309,11 @@ ENGINE_ROLLOUT = {"backend": "vllm", "vllm": {"max_model_len": 256, "kv_cache_gi
 def test_a_vllm_run_killed_and_resumed_equals_an_uninterrupted_one(engine_model_dir, tmp_path):
     """As test_resume's kill -9 test, on the engine: the resumed run's engine gets the checkpoint's
     weights, and bitwise the same weights, metrics and rollouts come out."""
-    from crisp.selfdistill import train_selfdistill
+    from crisp.driver import train
     from test_resume import SELFDISTILL, kill_and_resume, read_jsonl
 
     base = {**SELFDISTILL, "rollout": {**SELFDISTILL["rollout"], **ENGINE_ROLLOUT}}
-    kill_and_resume(base, engine_model_dir, tmp_path, train_selfdistill, deadline_s=600)
+    kill_and_resume(base, engine_model_dir, tmp_path, deadline_s=600)
     rollouts = read_jsonl(tmp_path / "straight" / "rollouts.jsonl")
     assert len({r["response"] for r in rollouts}) > 1  # the engine sampled, and differently over the steps
 

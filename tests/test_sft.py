@@ -7,12 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from crisp.config import SFTConfig, validate
+from crisp.config import validate
+from crisp.methods.sft import SFTConfig
 from crisp.data import synthetic
 from crisp.data.tasks import get_task
 from crisp.modeling import load_model
 from crisp.prompts import CLOSED_THINKING, REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
-from crisp.sft import build_model_and_tokenizer, collate, response_loss, train_sft
+from crisp.driver import train
+from crisp.methods.sft import build_model_and_tokenizer, collate, response_loss
 
 from conftest import TINY
 from test_resume import assert_bitwise_equal, weights
@@ -108,7 +110,7 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(mix, tmp_path):
     batch = collate(examples[:16], tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
     untrained, _ = build_model_and_tokenizer(cfg)
-    final = train_sft(cfg)
+    final = train(cfg)
     trained = load_model(str(final))
     with torch.no_grad():
         before, after = response_loss(untrained, *batch).item(), response_loss(trained, *batch).item()
@@ -162,14 +164,15 @@ def test_probe_scores_an_oracle_one_and_a_copier_zero(mix):
 
 
 def test_probing_during_sft_logs_probe_metrics_and_leaves_training_alone(tmp_path):
-    plain = train_sft(make_cfg(tmp_path / "plain", max_steps=4, log_every=3))
-    probed = train_sft(make_cfg(tmp_path / "probed", max_steps=4, log_every=3, probe_every=2))
+    plain = train(make_cfg(tmp_path / "plain", max_steps=4, log_every=3))
+    probed = train(make_cfg(tmp_path / "probed", max_steps=4, log_every=3, probe_every=2))
     assert_bitwise_equal(weights(probed), weights(plain))
     rows = read_metrics(tmp_path / "probed")
-    assert [r["step"] for r in rows] == [2, 3, 4]  # a probe-only record, a log step, both at the end
-    assert {k for k in rows[0] if k != "step"} == {k for k in rows[2] if k.startswith("probe/")}
-    assert all(0 <= rows[0][k] <= 1 for k in rows[0] if k != "step")
+    assert [r["step"] for r in rows] == [2, 3, 4]  # a probed step is logged, a log step, both at the end
+    probes = {k for k in rows[2] if k.startswith("probe/")}
+    assert probes and probes <= set(rows[0]) and all(0 <= rows[0][k] <= 1 for k in probes)
     assert not any(k.startswith("probe/") for k in rows[1])
+    assert [r["step"] for r in read_metrics(tmp_path / "plain")] == [3, 4]
 
 
 def test_probe_every_needs_the_synthetic_task(tmp_path):

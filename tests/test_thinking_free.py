@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-import crisp.grpo as grpo
 from crisp import cli
 from crisp.config import PromptConfig, SamplingConfig
 from crisp.data import synthetic
-from crisp.grpo import train_grpo
+from crisp.methods.grpo import rollout_logprobs
 from crisp.modeling import build_tiny_model, save_model
 from crisp.prompts import CLOSED_THINKING, PromptBuilder
 from crisp.rollout import HFGenerator
 from crisp.data.tasks import get_task
-from crisp.sft import collate
+from crisp.methods.sft import collate
 
 from conftest import TINY
-from test_grpo import alternating_rewards, make_cfg, read_metrics, surrogate_calls  # noqa: F401 (fixtures)
+from conftest import alternating_reward, recorded_run
+from test_grpo import make_cfg, read_metrics
 from test_sft import make_cfg as make_sft_cfg
 
 PROBLEM = synthetic.test_problems()[0]
@@ -115,24 +115,16 @@ def test_sft_trains_on_the_response_only_not_on_the_appended_block(tiny_tokenize
         assert labels[row, len(example.prompt_ids):].ne(-100).sum() == len(example.response_ids)
 
 
-def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, monkeypatch, alternating_rewards,
-                                                 surrogate_calls, tiny_tokenizer):
+def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, tiny_tokenizer):
     """Rollouts from thinking-free prompts: the closed block ends every prompt and starts no response,
     the log-prob mask of every rollout covers exactly its response tokens, and rollout/mean_tokens
     counts those alone. Moving the block into the response (e.g. forcing it as the first generated
     tokens) fails each of these."""
-    generated = []
-
-    class Recording(HFGenerator):
-        def generate(self, prompts, sampling, **kwargs):
-            rollouts = super().generate(prompts, sampling, **kwargs)
-            generated.append(rollouts)
-            return rollouts
-
-    monkeypatch.setattr("crisp.rollout_vllm.HFGenerator", Recording)  # what build_generator builds
     cfg = make_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, micro_batch_size=8, **{"prompt.thinking_free": True})
-    train_grpo(cfg)
-    (rollouts,) = generated
+    training, recorder = recorded_run(cfg, reward=alternating_reward)
+    training.run()
+    (call,) = recorder.calls
+    rollouts = call["rollouts"]
     builder = PromptBuilder(tiny_tokenizer, template="plain", thinking_free=True)
     closed = tiny_tokenizer(CLOSED_THINKING, add_special_tokens=False)["input_ids"]
     for r in rollouts:
@@ -140,10 +132,11 @@ def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, monk
         assert list(r.prompt_ids[-len(closed):]) == closed and list(r.token_ids[: len(closed)]) != closed
     assert {tuple(builder.student_ids(p)) for p in synthetic.train_problems(0, 64, (1, 2, 3, 4))} >= {
         r.prompt_ids for r in rollouts}
-    (call,) = surrogate_calls  # all 8 rollouts in one micro-batch
-    assert call["mask"].sum(dim=1).tolist() == [r.num_tokens for r in rollouts]
+    _, mask = rollout_logprobs(training.method.model, rollouts, tiny_tokenizer.pad_token_id, chunk_size=5)
+    assert mask.sum(dim=1).tolist() == [r.num_tokens for r in rollouts]
     (metrics,) = read_metrics(tmp_path / "run")
     assert metrics["rollout/mean_tokens"] == sum(r.num_tokens for r in rollouts) / len(rollouts)
+    assert metrics["train/updated_rollouts"] == len(rollouts)  # the update trained on these very rollouts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from crisp.cli import main
-from crisp.config import ConfigError, SFTConfig, validate
-from crisp.selfdistill import train_selfdistill
-from crisp.sft import train_sft
+from crisp.config import ConfigError, validate
+from crisp.methods.sft import SFTConfig
+from crisp.driver import train
 from crisp.tracking import _wandb_run_id, hyperparameters
 
 from test_selfdistill import make_cfg as selfdistill_cfg
@@ -77,7 +77,7 @@ def test_hyperparameters_are_flat_scalars():
 
 def test_sft_logs_every_metric_to_tensorboard_at_its_step(tmp_path):
     out = tmp_path / "sft"
-    train_sft(sft_cfg(out, max_steps=3, report_to=["tensorboard"]))
+    train(sft_cfg(out, max_steps=3, report_to=["tensorboard"]))
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]  # metrics.jsonl is still written
     assert_curves_are_the_metrics(out, ["train/loss", "train/grad_norm", "train/lr", "time/forward_backward"])
     (hparams,) = (out / "trackers" / "crisp").glob("*/hparams.yml")  # the resolved config, flattened
@@ -87,7 +87,7 @@ def test_sft_logs_every_metric_to_tensorboard_at_its_step(tmp_path):
 
 def test_selfdistill_logs_training_and_eval_metrics_to_tensorboard(tiny_model_dir, tmp_path):
     out = tmp_path / "selfdistill"
-    train_selfdistill(selfdistill_cfg(tiny_model_dir, out, report_to=["tensorboard"], **{
+    train(selfdistill_cfg(tiny_model_dir, out, report_to=["tensorboard"], **{
         "eval.benchmark": "synthetic", "eval.limit": 3, "eval.sampling.max_new_tokens": 6}))
     assert_curves_are_the_metrics(out, ["train/loss", "rollout/mean_tokens", "teacher/refreshed"])
     assert_curves_are_the_metrics(out, ["eval/accuracy", "eval/mean_thinking_tokens", "eval/loop_rate"])
@@ -99,9 +99,9 @@ def test_a_resumed_run_continues_the_same_curves_without_gap_or_duplicate(tmp_pa
     would, resume from 2 to 6: the event files hold steps 3 and 4 twice, and the reader keeps one
     value per step, the resumed run's (metrics.jsonl's)."""
     out = tmp_path / "sft"
-    train_sft(sft_cfg(out, max_steps=4, save_every=2, report_to=["tensorboard"]))
+    train(sft_cfg(out, max_steps=4, save_every=2, report_to=["tensorboard"]))
     shutil.rmtree(out / "checkpoints" / "step-00000004")
-    train_sft(sft_cfg(out, max_steps=6, save_every=2, resume="auto", report_to=["tensorboard"]))
+    train(sft_cfg(out, max_steps=6, save_every=2, resume="auto", report_to=["tensorboard"]))
     assert len(list((out / "trackers" / "crisp").glob("events.out.tfevents.*"))) == 2  # one directory, two writers
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert [step for step, _ in scalars(out)["train/loss"]] == [1, 2, 3, 4, 5, 6]
@@ -139,9 +139,9 @@ def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
                         ("WANDB_X_DISABLE_MACHINE_INFO", "true")]:
         monkeypatch.setenv(name, value)
     out = tmp_path / "sft"
-    train_sft(sft_cfg(out, max_steps=2, save_every=2, report_to=["wandb"]))
+    train(sft_cfg(out, max_steps=2, save_every=2, report_to=["wandb"]))
     run_id = (out / "trackers" / "wandb_run_id").read_text().strip()
-    train_sft(sft_cfg(out, max_steps=4, save_every=2, resume="auto", report_to=["wandb"]))
+    train(sft_cfg(out, max_steps=4, save_every=2, resume="auto", report_to=["wandb"]))
     assert (out / "trackers" / "wandb_run_id").read_text().strip() == run_id
     runs = sorted((out / "trackers" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)  # `wandb sync` joins them
