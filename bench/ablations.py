@@ -25,7 +25,7 @@ from crisp.config import EvalConfig, load_config, validate
 from crisp.demo import evaluate_row
 from crisp.evaluate import format_table
 from crisp.report import write_report
-from crisp.selfdistill import train_selfdistill
+from crisp.driver import train
 
 VARIANTS = {  # name -> (demo config, overrides)
     "M=1 reverse": ("crisp.yaml", ["teacher.update=refresh", "teacher.refresh_every=1", "loss.divergence=reverse_kl"]),
@@ -70,7 +70,7 @@ def main() -> None:
         if args.steps:
             overrides.append(f"max_steps={args.steps}")
         cfg = load_config(configs / "demo" / config, overrides)
-        model_dir = train_selfdistill(cfg)
+        model_dir = train(cfg)
         rows[name] = evaluate_row(model_dir, eval_cfg, out / slug / "eval", instruction=None, template=template)
         print(format_table(rows, baseline="base"), flush=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))

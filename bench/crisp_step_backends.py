@@ -51,7 +51,7 @@ def demo_config(backend: str, model: str, out: Path, steps: int, threads: int) -
 def worker(args) -> dict:
     import crisp.rollout_vllm as engine_module
     from crisp.config import validate
-    from crisp.selfdistill import train_selfdistill
+    from crisp.driver import train
 
     syncs = []
     sync = engine_module.VLLMGenerator.load_weights
@@ -76,7 +76,7 @@ def worker(args) -> dict:
     crisp.selfdistill.build_generator = timed_build
     with tempfile.TemporaryDirectory() as out:
         cfg = validate(demo_config(args.worker, args.model, Path(out) / "run", args.steps, args.threads))
-        train_selfdistill(cfg)
+        train(cfg)
         rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [sum(v for k, v in row.items() if k.startswith("time/")) for row in rows]
     return {"times": steps[1:], "generate": [row["time/generate"] for row in rows[1:]],

@@ -3,7 +3,7 @@ one a `crisp` command line.
 
 Every rank runs the commands as crisp's CLI would (`run_command`); a training run rewards GRPO's
 rollouts with conftest.parity_reward (a random model earns the task's reward too rarely), and when
-it is done each rank dumps the weights it holds to <output_dir>/weights-rank<r>.pt, so that the
+its steps are done each rank dumps the weights it holds to <output_dir>/weights-rank<r>.pt, so that the
 test can check that the ranks ended identical. Then, as `crisp` itself does at its end, the rank
 ends its process group, and writes the names of the threads it has left to
 <folder>/threads-rank<r>.json.
@@ -34,9 +34,10 @@ def run_command(words: list[str]) -> None:
         return
     cfg = load_config(words[1], words[2:])
     training = Training(cfg, **({"reward": parity_reward} if cfg.method == "grpo" else {}))
-    training.run()
+    training.train_steps()
     weights = {k: v.detach().clone() for k, v in unwrap(training.trainer.model).state_dict().items()}
     torch.save(weights, Path(cfg.output_dir) / f"weights-rank{training.accelerator.process_index}.pt")
+    training.save_final()
 
 
 def native_threads() -> list[str] | None:

@@ -268,6 +268,11 @@ class Training:
 
     def run(self) -> Path:
         """Train to cfg.max_steps (resuming as cfg.resume says); returns the final model's directory."""
+        self.train_steps()
+        return self.save_final()
+
+    def train_steps(self) -> None:
+        """Resume as cfg.resume says, then run the steps up to cfg.max_steps."""
         cfg, method, trainer = self.cfg, self.method, self.trainer
         self.resume()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=method.label, dynamic_ncols=True,
@@ -282,10 +287,14 @@ class Training:
             bar.set_postfix(result.progress)
             self.end_step(result)
         bar.close()
+
+    def save_final(self) -> Path:
+        """The final model in output_dir/model (rank 0 writes it), with the config that built it."""
+        trainer, method = self.trainer, self.method
         final = self.out / "model"
         save_final(self.accelerator, trainer.model, method.tokenizer, final)
         if trainer.main:
-            dump_config(cfg, final / "crisp_config.yaml")  # marks the model complete, and what built it
+            dump_config(self.cfg, final / "crisp_config.yaml")  # marks the model complete, and what built it
         finish_trackers(self.accelerator)
         return final
 
