@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal, Protocol, Sequence
 
 import torch
+from accelerate import Accelerator
 from pydantic import Field, ValidationInfo, field_serializer, field_validator, model_serializer, model_validator
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
@@ -194,21 +195,19 @@ def _sampled_logprobs(head, hidden, tokens):
     return torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (n,)
 
 
-def token_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the response tokens, computed at the response positions only.
+def token_logprobs(model: torch.nn.Module | Teacher, prompts: Sequence[Sequence[int]],
+                   responses: Sequence[Sequence[int]], pad_id: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the response tokens under `model` (or a frozen reference: with LoRA, the
+    policy with its adapters off), computed at the response positions only.
 
     The LM head and an fp32 log_softmax run `chunk_size` positions at a time (checkpointed when
     autograd is on), so the (N, V) logits never exist at once. Returns (B, T) log-probs, zero past
     each response's end, and the (B, T) bool mask of real response tokens.
     """
-    hidden = response_hidden(model, prompts, responses, pad_id)  # (N, H)
-    return logprobs_from_hidden(hidden, output_head(model), responses, chunk_size)
-
-
-def logprobs_from_hidden(hidden: torch.Tensor, lm_head, responses: Sequence[Sequence[int]],
-                         chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """token_logprobs from the (N, H) hidden states at the response positions."""
+    if isinstance(model, Teacher):
+        hidden, lm_head = model.hidden(prompts, responses, pad_id), model.head  # (N, H), no grad
+    else:
+        hidden, lm_head = response_hidden(model, prompts, responses, pad_id), output_head(model)  # (N, H)
     tokens = torch.tensor([t for r in responses for t in r], device=hidden.device)  # (N,)
     head = functools.partial(_sampled_logprobs, lm_head)
     pieces = []
@@ -222,19 +221,11 @@ def logprobs_from_hidden(hidden: torch.Tensor, lm_head, responses: Sequence[Sequ
     return logprobs, mask
 
 
-def rollout_logprobs(model, rollouts: Sequence[Rollout], pad_id: int,
-                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, T) log-probs of the rollouts' response tokens under `model` (zero past each response's end)
-    and the (b, T) mask of the response tokens."""
+def rollout_logprobs(model: torch.nn.Module | Teacher, rollouts: Sequence[Rollout], pad_id: int,
+                     chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs of the rollouts' responses after their prompts: (b, T) log-probs and mask."""
     return token_logprobs(model, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts], pad_id,
                           chunk_size)
-
-
-def reference_logprobs(reference: Teacher, rollouts: Sequence[Rollout], pad_id: int, chunk_size: int) -> torch.Tensor:
-    """rollout_logprobs under the frozen reference (with LoRA, the policy with its adapters off)."""
-    responses = [r.token_ids for r in rollouts]
-    hidden = reference.hidden([r.prompt_ids for r in rollouts], responses, pad_id)  # (n, H)
-    return logprobs_from_hidden(hidden, reference.head, responses, chunk_size)[0]  # (b, T)
 
 
 class Reward(Protocol):
@@ -324,7 +315,7 @@ def loss_normaliser(cfg: GRPOConfig, num_tokens: int) -> float | None:
 
 def surrogate_backward(model, update: Sequence[Rollout], advantages: torch.Tensor, spec: SurrogateSpec, *,
                        pad_id: int, chunk_size: int, normaliser: float | None, num_train: int, micro: list,
-                       old: list | None = None, ref: list | None = None, accelerator=None,
+                       old: list | None = None, ref: list | None = None, accelerator: Accelerator | None = None,
                        precision=contextlib.nullcontext) -> tuple[float, dict[str, float]]:
     """One pass of DAPO's clipped surrogate over this rank's share of `update`, with backward.
 
@@ -371,7 +362,7 @@ class PolicyUpdate:
 
 def policy_update(model, train: Groups, spec: SurrogateSpec, update: Callable[[float | None], float], *,
                   reference: Teacher | None, normaliser: float | None, group_size: int, scale_by_std: bool,
-                  ppo_epochs: int, micro_batch_size: int, chunk_size: int, pad_id: int, accelerator=None,
+                  ppo_epochs: int, micro_batch_size: int, chunk_size: int, pad_id: int, accelerator: Accelerator | None = None,
                   precision=contextlib.nullcontext, timer=None) -> PolicyUpdate:
     """The update of one step on the groups that train: advantages, old (and reference) log-probs
     once, then `ppo_epochs` passes, each a backward over this rank's micro-batches followed by
@@ -394,7 +385,7 @@ def policy_update(model, train: Groups, spec: SurrogateSpec, update: Callable[[f
     with timer("old_logprobs"), torch.no_grad(), precision():
         old = [rollout_logprobs(model, [chosen[i] for i in indices], pad_id, chunk_size)[0]
                for indices, _ in micro] if ppo_epochs > 1 else None
-        ref = [reference_logprobs(reference, [chosen[i] for i in indices], pad_id, chunk_size)
+        ref = [rollout_logprobs(reference, [chosen[i] for i in indices], pad_id, chunk_size)[0]
                for indices, _ in micro] if reference else None
 
     loss, grad_norm, passes = float("nan"), float("nan"), []
@@ -415,7 +406,7 @@ def policy_update(model, train: Groups, spec: SurrogateSpec, update: Callable[[f
 class GRPO(Method):
     label = "siri grpo"
 
-    def __init__(self, cfg: GRPOConfig, accelerator, *, reward: Reward | None = None):
+    def __init__(self, cfg: GRPOConfig, accelerator: Accelerator, *, reward: Reward | None = None):
         self.cfg, self.accelerator = cfg, accelerator
         self.task, problems, eval_problems = training_problems(cfg)  # bad data fails before any model is loaded
         self.model, self.tokenizer = trainable_model(cfg)

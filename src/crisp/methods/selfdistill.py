@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Sequence
 
 import torch
+from accelerate import Accelerator
 from pydantic import Field, model_validator
 
 from crisp.config import (PositiveFloat, PositiveInt, Probability, RolloutConfig, RunConfig, Strict,
@@ -122,7 +123,7 @@ class DistillBatch:
 
 
 def distill_backward(model, teacher: Teacher, batch: DistillBatch, loss: LossConfig, *, pad_id: int,
-                     micro_batch_size: int, accelerator=None, precision=contextlib.nullcontext) -> float:
+                     micro_batch_size: int, accelerator: Accelerator | None = None, precision=contextlib.nullcontext) -> float:
     """Loss and backward of one step: the mean divergence per response token (nan if there is none).
 
     This rank trains on its share of the batch (crisp.distributed.micro_batches; all of it without an
@@ -156,7 +157,7 @@ def distill_backward(model, teacher: Teacher, batch: DistillBatch, loss: LossCon
 
 
 class SelfDistill(Method):
-    def __init__(self, cfg: SelfDistillConfig, accelerator):
+    def __init__(self, cfg: SelfDistillConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         self.label = cfg.teacher.update + " selfdistill"
         self.task, problems, eval_problems = training_problems(cfg)  # bad data fails before any model is loaded

@@ -14,6 +14,7 @@ import random
 from typing import Annotated, Literal
 
 import torch
+from accelerate import Accelerator
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
@@ -161,7 +162,7 @@ class LookupProbe:
 class SFT(Method):
     label = "sft"
 
-    def __init__(self, cfg: SFTConfig, accelerator):
+    def __init__(self, cfg: SFTConfig, accelerator: Accelerator):
         self.cfg = cfg
         model, self.tokenizer = build_model_and_tokenizer(cfg)
         self.model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing,
