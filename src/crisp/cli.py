@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from crisp import __version__
-from crisp.config import ConfigError
+from crisp.config import EVAL_SAMPLING, ConfigError
 from crisp.data.loaders import DataError, MissingDependency
 
 DESCRIPTION = """\
@@ -179,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", help="a baseline summary.json: adds compression ratio and dAcc/CR")
     ev.add_argument("--instruction", help="prepend an instruction (v1, v2, percent, word_limit or text)")
     ev.add_argument("--template", default=None, help="student prompt template (default: plain for synthetic, else dapo)")
-    ev.add_argument("--temperature", type=float, default=0.6)
-    ev.add_argument("--top-p", type=float, default=0.95)
-    ev.add_argument("--top-k", type=int, default=20)
-    ev.add_argument("--max-new-tokens", type=int, default=30_000)
+    ev.add_argument("--temperature", type=float, default=EVAL_SAMPLING.temperature)
+    ev.add_argument("--top-p", type=float, default=EVAL_SAMPLING.top_p)
+    ev.add_argument("--top-k", type=int, default=EVAL_SAMPLING.top_k)
+    ev.add_argument("--max-new-tokens", type=int, default=EVAL_SAMPLING.max_new_tokens)
     ev.add_argument("--limit", type=int, help="evaluate only the first N problems")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--grader", choices=["exact", "math-verify"], help="default: exact for synthetic")
