@@ -30,7 +30,7 @@ BACKENDS = ("hf", "vllm")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--model", help="a trained demo base model (default: a random one of its shape)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
     parser.add_argument("--reps", type=int, default=2, help="runs per backend, alternating")
