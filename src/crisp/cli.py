@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--modes", default=None,
                     help="evaluate in several modes, e.g. thinking,thinking_free: each into --out/<mode>/")
     ev.add_argument("--trust-remote-code", action="store_true")
-    ev.add_argument("--report-to", type=_comma_list, default="", help="comma-separated experiment trackers: tensorboard, wandb, "
-                    "mlflow, trackio, ... (with --config: report_to=[...])")
+    ev.add_argument("--report-to", type=_comma_list, default="",
+                    help="comma-separated experiment trackers: tensorboard, wandb, mlflow, trackio, ... "
+                         "(with --config: report_to=[...])")
     ev.add_argument("--markers", type=_comma_list, default=None,
                     help="comma-separated phrases whose rate per 1,000 tokens the summary reports "
                          "(default: crisp.anatomy.DEFAULT_MARKERS; with --config: anatomy.markers=[...])")
