@@ -81,6 +81,13 @@ def word_token_ids(tokenizer) -> torch.Tensor:
     return torch.tensor([i for i in range(len(tokenizer)) if i not in special])
 
 
+def random_responses(tokenizer, count: int, length: int, generator: torch.Generator) -> list[list[int]]:
+    """`count` rollouts of `length` random word tokens each (no EOS: every one runs to the cap)."""
+    vocabulary = word_token_ids(tokenizer)
+    return [vocabulary[torch.randint(0, len(vocabulary), (length,), generator=generator)].tolist()
+            for _ in range(count)]
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -219,13 +226,53 @@ def train_trl_timed(trainer, result: dict, after_step=lambda step: None) -> dict
     return timer.finish()
 
 
+def time_steps(max_steps: int, step) -> dict:
+    """Run `step(i) -> (loss, gradient norm)` for i = 1..max_steps, timing each (StepTimer): the
+    result holds every step's loss and the first step's gradient norm."""
+    result = {"losses": []}
+    timer = StepTimer(result)
+    for i in range(1, max_steps + 1):
+        timer.start()
+        loss, grad_norm = step(i)
+        timer.stop(i)
+        result["losses"].append(loss)
+        if i == 1:
+            result["grad_norm"] = grad_norm
+    return timer.finish()
+
+
 # ----------------------------------------------------------------------------- crisp against a peer
 
 SIDES = ("crisp", "trl")
+# The optimizer both sides use (AdamW, lr 1e-5, no weight decay, gradients clipped to norm 1): as
+# crisp's optim section, and as TRL's settings with a single-process, silent, unshuffled run.
+CRISP_OPTIM = {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0}
+TRL_SETTINGS = dict(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0, shuffle_dataset=False, seed=0,
+                    use_cpu=True, logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: --help shows its docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def crisp_trainee(cfg):
+    """The tokenizer, the model in training mode, its optimizer and scheduler, as a crisp run builds them."""
+    from crisp.modeling import load_model, load_tokenizer
+    from crisp.optim import build_optimizer
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    model = load_model(cfg.model.path)
+    model.train()
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps)
+    return tokenizer, model, optimizer, scheduler
 
 
 def add_model_args(parser) -> None:
-    """The random model's shape, the repetitions and the worker plumbing both TRL benchmarks share."""
+    """The prompt and rollout lengths, the random model's shape, the repetitions and the worker
+    plumbing both TRL benchmarks share."""
+    parser.add_argument("--prompt-len", type=int, default=64, help="words in each prompt")
+    parser.add_argument("--response-len", type=int, default=256, help="tokens in each rollout")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)

@@ -1,6 +1,6 @@
 """Benchmark 5: one whole CRISP step with rollouts on HF generate against rollouts on vLLM.
 
-`crisp.selfdistill.train_selfdistill` itself, on the demo's CRISP settings (configs/demo/crisp.yaml:
+`crisp.driver.train` itself, on the demo's CRISP settings (configs/demo/crisp.yaml:
 32 prompts per step, one rollout each at temperature 1 and up to 256 tokens, a frozen teacher with
 the v1 instruction, the mixed divergence, one thread), once with `rollout.backend: hf` and once with
 `rollout.backend: vllm`. A step is everything the loop times (metrics.jsonl's time/*): generate,
@@ -30,7 +30,7 @@ BACKENDS = ("hf", "vllm")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--model", help="a trained demo base model (default: a random one of its shape)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
     parser.add_argument("--reps", type=int, default=2, help="runs per backend, alternating")
@@ -71,9 +71,9 @@ def worker(args) -> dict:
         startup.append(time.perf_counter() - wall)
         return generator
 
-    import crisp.selfdistill
+    import crisp.methods.selfdistill
 
-    crisp.selfdistill.build_generator = timed_build
+    crisp.methods.selfdistill.build_generator = timed_build
     with tempfile.TemporaryDirectory() as out:
         cfg = validate(demo_config(args.worker, args.model, Path(out) / "run", args.steps, args.threads))
         train(cfg)

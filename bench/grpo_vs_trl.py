@@ -10,7 +10,7 @@ current ones on both sides), AdamW (lr 1e-5, no weight decay), gradients clipped
 
 Generation is excluded on both sides: the rollouts are fixed token ids made up front. What a timed
 step covers:
-  crisp  crisp.rewards.group_advantages, crisp.grpo.surrogate_backward (forward at the response
+  crisp  crisp.rewards.group_advantages, crisp.methods.grpo.surrogate_backward (forward at the response
          positions, chunked log-probs, surrogate, backward), crisp.optim.step_if_finite and the
          scheduler step: the loop's loss_backward and step phases.
   TRL    Trainer.train from on_step_begin to on_step_end of one optimizer step: GRPOTrainer's
@@ -30,7 +30,6 @@ Needs `pip install 'crisp[bench]'` (trl==1.16.0).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -39,11 +38,9 @@ import common
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--prompts", type=int, default=1, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=8, help="G rollouts per prompt")
-    parser.add_argument("--prompt-len", type=int, default=64, help="words in each prompt")
-    parser.add_argument("--response-len", type=int, default=256, help="tokens in each rollout")
     common.add_model_args(parser)
     return parser.parse_args(argv)
 
@@ -54,15 +51,12 @@ def make_batch(model_dir: Path, words: int, args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     generator = torch.Generator().manual_seed(0)
     prompts = [common.random_text(args.prompt_len, generator, words) for _ in range(args.prompts)]
-    vocabulary = common.word_token_ids(tokenizer)
     count = args.prompts * args.group_size
-    responses = [vocabulary[torch.randint(0, len(vocabulary), (args.response_len,), generator=generator)].tolist()
-                 for _ in range(count)]
     return {
         "model_dir": str(model_dir),
         "prompts": prompts,
         "prompt_ids": [common.chat_ids(tokenizer, prompts[i // args.group_size]) for i in range(count)],
-        "responses": responses,
+        "responses": common.random_responses(tokenizer, count, args.response_len, generator),
         "rewards": [float(i % 2) for i in range(count)],  # mixed rewards in every group
     }
 
@@ -72,9 +66,9 @@ def make_batch(model_dir: Path, words: int, args) -> dict:
 
 def worker_crisp(args, batch: dict, out: Path) -> dict:
     from crisp.config import validate
-    from crisp.grpo import loss_normaliser, surrogate_backward
-    from crisp.modeling import load_model, load_tokenizer
-    from crisp.optim import build_optimizer, step_if_finite
+    from crisp.distributed import micro_batches
+    from crisp.methods.grpo import loss_normaliser, surrogate_backward
+    from crisp.optim import step_if_finite
     from crisp.rewards import group_advantages
     from crisp.rollout import Rollout
 
@@ -83,31 +77,25 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
         "batch_size": args.prompts, "group_size": args.group_size, "micro_batch_size": args.prompts * args.group_size,
         "schedule": {"kind": "constant", "l_min": args.response_len, "l_max": args.response_len},
         "eps_low": 0.2, "eps_high": 0.28, "aggregation": "token", "loss_normaliser": "batch_tokens",
-        "optim": {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0},
+        "optim": common.CRISP_OPTIM,
     })
-    tokenizer = load_tokenizer(cfg.model.path)
-    policy = load_model(cfg.model.path)
-    policy.train()
-    optimizer, scheduler = build_optimizer(policy, cfg.optim, cfg.max_steps)
+    tokenizer, policy, optimizer, scheduler = common.crisp_trainee(cfg)
     rollouts = [Rollout(i // args.group_size, tuple(p), tuple(r), "", "length")
                 for i, (p, r) in enumerate(zip(batch["prompt_ids"], batch["responses"]))]
-    result = {"losses": []}
-    timer = common.StepTimer(result)
-    for step in range(1, cfg.max_steps + 1):
-        timer.start()
+
+    def step(_: int):
         advantages = group_advantages(torch.tensor(batch["rewards"]), cfg.group_size, scale_by_std=cfg.scale_by_std)
         if not advantages.ne(0).all():
             raise AssertionError("every rollout must carry signal, or crisp would skip some")
         normaliser = loss_normaliser(cfg, sum(r.num_tokens for r in rollouts))
-        loss, _ = surrogate_backward(policy, rollouts, advantages, cfg, tokenizer.pad_token_id,
-                                     normaliser=normaliser, num_train=len(rollouts))
+        loss, _ = surrogate_backward(policy, rollouts, advantages, cfg.surrogate(), pad_id=tokenizer.pad_token_id,
+                                     chunk_size=cfg.chunk_size, normaliser=normaliser, num_train=len(rollouts),
+                                     micro=micro_batches(len(rollouts), cfg.micro_batch_size, None))
         grad_norm, _ = step_if_finite(policy, optimizer, loss, cfg.optim.grad_clip)
         scheduler.step()
-        timer.stop(step)
-        result["losses"].append(loss)
-        if step == 1:
-            result["grad_norm"] = grad_norm
-    return timer.finish()
+        return loss, grad_norm
+
+    return common.time_steps(cfg.max_steps, step)
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -137,9 +125,8 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
     config = GRPOConfig(
         output_dir=str(out), max_steps=1 + args.steps, per_device_train_batch_size=args.prompts * args.group_size,
         gradient_accumulation_steps=1, num_generations=args.group_size, max_completion_length=args.response_len,
-        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group",
-        learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0, shuffle_dataset=False, seed=0,
-        use_cpu=True, bf16=False, logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group", bf16=False,
+        **common.TRL_SETTINGS,
     )
     trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer,
                             reward_funcs=reward)

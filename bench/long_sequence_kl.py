@@ -32,7 +32,7 @@ MODES = ("chunked", "full")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--lengths", default="4096,8192", help="positions T to score with the chunked loss")

@@ -23,7 +23,6 @@ weight sync are timed once per model, outside the runs.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import common
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--tiny-prompts", type=int, default=256, help="prompts per batch on the tiny model")
     parser.add_argument("--small-prompts", type=int, default=64, help="prompts per batch of the tiny64 runs")
     parser.add_argument("--tiny-tokens", type=int, default=128, help="max new tokens on the tiny model")

@@ -12,7 +12,7 @@ arithmetic).
 
 Generation is excluded on both sides: the rollouts are fixed token ids made up front. What a timed
 step covers:
-  crisp  crisp.selfdistill.distill_backward (student and teacher forwards, loss, backward), then
+  crisp  crisp.methods.selfdistill.distill_backward (student and teacher forwards, loss, backward), then
          crisp.optim.step_if_finite (clip, AdamW step), the scheduler step and the teacher refresh:
          the loop's loss_backward, step and teacher_update phases.
   TRL    Trainer.train from on_step_begin to on_step_end of one optimizer step: SDFTTrainer's input
@@ -31,7 +31,6 @@ Needs `pip install 'crisp[bench]'` (trl==1.16.0).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -41,11 +40,9 @@ import common
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--rollouts", type=int, default=8, help="rollouts per step (one per prompt, as CRISP)")
-    parser.add_argument("--prompt-len", type=int, default=64, help="words in each prompt")
     parser.add_argument("--context-len", type=int, default=32, help="extra words in each teacher prompt")
-    parser.add_argument("--response-len", type=int, default=256, help="tokens in each rollout")
     parser.add_argument("--chunk-size", type=int, default=128, help="crisp's loss.chunk_size")
     parser.add_argument("--no-generation", action="store_true", help="skip timing HF generate for the batch")
     parser.add_argument("--trl-bf16", action="store_true",
@@ -62,9 +59,7 @@ def make_batch(model_dir: Path, words: int, args) -> dict:
     generator = torch.Generator().manual_seed(0)
     prompts = [common.random_text(args.prompt_len, generator, words) for _ in range(args.rollouts)]
     contexts = [common.random_text(args.context_len, generator, words) for _ in range(args.rollouts)]
-    vocabulary = common.word_token_ids(tokenizer)
-    responses = [vocabulary[torch.randint(0, len(vocabulary), (args.response_len,), generator=generator)].tolist()
-                 for _ in range(args.rollouts)]
+    responses = common.random_responses(tokenizer, args.rollouts, args.response_len, generator)
     return {
         "model_dir": str(model_dir),
         "prompts": prompts,
@@ -80,10 +75,9 @@ def make_batch(model_dir: Path, words: int, args) -> dict:
 
 def worker_crisp(args, batch: dict, out: Path) -> dict:
     from crisp.config import validate
-    from crisp.modeling import load_model, load_tokenizer
-    from crisp.optim import build_optimizer, step_if_finite
+    from crisp.optim import step_if_finite
     from crisp.rollout import HFGenerator, Rollout
-    from crisp.selfdistill import distill_backward
+    from crisp.methods.selfdistill import DistillBatch, distill_backward
     from crisp.teacher import Teacher
 
     cfg = validate({
@@ -92,28 +86,22 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
         "rollout": {"n": 1, "temperature": 1.0, "max_new_tokens": args.response_len},
         "teacher": {"update": "refresh", "refresh_every": 1},
         "loss": {"divergence": "reverse_kl", "chunk_size": args.chunk_size},
-        "optim": {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0},
+        "optim": common.CRISP_OPTIM,
     })
-    tokenizer = load_tokenizer(cfg.model.path)
-    student = load_model(cfg.model.path)
-    student.train()
+    tokenizer, student, optimizer, scheduler = common.crisp_trainee(cfg)
     teacher = Teacher(student, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every)
-    optimizer, scheduler = build_optimizer(student, cfg.optim, cfg.max_steps)
     rollouts = [Rollout(i, tuple(p), tuple(r), "", "length")
                 for i, (p, r) in enumerate(zip(batch["student_ids"], batch["responses"]))]
-    result = {"losses": []}
-    timer = common.StepTimer(result)
-    for step in range(1, cfg.max_steps + 1):
-        timer.start()
-        loss = distill_backward(student, teacher, rollouts, batch["teacher_ids"], cfg, tokenizer.pad_token_id)
+
+    def step(i: int):
+        loss = distill_backward(student, teacher, DistillBatch(rollouts, batch["teacher_ids"]), cfg.loss,
+                                pad_id=tokenizer.pad_token_id, micro_batch_size=cfg.micro_batch_size)
         grad_norm, _ = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
         scheduler.step()
-        teacher.after_step(step, student)
-        timer.stop(step)
-        result["losses"].append(loss)
-        if step == 1:
-            result["grad_norm"] = grad_norm
-    timer.finish()
+        teacher.after_step(i, student)
+        return loss, grad_norm
+
+    result = common.time_steps(cfg.max_steps, step)
 
     if args.generate:  # what generating these rollouts would cost (HF generate, crisp's backend)
         generator = HFGenerator(student, tokenizer, batch_size=args.rollouts)
@@ -150,9 +138,7 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
         gradient_accumulation_steps=1, num_generations=1, max_completion_length=args.response_len,
         max_prompt_length=None, distillation_mode="full_logits", distillation_alpha=1.0,  # alpha 1: reverse KL
         distillation_is_clip=None, teacher_model_kind="ema", teacher_update_rate=1.0, teacher_sync_steps=1,
-        learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0, shuffle_dataset=False, seed=0,
-        use_cpu=True, bf16=args.trl_bf16, logging_steps=10**6, save_strategy="no", report_to="none",
-        disable_tqdm=True,
+        bf16=args.trl_bf16, **common.TRL_SETTINGS,
     )
     trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer)
     result = {"losses": []}

@@ -23,6 +23,30 @@ def vocabulary() -> list[str]:
     return texts
 
 
+def sharpen(model, tokenizer, seed: int = 1):
+    """Larger weights (peaked, varied next-token distributions instead of near-uniform ones) and a
+    boosted EOS row, so that some samples stop and others run to the cap; returned in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+        model.get_input_embeddings().weight[tokenizer.eos_token_id] *= 2
+    return model.eval()
+
+
+def level_prompts(tokenizer) -> list[list[int]]:
+    """Student prompts (plain template) of every 25th held-out synthetic problem: every level, and
+    prompts of different lengths."""
+    from crisp.data import synthetic
+    from crisp.prompts import PromptBuilder
+
+    builder = PromptBuilder(tokenizer, template="plain")
+    ids = [builder.student_ids(p) for p in synthetic.test_problems()[::25]]
+    assert len({len(p) for p in ids}) > 1
+    return ids
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from crisp.modeling import build_word_tokenizer

@@ -5,6 +5,7 @@ unless the config turns it on, no data text evaluated as code."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 from pathlib import Path
 
@@ -78,10 +79,13 @@ def test_missing_model_path_is_a_clear_error(method, tmp_path, capsys):
         load_tokenizer(str(missing))
 
 
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None  # CI installs it (make setup-vllm)
+
+
+@pytest.mark.skipif(VLLM_INSTALLED, reason="vLLM is installed: the test below checks that the backend is accepted")
 @pytest.mark.parametrize("method", ["selfdistill", "grpo"])
 def test_the_vllm_backend_without_the_engine_names_the_install_command(method, tmp_path, tiny_model_dir,
                                                                        no_model_loading, monkeypatch, capsys):
-    monkeypatch.setattr(crisp.config, "vllm_installed", lambda: False)
     data = run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run")
     data["rollout"] = {"backend": "vllm"}
     err = cli_error(tmp_path, data, capsys)
@@ -93,6 +97,18 @@ def test_the_vllm_backend_without_the_engine_names_the_install_command(method, t
     assert "make setup-vllm" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed: the test above checks the error")
+@pytest.mark.parametrize("method", ["selfdistill", "grpo"])
+def test_the_vllm_backend_with_the_engine_installed_is_accepted(method, tmp_path, tiny_model_dir):
+    data = run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run")
+    data["rollout"] = {"backend": "vllm"}
+    assert validate(data).rollout.backend == "vllm"
+    evaluation = validate({"model": {"path": str(tiny_model_dir)}, "benchmarks": ["synthetic"], "output_dir": "e",
+                           "backend": "vllm"}, crisp.config.EvalRunConfig)
+    assert evaluation.backend == "vllm"
+
+
+@pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed: the backend is refused before the lengths")
 @pytest.mark.parametrize("method, lengths, key", [
     ("selfdistill", {"rollout": {"backend": "vllm", "max_new_tokens": 64, "vllm": {"max_model_len": 64}}},
      "rollout.max_new_tokens (64)"),
@@ -101,9 +117,7 @@ def test_the_vllm_backend_without_the_engine_names_the_install_command(method, t
     ("grpo", {"rollout": {"backend": "vllm", "vllm": {"max_model_len": 4}}}, "rollout.max_new_tokens (4)"),
 ])
 def test_a_vllm_max_model_len_below_the_responses_is_an_error_naming_the_key(method, lengths, key, tmp_path,
-                                                                             tiny_model_dir, no_model_loading,
-                                                                             monkeypatch, capsys):
-    monkeypatch.setattr(crisp.config, "vllm_installed", lambda: True)
+                                                                             tiny_model_dir, no_model_loading, capsys):
     err = cli_error(tmp_path, {**run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run"), **lengths},
                     capsys)
     assert "rollout.vllm.max_model_len" in err and key in err

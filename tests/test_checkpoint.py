@@ -78,12 +78,12 @@ def test_an_exception_midway_through_a_save_leaves_the_previous_checkpoint(
                 f.write(b"\x80\x02")
             raise OSError("No space left on device")
 
-        monkeypatch.setattr(checkpoint.torch, "save", failing)
+        monkeypatch.setattr(torch, "save", failing)
     else:
         def failing(fd):
             raise OSError("Input/output error")
 
-        monkeypatch.setattr(checkpoint.os, "fsync", failing)
+        monkeypatch.setattr(os, "fsync", failing)
 
     with pytest.raises(OSError):
         save(tmp_path, 2, tiny_model, loaded_tokenizer)

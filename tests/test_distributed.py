@@ -91,15 +91,19 @@ def test_a_launcher_asking_for_another_precision_is_an_error(monkeypatch):
         make_accelerator("no")
 
 
-def test_the_program_ends_the_process_group_after_its_command(monkeypatch, capsys):
+def test_the_program_ends_the_process_group_after_its_command(tmp_path, capsys):
     """`crisp` (cli.main) ends the process group once its command is done, after bad input too
     (every rank stops alike), and only then exits with the command's code."""
-    ended = []
-    monkeypatch.setattr("crisp.distributed.end_processes", lambda: ended.append(capsys.readouterr().err))
-    with pytest.raises(SystemExit) as info:
-        cli.main(["eval", "--benchmark", "synthetic"])  # no --model, no --out: bad input
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.main(["eval", "--benchmark", "synthetic"])  # no --model, no --out: bad input
+        assert not torch.distributed.is_initialized()  # the group was gone when the exit came
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert info.value.code == 2
-    assert ended == ["crisp: error: --model, --out: required without --config\n"]
+    assert capsys.readouterr().err == "crisp: error: --model, --out: required without --config\n"
 
 
 def test_reduce_sum_in_one_process_returns_the_values():

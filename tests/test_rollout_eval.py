@@ -18,36 +18,23 @@ from crisp.data import synthetic
 from crisp.data.synthetic import SyntheticTask
 from crisp.evaluate import compare_to_baseline, summarize
 from crisp.modeling import build_tiny_model
-from crisp.prompts import PromptBuilder
 from crisp.rollout import HFGenerator, KVCacheGenerator, SeededSampler, request_keys
 
-from conftest import TINY
+from conftest import TINY, level_prompts, sharpen
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
 def sharp_model(tiny_tokenizer):
-    """A tiny random model with larger weights (peaked, varied next-token distributions instead of
-    near-uniform ones) and a boosted EOS row, so that some samples stop and others run to the cap."""
-    model = build_tiny_model(tiny_tokenizer, seed=0, **TINY)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-        model.get_input_embeddings().weight[tiny_tokenizer.eos_token_id] *= 2
-    return model.eval()
+    """A tiny random model whose samples sometimes stop and sometimes run to the cap."""
+    return sharpen(build_tiny_model(tiny_tokenizer, seed=0, **TINY), tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def prompts(tiny_tokenizer):
-    builder = PromptBuilder(tiny_tokenizer, template="plain")
-    problems = synthetic.test_problems()[::25]  # every level, prompts of different lengths
-    ids = [builder.student_ids(p) for p in problems]
-    ids.sort(key=len, reverse=True)  # longest first: the generator's length sort must reorder them
-    assert len({len(p) for p in ids}) > 1
-    return ids
+    # longest first: the generator's length sort must reorder them
+    return sorted(level_prompts(tiny_tokenizer), key=len, reverse=True)
 
 
 SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20)

@@ -30,28 +30,16 @@ except ConfigError:
         raise
     pytest.skip("vLLM is not installed (make setup-vllm)", allow_module_level=True)
 
-from crisp.data import synthetic
 from crisp.methods.grpo import token_logprobs
 from crisp.modeling import build_tiny_model, prepare_for_training
-from crisp.prompts import PromptBuilder
 from crisp.rollout import HFGenerator
 from crisp.rollout_vllm import VLLMGenerator, engine_weights
+
+from conftest import level_prompts, sharpen
 
 # vLLM's CPU attention needs a head size of at least 32 (conftest's TINY has 16)
 ENGINE_TINY = dict(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=64)
 SETTINGS = VLLMSettings(max_model_len=256, kv_cache_gib=0.25)
-
-
-def sharpen(model, tokenizer, seed: int = 1):
-    """Larger weights (peaked, varied next-token distributions) and a boosted EOS row, so that some
-    rollouts stop and others run to the cap."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-        model.get_input_embeddings().weight[tokenizer.eos_token_id] *= 2
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +49,7 @@ def engine_model(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def prompts(tiny_tokenizer):
-    builder = PromptBuilder(tiny_tokenizer, template="plain")
-    ids = [builder.student_ids(p) for p in synthetic.test_problems()[::25]]
-    assert len({len(p) for p in ids}) > 1
-    return ids
+    return level_prompts(tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

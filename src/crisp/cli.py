@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from crisp import __version__
-from crisp.config import ConfigError
+from crisp.config import EVAL_SAMPLING, ConfigError
 from crisp.data.loaders import DataError, MissingDependency
 
 DESCRIPTION = """\
@@ -52,42 +52,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> None:
-    from crisp.config import EvalRunConfig, load_config, validate
     from crisp.evaluate import evaluate_benchmarks, format_table
-    from crisp.resources import resolve_config
 
-    if args.config:
-        if args.model or args.benchmark or args.out or args.thinking_free or args.modes:
-            raise ConfigError("--config: give --model, --benchmark, --out, --thinking-free and --modes as overrides "
-                              "(model.path=..., benchmarks=[...], output_dir=..., prompt.thinking_free=true, "
-                              "modes=[...]) or leave --config out")
-        cfg = load_config(resolve_config(args.config), args.overrides, EvalRunConfig)
-        outputs = {name: Path(cfg.output_dir) / Path(name).stem for name in cfg.benchmarks}
-        baseline_paths = {name: Path(cfg.baseline) / Path(name).stem if cfg.baseline else None for name in cfg.benchmarks}
-    else:
-        missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark),
-                                            ("--out", args.out)) if not value]
-        if missing:
-            raise ConfigError(f"{', '.join(missing)}: required without --config")
-        if args.overrides:
-            raise ConfigError(f"{args.overrides[0]}: key=value overrides need --config")
-        if args.k < 1:
-            raise ConfigError("--k: must be at least 1")
-        cfg = validate({
-            "model": {"path": args.model, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code},
-            "benchmarks": [args.benchmark], "output_dir": args.out, "k": args.k,
-            "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                         "max_new_tokens": args.max_new_tokens},
-            "prompt": {"template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
-                       "enable_thinking": args.enable_thinking, "thinking_free": args.thinking_free},
-            "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
-            "batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "backend": args.backend,
-            "modes": [m for m in (args.modes or "").split(",") if m],
-            "report_to": _comma_list(args.report_to),
-            **({"anatomy": {"markers": _comma_list(args.markers)}} if args.markers is not None else {}),
-        }, EvalRunConfig)
-        outputs = {args.benchmark: Path(args.out)}
-        baseline_paths = {args.benchmark: Path(args.baseline) if args.baseline else None}
+    cfg, outputs, baseline_paths = _eval_from_config(args) if args.config else _eval_from_flags(args)
     modes = cfg.modes or [None]
     baselines = {(name, mode): _baseline(path, mode) if path else None
                  for name, path in baseline_paths.items() for mode in modes}
@@ -109,6 +76,52 @@ def cmd_eval(args) -> None:
             print(f"reduction against {baseline}")
         folders = [outputs[benchmark] / mode if mode else outputs[benchmark] for mode in modes]
         print(f"wrote {', '.join(f'{f}/summary.json' for f in folders)} and samples.jsonl")
+
+
+def _eval_from_config(args):
+    """`crisp eval --config FILE key=value ...`: the config, and per benchmark its output folder
+    (output_dir/<name>) and baseline folder (baseline/<name>, or None)."""
+    from crisp.config import EvalRunConfig, load_config
+    from crisp.resources import resolve_config
+
+    if args.model or args.benchmark or args.out or args.thinking_free or args.modes:
+        raise ConfigError("--config: give --model, --benchmark, --out, --thinking-free and --modes as overrides "
+                          "(model.path=..., benchmarks=[...], output_dir=..., prompt.thinking_free=true, "
+                          "modes=[...]) or leave --config out")
+    cfg = load_config(resolve_config(args.config), args.overrides, EvalRunConfig)
+    outputs = {name: Path(cfg.output_dir) / Path(name).stem for name in cfg.benchmarks}
+    baselines = {name: Path(cfg.baseline) / Path(name).stem if cfg.baseline else None for name in cfg.benchmarks}
+    return cfg, outputs, baselines
+
+
+def _eval_from_flags(args):
+    """`crisp eval --model M --benchmark B --out DIR ...`: the config the flags make, and the one
+    benchmark's output folder and baseline (a summary.json or a folder of them, or None)."""
+    from crisp.config import EvalRunConfig, validate
+
+    missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark),
+                                        ("--out", args.out)) if not value]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required without --config")
+    if args.overrides:
+        raise ConfigError(f"{args.overrides[0]}: key=value overrides need --config")
+    if args.k < 1:
+        raise ConfigError("--k: must be at least 1")
+    data = {
+        "model": {"path": args.model, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code},
+        "benchmarks": [args.benchmark], "output_dir": args.out, "k": args.k,
+        "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                     "max_new_tokens": args.max_new_tokens},
+        "prompt": {"template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
+                   "enable_thinking": args.enable_thinking, "thinking_free": args.thinking_free},
+        "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
+        "batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "backend": args.backend,
+        "modes": [m for m in (args.modes or "").split(",") if m], "report_to": args.report_to,
+    }
+    if args.markers is not None:  # otherwise the default markers
+        data["anatomy"] = {"markers": args.markers}
+    baseline = Path(args.baseline) if args.baseline else None
+    return validate(data, EvalRunConfig), {args.benchmark: Path(args.out)}, {args.benchmark: baseline}
 
 
 def _baseline(path: Path, mode: str | None) -> dict:
@@ -173,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", help="a baseline summary.json: adds compression ratio and dAcc/CR")
     ev.add_argument("--instruction", help="prepend an instruction (v1, v2, percent, word_limit or text)")
     ev.add_argument("--template", default=None, help="student prompt template (default: plain for synthetic, else dapo)")
-    ev.add_argument("--temperature", type=float, default=0.6)
-    ev.add_argument("--top-p", type=float, default=0.95)
-    ev.add_argument("--top-k", type=int, default=20)
-    ev.add_argument("--max-new-tokens", type=int, default=30_000)
+    ev.add_argument("--temperature", type=float, default=EVAL_SAMPLING.temperature)
+    ev.add_argument("--top-p", type=float, default=EVAL_SAMPLING.top_p)
+    ev.add_argument("--top-k", type=int, default=EVAL_SAMPLING.top_k)
+    ev.add_argument("--max-new-tokens", type=int, default=EVAL_SAMPLING.max_new_tokens)
     ev.add_argument("--limit", type=int, help="evaluate only the first N problems")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--grader", choices=["exact", "math-verify"], help="default: exact for synthetic")
@@ -189,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--modes", default=None,
                     help="evaluate in several modes, e.g. thinking,thinking_free: each into --out/<mode>/")
     ev.add_argument("--trust-remote-code", action="store_true")
-    ev.add_argument("--report-to", default="", help="comma-separated experiment trackers: tensorboard, wandb, "
-                    "mlflow, trackio, ... (with --config: report_to=[...])")
-    ev.add_argument("--markers", default=None,
+    ev.add_argument("--report-to", type=_comma_list, default="",
+                    help="comma-separated experiment trackers: tensorboard, wandb, mlflow, trackio, ... "
+                         "(with --config: report_to=[...])")
+    ev.add_argument("--markers", type=_comma_list, default=None,
                     help="comma-separated phrases whose rate per 1,000 tokens the summary reports "
                          "(default: crisp.anatomy.DEFAULT_MARKERS; with --config: anatomy.markers=[...])")
     ev.add_argument("--backend", default="hf", choices=["hf", "vllm"],

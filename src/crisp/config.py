@@ -116,6 +116,11 @@ class SamplingConfig(Strict):
     max_new_tokens: PositiveInt = 8192
 
 
+# The papers' evaluation sampler: the default of EvalConfig.sampling, EvalRunConfig.sampling and
+# `crisp eval`'s flags (a sampling section given in a config replaces it whole).
+EVAL_SAMPLING = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=30_000)
+
+
 VLLM_INSTALL = "pip install -e '.[vllm]' on a GPU machine, `make setup-vllm` on CPU"
 
 
@@ -195,7 +200,7 @@ class EvalConfig(Strict):
     k: PositiveInt = 1
     limit: PositiveInt | None = None
     batch_size: PositiveInt = 256
-    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=30_000)
+    sampling: SamplingConfig = EVAL_SAMPLING
 
 
 class RunConfig(Strict):
@@ -260,7 +265,7 @@ class EvalRunConfig(Strict):
     benchmarks: Annotated[list[str], Field(min_length=1)]  # names (math500, aime24, ...) or files
     output_dir: str
     k: PositiveInt = 8  # samples per problem: accuracy is mean@k
-    sampling: SamplingConfig = SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=30_000)
+    sampling: SamplingConfig = EVAL_SAMPLING
     prompt: PromptConfig = PromptConfig()
     instruction: str | None = None  # prepend an instruction preset or text (the prompt-only baseline)
     grader: Literal["exact", "math-verify"] | None = None  # None: exact for synthetic, else math-verify

@@ -270,11 +270,13 @@ def write_results(out_dir: str | Path, records: Sequence[dict], summary: dict) -
 
 def format_table(rows: dict[str, dict], *, baseline: str | None = None) -> str:
     """A plain-text table: one row per named summary, accuracy and mean tokens per level."""
+    from crisp.report import format_lines  # crisp.report imports this module
+
     levels = sorted({lv for s in rows.values() for lv in s.get("by_difficulty", {})}, key=_level_key)
     header = ["run", "acc", "tokens"] + [f"L{lv} acc/tok" for lv in levels] + (["reduction"] if baseline else [])
     lines = [header]
     for name, s in rows.items():
-        cells = [name, f"{s['accuracy']:.3f}", f"{s['mean_tokens']:.1f}"]
+        cells = [str(name), f"{s['accuracy']:.3f}", f"{s['mean_tokens']:.1f}"]
         for lv in levels:
             d = s.get("by_difficulty", {}).get(lv)
             cells.append(f"{d['accuracy']:.2f}/{d['mean_tokens']:.0f}" if d else "-")
@@ -282,5 +284,4 @@ def format_table(rows: dict[str, dict], *, baseline: str | None = None) -> str:
             base = rows[baseline]["mean_tokens"]
             cells.append(f"{1 - s['mean_tokens'] / base:+.1%}" if name != baseline else "")
         lines.append(cells)
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
+    return format_lines(lines, strip=False)  # every cell padded, as this table has always printed

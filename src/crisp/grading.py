@@ -247,12 +247,15 @@ class MathVerifyGrader:
 
     ``timeout`` bounds the time math-verify spends on one response in ``grade``, however many
     candidates it holds (plus the time to start a worker process when none is running).
+    ``worker_calls`` counts the checks this grader sent to math-verify; the others matched the gold
+    answer as normalised strings and never left the process.
     """
 
     def __init__(self, timeout: float = 5.0) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.timeout = timeout
+        self.worker_calls = 0
         try:
             version = importlib.metadata.version("math-verify")
         except importlib.metadata.PackageNotFoundError:
@@ -264,6 +267,7 @@ class MathVerifyGrader:
             return True  # fast path: the common case never leaves this process
         if len(candidate) > MAX_CANDIDATE_CHARS:
             raise ValueError(f"candidate has {len(candidate)} chars (> {MAX_CANDIDATE_CHARS}); not verified")
+        self.worker_calls += 1
         with _borrow_worker() as worker:
             return worker.verify(candidate, gold, self.timeout)
 

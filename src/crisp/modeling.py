@@ -200,12 +200,22 @@ def eval_mode(model: torch.nn.Module):
 
 def right_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids right-padded to the longest sequence, and the attention mask (1 on real tokens)."""
+    return _padded(sequences, pad_id, left=False)
+
+
+def left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids left-padded to the longest sequence (prompts to generate from), and the attention mask."""
+    return _padded(sequences, pad_id, left=True)
+
+
+def _padded(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, T)
     attention = torch.zeros_like(input_ids)  # (B, T)
     for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(list(ids))
-        attention[row, : len(ids)] = 1
+        columns = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[row, columns] = torch.tensor(list(ids))
+        attention[row, columns] = 1
     return input_ids, attention
 
 

@@ -16,13 +16,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+from crisp.config import ConfigError
+from crisp.evaluate import _level_key, compare_to_baseline
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from crisp.config import ConfigError  # noqa: E402
-from crisp.evaluate import _level_key, compare_to_baseline  # noqa: E402
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn (so that
+    crisp.evaluate.format_table, which uses this module's formatter, leaves matplotlib alone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def pareto_front(rows: dict[str, dict]) -> list[str]:
@@ -36,6 +42,7 @@ def pareto_front(rows: dict[str, dict]) -> list[str]:
 
 
 def pareto_plot(rows: dict[str, dict], path: str | Path, *, title: str = "Accuracy vs response length") -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, s in rows.items():
         ax.errorbar(s["mean_tokens"], s["accuracy"], yerr=s.get("accuracy_std_over_samples") or 0,
@@ -56,6 +63,7 @@ def pareto_plot(rows: dict[str, dict], path: str | Path, *, title: str = "Accura
 
 def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -> None:
     """Left: token reduction vs the baseline per level. Right: accuracy per level."""
+    plt = _pyplot()
     levels = sorted({lv for s in rows.values() for lv in s.get("by_difficulty", {})}, key=_level_key)
     others = [n for n in rows if n != baseline]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -90,6 +98,7 @@ def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -
 def anatomy_plot(rows: dict[str, dict], path: str | Path) -> None:
     """Left: each marker's rate per 1,000 response tokens, a bar per run. Right: mean thinking and
     answer tokens per run, stacked, with the share of responses in a repetition loop beside."""
+    plt = _pyplot()
     measured = {name: s for name, s in rows.items() if "mean_thinking_tokens" in s}
     markers, names = _markers(measured), list(measured)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2 + 0.2 * len(names)),
@@ -189,19 +198,23 @@ def anatomy_lines(rows: dict[str, dict]) -> list[list[str]]:
 
 def comparison_table(rows: dict[str, dict], *, baseline: str, markdown: bool = False) -> str:
     """The comparison as aligned plain text, or as a Markdown table."""
-    return _format(comparison_lines(rows, baseline=baseline), markdown=markdown)
+    return format_lines(comparison_lines(rows, baseline=baseline), markdown=markdown)
 
 
 def anatomy_table(rows: dict[str, dict], *, markdown: bool = False) -> str:
-    return _format(anatomy_lines(rows), markdown=markdown)
+    return format_lines(anatomy_lines(rows), markdown=markdown)
 
 
-def _format(lines: list[list[str]], *, markdown: bool) -> str:
+def format_lines(lines: list[list[str]], *, markdown: bool = False, strip: bool = True) -> str:
+    """A header line and rows of cells as a Markdown table, or as plain text in columns two spaces
+    apart (every table crisp prints: these, crisp.evaluate.format_table). `strip`: no trailing
+    spaces on plain-text lines; without it every cell is padded to its column's width."""
     if markdown:
         out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
         return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines[1:]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    aligned = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(line.rstrip() if strip else line for line in aligned)
 
 
 SETTINGS = ("benchmark", "k", "sampling", "grader", "prompt_template", "instruction", "anatomy")

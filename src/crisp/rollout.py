@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from crisp.config import SamplingConfig
-from crisp.modeling import eval_mode
+from crisp.modeling import eval_mode, left_padded
 
 _MASK32 = 0xFFFFFFFF
 
@@ -197,12 +197,7 @@ class BatchedGenerator:
         return any(isinstance(m, types) for m in self.model.modules())
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)  # (B, P)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, P)
-        for row, p in enumerate(prompts):
-            input_ids[row, width - len(p) :] = torch.tensor(p)
-            attention[row, width - len(p) :] = 1
+        input_ids, attention = left_padded(prompts, self.tokenizer.pad_token_id)  # (B, P), (B, P)
         device = next(self.model.parameters()).device
         return input_ids.to(device), attention.to(device)
 

@@ -223,21 +223,14 @@ def _detect_schema(record: dict[str, Any], where: str) -> str:
 
 def _to_problem(record: dict[str, Any], schema: str, where: str, *, source: str, index: int) -> Problem:
     default_id = f"{source}-{index}"
-    if schema == "math500":
+    if schema in ("math500", "aime"):  # the same fields but the id's name and MATH-500's level
+        math500 = schema == "math500"
         return Problem(
-            id=_optional(record, "unique_id", where, numbers=True) or default_id,
+            id=_optional(record, "unique_id" if math500 else "id", where, numbers=True) or default_id,
             question=_required(record, "problem", where),
             answer=_required(record, "answer", where, numbers=True),
             solution=_optional(record, "solution", where),
-            difficulty=_optional(record, "level", where, numbers=True),
-            source=source,
-        )
-    if schema == "aime":
-        return Problem(
-            id=_optional(record, "id", where, numbers=True) or default_id,
-            question=_required(record, "problem", where),
-            answer=_required(record, "answer", where, numbers=True),
-            solution=_optional(record, "solution", where),
+            difficulty=_optional(record, "level", where, numbers=True) if math500 else None,
             source=source,
         )
     if schema == "gsm8k":
