@@ -13,7 +13,7 @@ from crisp.config import EVAL_SAMPLING, ConfigError
 from crisp.data.loaders import DataError, MissingDependency
 
 DESCRIPTION = """\
-Post-train reasoning models to think shorter without getting worse (CRISP, OPSD, SIRI), and
+Post-train reasoning models to think shorter without getting worse (CRISP, OPSD, SIRI, TFPI), and
 evaluate them under one harness."""
 
 EXAMPLES = """\
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"crisp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train with a YAML config (sft, selfdistill, grpo)")
+    train = sub.add_parser("train", help="train with a YAML config (method: sft, selfdistill for CRISP and OPSD, "
+                                          "grpo for SIRI and TFPI)")
     train.add_argument("config", help="a YAML file, or the name of a packaged config (see `crisp recipes`)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     train.set_defaults(func=cmd_train)
