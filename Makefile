@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.crisp-installed
 VLLM_STAMP := $(VENV)/.crisp-vllm-installed
 
-.PHONY: setup setup-vllm demo test test-fast bench clean
+.PHONY: setup setup-vllm demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff, configured in pyproject.toml: the lint rules, and the formatting every file must already have
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The four performance benchmarks of the README (about 4 minutes each on 2 cores).
 bench: setup

@@ -23,14 +23,20 @@ import yaml
 
 from crisp.config import EvalConfig, load_config, validate
 from crisp.demo import evaluate_row
+from crisp.driver import train
 from crisp.evaluate import format_table
 from crisp.report import write_report
-from crisp.driver import train
 
 VARIANTS = {  # name -> (demo config, overrides)
     "M=1 reverse": ("crisp.yaml", ["teacher.update=refresh", "teacher.refresh_every=1", "loss.divergence=reverse_kl"]),
-    "M=10 reverse": ("crisp.yaml", ["teacher.update=refresh", "teacher.refresh_every=10", "loss.divergence=reverse_kl"]),
-    "M=50 reverse": ("crisp.yaml", ["teacher.update=refresh", "teacher.refresh_every=50", "loss.divergence=reverse_kl"]),
+    "M=10 reverse": (
+        "crisp.yaml",
+        ["teacher.update=refresh", "teacher.refresh_every=10", "loss.divergence=reverse_kl"],
+    ),
+    "M=50 reverse": (
+        "crisp.yaml",
+        ["teacher.update=refresh", "teacher.refresh_every=50", "loss.divergence=reverse_kl"],
+    ),
     "frozen reverse": ("crisp.yaml", ["teacher.update=frozen", "loss.divergence=reverse_kl"]),
     "frozen forward": ("crisp.yaml", ["teacher.update=frozen", "loss.divergence=forward_kl"]),
     "frozen mixed": ("crisp.yaml", ["teacher.update=frozen", "loss.divergence=mixed"]),
@@ -53,6 +59,7 @@ def main() -> None:
     eval_cfg = validate(yaml.safe_load((configs / "demo" / "eval.yaml").read_text()), EvalConfig)
     template = load_config(configs / "demo" / "base.yaml").prompt.template
     names = args.only.split(",") if args.only else list(VARIANTS)
+
     def evaluated(directory: Path, model_dir: Path) -> dict:  # reuse a finished evaluation (runs can be split)
         summary = directory / "summary.json"
         if summary.is_file():

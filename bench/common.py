@@ -40,8 +40,17 @@ def word(i: int) -> str:
             return "x" + letters
 
 
-def build_model(directory: Path, *, vocab: int, hidden: int, layers: int, heads: int, intermediate: int,
-                max_positions: int = 4096, seed: int = 0) -> tuple[Path, int]:
+def build_model(
+    directory: Path,
+    *,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    max_positions: int = 4096,
+    seed: int = 0,
+) -> tuple[Path, int]:
     """A randomly initialised Qwen3-architecture model with exactly `vocab` tokens, saved to `directory`.
 
     The tokenizer is crisp's word-level one over benchmark words, each in two forms ("xab" at the
@@ -58,8 +67,16 @@ def build_model(directory: Path, *, vocab: int, hidden: int, layers: int, heads:
     words, extra = divmod(vocab - fixed, 2)
     tokenizer = tokenizer_with(words, extra)  # the odd one out exists only in its bare form
     assert len(tokenizer) == vocab, (len(tokenizer), vocab)
-    model = build_tiny_model(tokenizer, architecture="qwen3", hidden_size=hidden, num_layers=layers,
-                             num_heads=heads, intermediate_size=intermediate, max_positions=max_positions, seed=seed)
+    model = build_tiny_model(
+        tokenizer,
+        architecture="qwen3",
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        max_positions=max_positions,
+        seed=seed,
+    )
     save_model(model, tokenizer, directory)
     return directory, words
 
@@ -71,8 +88,11 @@ def random_text(count: int, generator: torch.Generator, words: int) -> str:
 
 def chat_ids(tokenizer, text: str) -> list[int]:
     """The token ids of a one-turn user prompt, as both crisp and TRL build them."""
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"])
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
 
 
 def word_token_ids(tokenizer) -> torch.Tensor:
@@ -84,8 +104,9 @@ def word_token_ids(tokenizer) -> torch.Tensor:
 def random_responses(tokenizer, count: int, length: int, generator: torch.Generator) -> list[list[int]]:
     """`count` rollouts of `length` random word tokens each (no EOS: every one runs to the cap)."""
     vocabulary = word_token_ids(tokenizer)
-    return [vocabulary[torch.randint(0, len(vocabulary), (length,), generator=generator)].tolist()
-            for _ in range(count)]
+    return [
+        vocabulary[torch.randint(0, len(vocabulary), (length,), generator=generator)].tolist() for _ in range(count)
+    ]
 
 
 # ----------------------------------------------------------------------------- memory
@@ -132,7 +153,7 @@ def run_worker(script: str, args: list[str], threads: int) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, env=worker_env(threads))
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(WORKER_PREFIX):
-            return json.loads(line[len(WORKER_PREFIX):])
+            return json.loads(line[len(WORKER_PREFIX) :])
     raise RuntimeError(f"worker {' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
 
 
@@ -247,8 +268,18 @@ SIDES = ("crisp", "trl")
 # The optimizer both sides use (AdamW, lr 1e-5, no weight decay, gradients clipped to norm 1): as
 # crisp's optim section, and as TRL's settings with a single-process, silent, unshuffled run.
 CRISP_OPTIM = {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0}
-TRL_SETTINGS = dict(learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0, shuffle_dataset=False, seed=0,
-                    use_cpu=True, logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True)
+TRL_SETTINGS = dict(
+    learning_rate=1e-5,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    shuffle_dataset=False,
+    seed=0,
+    use_cpu=True,
+    logging_steps=10**6,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -302,8 +333,14 @@ def alternate_sides(script: str, args, make_batch, *, own_flags=(), extra_flags=
     `extra_flags(rep)`. Returns (batch, runs per side)."""
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        model_dir, words = build_model(scratch / "model", vocab=args.vocab, hidden=args.hidden,
-                                       layers=args.layers, heads=args.heads, intermediate=args.intermediate)
+        model_dir, words = build_model(
+            scratch / "model",
+            vocab=args.vocab,
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            intermediate=args.intermediate,
+        )
         batch = make_batch(model_dir, words, args)
         (scratch / "batch.json").write_text(json.dumps(batch))
         skip = {"worker", "batch", *own_flags}
@@ -311,32 +348,58 @@ def alternate_sides(script: str, args, make_batch, *, own_flags=(), extra_flags=
         for rep in range(args.reps):
             for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
                 flags = ["--worker", side, "--batch", str(scratch / "batch.json")]
-                flags += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip and v is not None]
+                flags += [
+                    f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip and v is not None
+                ]
                 runs[side].append(run_worker(script, flags + extra_flags(rep), args.threads))
-                print(f"run {rep + 1}/{args.reps} {side}: step times "
-                      f"{', '.join(f'{t:.2f}' for t in runs[side][-1]['times'])} s", flush=True)
+                print(
+                    f"run {rep + 1}/{args.reps} {side}: step times "
+                    f"{', '.join(f'{t:.2f}' for t in runs[side][-1]['times'])} s",
+                    flush=True,
+                )
     return batch, runs
 
 
 def side_figures(runs: dict) -> dict:
     """Per side: median step time and CPU time over every timed step, median peak RSS and peak RSS
     above the loaded model over the runs."""
-    return {side: {
-        "time": median([t for run in runs[side] for t in run["times"]]),
-        "cpu": median([t for run in runs[side] for t in run["cpu_times"]]),
-        "peak": median([run["peak_rss_mb"] for run in runs[side]]),
-        "extra": median([run["peak_rss_mb"] - run["loaded_rss_mb"] for run in runs[side]]),
-    } for side in SIDES}
+    return {
+        side: {
+            "time": median([t for run in runs[side] for t in run["times"]]),
+            "cpu": median([t for run in runs[side] for t in run["cpu_times"]]),
+            "peak": median([run["peak_rss_mb"] for run in runs[side]]),
+            "extra": median([run["peak_rss_mb"] - run["loaded_rss_mb"] for run in runs[side]]),
+        }
+        for side in SIDES
+    }
 
 
 def ratio_rows(crisp: dict, trl: dict) -> list[list[str]]:
     return [
-        ["time per step, median (s)", f"{crisp['time']:.3f}", f"{trl['time']:.3f}", f"{crisp['time'] / trl['time']:.2f}"],
-        ["CPU time per step, median (s)", f"{crisp['cpu']:.3f}", f"{trl['cpu']:.3f}", f"{crisp['cpu'] / trl['cpu']:.2f}"],
-        ["peak RSS during the timed steps (MiB)", f"{crisp['peak']:.0f}", f"{trl['peak']:.0f}",
-         f"{crisp['peak'] / trl['peak']:.2f}"],
-        ["peak RSS above the loaded model (MiB)", f"{crisp['extra']:.0f}", f"{trl['extra']:.0f}",
-         f"{crisp['extra'] / trl['extra']:.2f}"],
+        [
+            "time per step, median (s)",
+            f"{crisp['time']:.3f}",
+            f"{trl['time']:.3f}",
+            f"{crisp['time'] / trl['time']:.2f}",
+        ],
+        [
+            "CPU time per step, median (s)",
+            f"{crisp['cpu']:.3f}",
+            f"{trl['cpu']:.3f}",
+            f"{crisp['cpu'] / trl['cpu']:.2f}",
+        ],
+        [
+            "peak RSS during the timed steps (MiB)",
+            f"{crisp['peak']:.0f}",
+            f"{trl['peak']:.0f}",
+            f"{crisp['peak'] / trl['peak']:.2f}",
+        ],
+        [
+            "peak RSS above the loaded model (MiB)",
+            f"{crisp['extra']:.0f}",
+            f"{trl['extra']:.0f}",
+            f"{crisp['extra'] / trl['extra']:.2f}",
+        ],
     ]
 
 
@@ -346,8 +409,10 @@ def print_ratios(runs: dict, crisp: dict, trl: dict) -> None:
     print(f"\ncrisp / TRL time, run by run (each pair ran back to back): {', '.join(f'{r:.2f}' for r in paired)}")
     if not all(run["peak_reset"] for side in SIDES for run in runs[side]):
         print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
-    print(f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "
-          f"cpu_ratio={crisp['cpu'] / trl['cpu']:.3f} extra_memory_ratio={crisp['extra'] / trl['extra']:.3f}")
+    print(
+        f"\nRESULT time_ratio={crisp['time'] / trl['time']:.3f} memory_ratio={crisp['peak'] / trl['peak']:.3f} "
+        f"cpu_ratio={crisp['cpu'] / trl['cpu']:.3f} extra_memory_ratio={crisp['extra'] / trl['extra']:.3f}"
+    )
 
 
 def trl_version() -> str:

@@ -79,9 +79,13 @@ def worker(args) -> dict:
         train(cfg)
         rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [sum(v for k, v in row.items() if k.startswith("time/")) for row in rows]
-    return {"times": steps[1:], "generate": [row["time/generate"] for row in rows[1:]],
-            "mean_tokens": [row["rollout/mean_tokens"] for row in rows], "startup_s": startup[0],
-            "sync_s": common.median(syncs[1:]) if len(syncs) > 1 else None}
+    return {
+        "times": steps[1:],
+        "generate": [row["time/generate"] for row in rows[1:]],
+        "mean_tokens": [row["rollout/mean_tokens"] for row in rows],
+        "startup_s": startup[0],
+        "sync_s": common.median(syncs[1:]) if len(syncs) > 1 else None,
+    }
 
 
 def main() -> None:
@@ -99,26 +103,41 @@ def main() -> None:
             for backend in BACKENDS if rep % 2 == 0 else BACKENDS[::-1]:
                 flags = ["--worker", backend, "--model", model, f"--steps={args.steps}", f"--threads={args.threads}"]
                 runs[backend].append(common.run_worker(__file__, flags, args.threads))
-                print(f"run {rep + 1}/{args.reps} {backend}: step times "
-                      f"{', '.join(f'{t:.2f}' for t in runs[backend][-1]['times'])} s", flush=True)
-    figures = {backend: {
-        "time": common.median([t for run in runs[backend] for t in run["times"]]),
-        "generate": common.median([t for run in runs[backend] for t in run["generate"]]),
-        "tokens": common.median([t for run in runs[backend] for t in run["mean_tokens"]]),
-        "startup": common.median([run["startup_s"] for run in runs[backend]]),
-    } for backend in BACKENDS}
+                print(
+                    f"run {rep + 1}/{args.reps} {backend}: step times "
+                    f"{', '.join(f'{t:.2f}' for t in runs[backend][-1]['times'])} s",
+                    flush=True,
+                )
+    figures = {
+        backend: {
+            "time": common.median([t for run in runs[backend] for t in run["times"]]),
+            "generate": common.median([t for run in runs[backend] for t in run["generate"]]),
+            "tokens": common.median([t for run in runs[backend] for t in run["mean_tokens"]]),
+            "startup": common.median([run["startup_s"] for run in runs[backend]]),
+        }
+        for backend in BACKENDS
+    }
     sync = common.median([run["sync_s"] for run in runs["vllm"] if run["sync_s"] is not None])
-    print(f"\nOne CRISP step on the demo's settings ({args.threads} thread(s)), model: "
-          f"{args.model or 'random, demo shape'}")
+    print(
+        f"\nOne CRISP step on the demo's settings ({args.threads} thread(s)), model: "
+        f"{args.model or 'random, demo shape'}"
+    )
     print(f"machine: {common.machine()}\n")
-    print(common.table(["backend", "step, median (s)", "generate, median (s)", "mean rollout tokens",
-                        "generator start-up (s)"],
-                       [[b, f"{f['time']:.3f}", f"{f['generate']:.3f}", f"{f['tokens']:.1f}", f"{f['startup']:.2f}"]
-                        for b, f in figures.items()]))
+    print(
+        common.table(
+            ["backend", "step, median (s)", "generate, median (s)", "mean rollout tokens", "generator start-up (s)"],
+            [
+                [b, f"{f['time']:.3f}", f"{f['generate']:.3f}", f"{f['tokens']:.1f}", f"{f['startup']:.2f}"]
+                for b, f in figures.items()
+            ],
+        )
+    )
     print(f"vLLM weight sync, median: {sync * 1000:.1f} ms per step")
-    print(f"\nRESULT step_ratio={figures['vllm']['time'] / figures['hf']['time']:.3f} "
-          f"generate_ratio={figures['vllm']['generate'] / figures['hf']['generate']:.3f} "
-          f"vllm_startup_s={figures['vllm']['startup']:.2f} vllm_sync_ms={sync * 1000:.1f}")
+    print(
+        f"\nRESULT step_ratio={figures['vllm']['time'] / figures['hf']['time']:.3f} "
+        f"generate_ratio={figures['vllm']['generate'] / figures['hf']['generate']:.3f} "
+        f"vllm_startup_s={figures['vllm']['startup']:.2f} vllm_sync_ms={sync * 1000:.1f}"
+    )
 
 
 def random_demo_model(directory: Path) -> None:
@@ -130,9 +149,15 @@ def random_demo_model(directory: Path) -> None:
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo" / "base.yaml").read_text())
     tiny = spec["model"]["tiny"]
     tokenizer = build_word_tokenizer(synthetic.vocabulary_texts(traces=300))
-    model = build_tiny_model(tokenizer, architecture=tiny["architecture"], hidden_size=tiny["hidden_size"],
-                             num_layers=tiny["num_layers"], num_heads=tiny["num_heads"],
-                             intermediate_size=tiny["intermediate_size"], seed=0)
+    model = build_tiny_model(
+        tokenizer,
+        architecture=tiny["architecture"],
+        hidden_size=tiny["hidden_size"],
+        num_layers=tiny["num_layers"],
+        num_heads=tiny["num_heads"],
+        intermediate_size=tiny["intermediate_size"],
+        seed=0,
+    )
     save_model(model, tokenizer, directory)
 
 

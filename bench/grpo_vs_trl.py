@@ -32,9 +32,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 
 def parse_args(argv=None):
@@ -72,25 +71,45 @@ def worker_crisp(args, batch: dict, out: Path) -> dict:
     from crisp.rewards import group_advantages
     from crisp.rollout import Rollout
 
-    cfg = validate({
-        "method": "grpo", "output_dir": str(out), "max_steps": 1 + args.steps, "model": {"path": batch["model_dir"]},
-        "batch_size": args.prompts, "group_size": args.group_size, "micro_batch_size": args.prompts * args.group_size,
-        "schedule": {"kind": "constant", "l_min": args.response_len, "l_max": args.response_len},
-        "eps_low": 0.2, "eps_high": 0.28, "aggregation": "token", "loss_normaliser": "batch_tokens",
-        "optim": common.CRISP_OPTIM,
-    })
+    cfg = validate(
+        {
+            "method": "grpo",
+            "output_dir": str(out),
+            "max_steps": 1 + args.steps,
+            "model": {"path": batch["model_dir"]},
+            "batch_size": args.prompts,
+            "group_size": args.group_size,
+            "micro_batch_size": args.prompts * args.group_size,
+            "schedule": {"kind": "constant", "l_min": args.response_len, "l_max": args.response_len},
+            "eps_low": 0.2,
+            "eps_high": 0.28,
+            "aggregation": "token",
+            "loss_normaliser": "batch_tokens",
+            "optim": common.CRISP_OPTIM,
+        }
+    )
     tokenizer, policy, optimizer, scheduler = common.crisp_trainee(cfg)
-    rollouts = [Rollout(i // args.group_size, tuple(p), tuple(r), "", "length")
-                for i, (p, r) in enumerate(zip(batch["prompt_ids"], batch["responses"]))]
+    rollouts = [
+        Rollout(i // args.group_size, tuple(p), tuple(r), "", "length")
+        for i, (p, r) in enumerate(zip(batch["prompt_ids"], batch["responses"]))
+    ]
 
     def step(_: int):
         advantages = group_advantages(torch.tensor(batch["rewards"]), cfg.group_size, scale_by_std=cfg.scale_by_std)
         if not advantages.ne(0).all():
             raise AssertionError("every rollout must carry signal, or crisp would skip some")
         normaliser = loss_normaliser(cfg, sum(r.num_tokens for r in rollouts))
-        loss, _ = surrogate_backward(policy, rollouts, advantages, cfg.surrogate(), pad_id=tokenizer.pad_token_id,
-                                     chunk_size=cfg.chunk_size, normaliser=normaliser, num_train=len(rollouts),
-                                     micro=micro_batches(len(rollouts), cfg.micro_batch_size, None))
+        loss, _ = surrogate_backward(
+            policy,
+            rollouts,
+            advantages,
+            cfg.surrogate(),
+            pad_id=tokenizer.pad_token_id,
+            chunk_size=cfg.chunk_size,
+            normaliser=normaliser,
+            num_train=len(rollouts),
+            micro=micro_batches(len(rollouts), cfg.micro_batch_size, None),
+        )
         grad_norm, _ = step_if_finite(policy, optimizer, loss, cfg.optim.grad_clip)
         scheduler.step()
         return loss, grad_norm
@@ -109,8 +128,7 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
     class FixedRollouts(GRPOTrainer):
         """GRPOTrainer whose generation call returns the benchmark's rollouts (generation excluded)."""
 
-        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
-                                  has_tool_images=False):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
             if [list(p) for p in prompt_ids] != batch["prompt_ids"]:
                 raise AssertionError("TRL tokenised the prompts differently from crisp: not the same batch")
             return [list(r) for r in batch["responses"]], None
@@ -123,13 +141,23 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(batch["model_dir"])
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in batch["prompts"]])
     config = GRPOConfig(
-        output_dir=str(out), max_steps=1 + args.steps, per_device_train_batch_size=args.prompts * args.group_size,
-        gradient_accumulation_steps=1, num_generations=args.group_size, max_completion_length=args.response_len,
-        loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group", bf16=False,
+        output_dir=str(out),
+        max_steps=1 + args.steps,
+        per_device_train_batch_size=args.prompts * args.group_size,
+        gradient_accumulation_steps=1,
+        num_generations=args.group_size,
+        max_completion_length=args.response_len,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.0,
+        scale_rewards="group",
+        bf16=False,
         **common.TRL_SETTINGS,
     )
-    trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer,
-                            reward_funcs=reward)
+    trainer = FixedRollouts(
+        model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer, reward_funcs=reward
+    )
     return common.train_trl_timed(trainer, {})
 
 
@@ -157,12 +185,18 @@ def main() -> None:
 
     print(f"\nGRPO (DAPO) step, crisp vs TRL {common.trl_version()} GRPOTrainer (fp32, {args.threads} thread(s))")
     print(f"machine: {common.machine()}")
-    print(f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
-          f"batch: {args.prompts} prompt(s) of {prompt_tokens} tokens x G = {args.group_size} rollouts of "
-          f"{args.response_len} tokens; {args.reps} runs x {args.steps} timed steps per side\n")
+    print(
+        f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
+        f"batch: {args.prompts} prompt(s) of {prompt_tokens} tokens x G = {args.group_size} rollouts of "
+        f"{args.response_len} tokens; {args.reps} runs x {args.steps} timed steps per side\n"
+    )
     rows = common.ratio_rows(figures["crisp"], figures["trl"]) + [
-        ["gradient norm at step 1 (TRL's x the advantage factor)", f"{norms['crisp']:.6g}",
-         f"{norms['trl'] * scale:.6g}", ""],
+        [
+            "gradient norm at step 1 (TRL's x the advantage factor)",
+            f"{norms['crisp']:.6g}",
+            f"{norms['trl'] * scale:.6g}",
+            "",
+        ],
     ]
     print(common.table(["", "crisp", "TRL", "crisp / TRL"], rows))
     common.print_ratios(runs, figures["crisp"], figures["trl"])

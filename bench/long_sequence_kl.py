@@ -23,10 +23,9 @@ import argparse
 import time
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
-
-import common
 
 MODES = ("chunked", "full")
 
@@ -36,8 +35,11 @@ def parse_args(argv=None):
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--lengths", default="4096,8192", help="positions T to score with the chunked loss")
-    parser.add_argument("--full-lengths", default="2048",
-                        help="T for the unchunked comparison (skipped when it would not fit in memory)")
+    parser.add_argument(
+        "--full-lengths",
+        default="2048",
+        help="T for the unchunked comparison (skipped when it would not fit in memory)",
+    )
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=0, help="timed repetitions after the measured first run")
     parser.add_argument("--threads", type=int, default=1)
@@ -61,12 +63,12 @@ def loss_and_backward(mode: str, chunk_size: int, student_hidden, student_weight
 
     student_hidden.grad, student_weight.grad = None, None
     if mode == "chunked":
-        total, _ = divergence_sum(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                  chunk_size=chunk_size, kind="reverse_kl")
+        total, _ = divergence_sum(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_size=chunk_size, kind="reverse_kl"
+        )
     else:
         teacher_logits = F.linear(teacher_hidden, teacher_weight)  # (T, V)
-        total = per_token_divergence(F.linear(student_hidden, student_weight), teacher_logits,
-                                     kind="reverse_kl").sum()
+        total = per_token_divergence(F.linear(student_hidden, student_weight), teacher_logits, kind="reverse_kl").sum()
     total.backward()
     return float(total)
 
@@ -83,8 +85,14 @@ def worker(args) -> dict:
         wall = time.perf_counter()
         loss_and_backward(args.worker, args.chunk_size, *tensors)
         times.append(time.perf_counter() - wall)
-    return {"extra_mb": peak - base, "times": times, "cpu_time": cpu, "value": value,
-            "grad_norm": float(tensors[1].grad.norm()), "peak_reset": reset}
+    return {
+        "extra_mb": peak - base,
+        "times": times,
+        "cpu_time": cpu,
+        "value": value,
+        "grad_norm": float(tensors[1].grad.norm()),
+        "peak_reset": reset,
+    }
 
 
 def available_mb() -> float:
@@ -112,35 +120,68 @@ def main() -> None:
             else:
                 print(f"T={tokens}: the unchunked loss would need ~{11 * logits_mb[tokens] / 1024:.0f} GiB; skipped")
         for mode in modes:
-            flags = ["--worker", mode, f"--tokens={tokens}", f"--vocab={args.vocab}", f"--hidden={args.hidden}",
-                     f"--chunk-size={args.chunk_size}", f"--repeat={args.repeat}", f"--threads={args.threads}"]
+            flags = [
+                "--worker",
+                mode,
+                f"--tokens={tokens}",
+                f"--vocab={args.vocab}",
+                f"--hidden={args.hidden}",
+                f"--chunk-size={args.chunk_size}",
+                f"--repeat={args.repeat}",
+                f"--threads={args.threads}",
+            ]
             results[tokens, mode] = common.run_worker(__file__, flags, args.threads)
             run = results[tokens, mode]
-            print(f"T={tokens} {mode}: {run['extra_mb']:.0f} MiB above the inputs, "
-                  f"{', '.join(f'{t:.2f}' for t in run['times'])} s", flush=True)
+            print(
+                f"T={tokens} {mode}: {run['extra_mb']:.0f} MiB above the inputs, "
+                f"{', '.join(f'{t:.2f}' for t in run['times'])} s",
+                flush=True,
+            )
 
-    print(f"\nReverse KL + backward, vocabulary {args.vocab}, hidden {args.hidden}, chunk {args.chunk_size} rows "
-          f"(fp32, {args.threads} thread(s))")
+    print(
+        f"\nReverse KL + backward, vocabulary {args.vocab}, hidden {args.hidden}, chunk {args.chunk_size} rows "
+        f"(fp32, {args.threads} thread(s))"
+    )
     print(f"machine: {common.machine()}\n")
     rows, ratios = [], {}
     for tokens in lengths:
         chunked = results[tokens, "chunked"]
         full = results.get((tokens, "full"))
         chunked_time = common.median(chunked["times"])
-        row = [tokens, f"{logits_mb[tokens] / 1024:.2f}", f"{chunked['extra_mb'] / 1024:.2f}",
-               f"{chunked_time:.1f} ({chunked['cpu_time']:.1f})"]
+        row = [
+            tokens,
+            f"{logits_mb[tokens] / 1024:.2f}",
+            f"{chunked['extra_mb'] / 1024:.2f}",
+            f"{chunked_time:.1f} ({chunked['cpu_time']:.1f})",
+        ]
         if full:
             full_time = common.median(full["times"])
             ratios[tokens] = chunked_time / full_time
             agree = abs(chunked["value"] - full["value"]) / abs(full["value"])
-            row += [f"{full['extra_mb'] / 1024:.2f}", f"{full_time:.1f} ({full['cpu_time']:.1f})",
-                    f"{ratios[tokens]:.2f}", f"{agree:.1e}"]
+            row += [
+                f"{full['extra_mb'] / 1024:.2f}",
+                f"{full_time:.1f} ({full['cpu_time']:.1f})",
+                f"{ratios[tokens]:.2f}",
+                f"{agree:.1e}",
+            ]
         else:
             row += ["-", "-", "-", "-"]
         rows.append(row)
-    print(common.table(["T", "one side's logits (GiB)", "chunked: peak above inputs (GiB)", "chunked: time (CPU) (s)",
-                        "unchunked: peak above inputs (GiB)", "unchunked: time (CPU) (s)", "time ratio",
-                        "loss rel. difference"], rows))
+    print(
+        common.table(
+            [
+                "T",
+                "one side's logits (GiB)",
+                "chunked: peak above inputs (GiB)",
+                "chunked: time (CPU) (s)",
+                "unchunked: peak above inputs (GiB)",
+                "unchunked: time (CPU) (s)",
+                "time ratio",
+                "loss rel. difference",
+            ],
+            rows,
+        )
+    )
     if not all(run["peak_reset"] for run in results.values()):
         print("note: this kernel could not reset the RSS high-water mark; peaks include set-up")
     longest = max(int(t) for t in args.lengths.split(","))

@@ -27,9 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 
 def parse_args(argv=None):
@@ -51,8 +50,9 @@ def tiny_setup(prompts: int):
     from crisp.prompts import PromptBuilder
 
     tokenizer = build_word_tokenizer(synthetic.vocabulary_texts(traces=300))
-    model = build_tiny_model(tokenizer, architecture="qwen3", hidden_size=128, num_layers=2, num_heads=4,
-                             intermediate_size=256, seed=0)
+    model = build_tiny_model(
+        tokenizer, architecture="qwen3", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, seed=0
+    )
     builder = PromptBuilder(tokenizer, template="plain")
     problems = synthetic.test_problems()  # 200 problems: cycled for larger batches
     return model, tokenizer, [builder.student_ids(problems[i % len(problems)]) for i in range(prompts)]
@@ -61,8 +61,9 @@ def tiny_setup(prompts: int):
 def big_setup(prompts: int, scratch: Path):
     from crisp.modeling import load_model, load_tokenizer
 
-    model_dir, words = common.build_model(scratch / "model32k", vocab=32000, hidden=256, layers=4, heads=4,
-                                          intermediate=768)
+    model_dir, words = common.build_model(
+        scratch / "model32k", vocab=32000, hidden=256, layers=4, heads=4, intermediate=768
+    )
     tokenizer = load_tokenizer(str(model_dir))
     generator = torch.Generator().manual_seed(0)
     ids = [common.chat_ids(tokenizer, common.random_text(64, generator, words)) for _ in range(prompts)]
@@ -88,15 +89,17 @@ def measure(name: str, model, tokenizer, prompts, max_new_tokens: int, reps: int
     from crisp.rollout import HFGenerator, KVCacheGenerator
 
     sampling = SamplingConfig(n=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens)
-    backends = {"hf": HFGenerator(model, tokenizer, batch_size=len(prompts)),
-                "plain": KVCacheGenerator(model, tokenizer, batch_size=len(prompts))}
+    backends = {
+        "hf": HFGenerator(model, tokenizer, batch_size=len(prompts)),
+        "plain": KVCacheGenerator(model, tokenizer, batch_size=len(prompts)),
+    }
     if engine is not None:
         backends["vllm"] = engine
     times = {key: [] for key in backends}
     tokens = {key: [] for key in backends}
     for rep in range(reps + 1):
         outputs = {}
-        for key in (backends if rep % 2 == 0 else list(backends)[::-1]):
+        for key in backends if rep % 2 == 0 else list(backends)[::-1]:
             wall = time.perf_counter()
             outputs[key] = backends[key].generate(prompts, sampling, seed=rep)
             if rep > 0:
@@ -104,12 +107,18 @@ def measure(name: str, model, tokenizer, prompts, max_new_tokens: int, reps: int
                 tokens[key].append(sum(r.num_tokens for r in outputs[key]))
         if outputs["hf"] != outputs["plain"]:
             raise AssertionError(f"{name}: the two backends drew different tokens with the same seed")
-    result = {key: {"time": common.median(times[key]), "tokens": common.median(tokens[key]),
-                    "tokens_per_s": common.median([n / t for n, t in zip(tokens[key], times[key])])}
-              for key in backends}
+    result = {
+        key: {
+            "time": common.median(times[key]),
+            "tokens": common.median(tokens[key]),
+            "tokens_per_s": common.median([n / t for n, t in zip(tokens[key], times[key])]),
+        }
+        for key in backends
+    }
     result["tokens"] = result["hf"]["tokens"]
-    print(f"{name}: " + "; ".join(f"{key} {', '.join(f'{t:.2f}' for t in times[key])} s" for key in backends),
-          flush=True)
+    print(
+        f"{name}: " + "; ".join(f"{key} {', '.join(f'{t:.2f}' for t in times[key])} s" for key in backends), flush=True
+    )
     return result
 
 
@@ -134,35 +143,57 @@ def main() -> None:
         if use_vllm:
             engine, engine_costs["32k"] = start_engine(model, tokenizer, args.big_tokens)
         results["32k"] = measure("32k", model, tokenizer, prompts, args.big_tokens, args.reps, engine)
-        results["32k"]["shape"] = (f"Qwen3, hidden 256, 4 layers, vocabulary {len(tokenizer)}; "
-                                   f"{len(prompts)} prompts x up to {args.big_tokens} tokens")
+        results["32k"]["shape"] = (
+            f"Qwen3, hidden 256, 4 layers, vocabulary {len(tokenizer)}; "
+            f"{len(prompts)} prompts x up to {args.big_tokens} tokens"
+        )
 
-    print(f"\nRollout throughput, HF generate vs a plain KV-cached loop{' vs vLLM' if use_vllm else ''} "
-          f"({args.threads} thread(s), temperature 1)")
+    print(
+        f"\nRollout throughput, HF generate vs a plain KV-cached loop{' vs vLLM' if use_vllm else ''} "
+        f"({args.threads} thread(s), temperature 1)"
+    )
     print(f"machine: {common.machine()}\n")
     rows = []
     for name, figures in results.items():
         hf, plain = figures["hf"], figures["plain"]
-        row = [name, figures["shape"], f"{figures['tokens']:.0f}", f"{hf['tokens_per_s']:.0f}",
-               f"{plain['tokens_per_s']:.0f}", f"{hf['time'] / plain['time']:.2f}"]
+        row = [
+            name,
+            figures["shape"],
+            f"{figures['tokens']:.0f}",
+            f"{hf['tokens_per_s']:.0f}",
+            f"{plain['tokens_per_s']:.0f}",
+            f"{hf['time'] / plain['time']:.2f}",
+        ]
         if use_vllm:
             vllm = figures["vllm"]["tokens_per_s"]
             row += [f"{vllm:.0f}", f"{vllm / hf['tokens_per_s']:.2f}"]
         rows.append(row)
-    headers = ["model", "shape and batch", "tokens (HF)", "HF generate (tok/s)", "plain loop (tok/s)",
-               "time ratio HF / plain"] + (["vLLM (tok/s)", "vLLM / HF tok/s"] if use_vllm else [])
+    headers = [
+        "model",
+        "shape and batch",
+        "tokens (HF)",
+        "HF generate (tok/s)",
+        "plain loop (tok/s)",
+        "time ratio HF / plain",
+    ] + (["vLLM (tok/s)", "vLLM / HF tok/s"] if use_vllm else [])
     print(common.table(headers, rows))
     for name, costs in engine_costs.items():
-        print(f"vLLM engine on {name}: start-up {costs['startup_s']:.1f} s, "
-              f"one weight sync {costs['sync_s'] * 1000:.0f} ms")
+        print(
+            f"vLLM engine on {name}: start-up {costs['startup_s']:.1f} s, "
+            f"one weight sync {costs['sync_s'] * 1000:.0f} ms"
+        )
     fields = []
     for name, figures in results.items():
-        fields += [f"time_ratio_{name}={figures['hf']['time'] / figures['plain']['time']:.3f}",
-                   f"hf_tokens_per_s_{name}={figures['hf']['tokens_per_s']:.0f}",
-                   f"plain_tokens_per_s_{name}={figures['plain']['tokens_per_s']:.0f}"]
+        fields += [
+            f"time_ratio_{name}={figures['hf']['time'] / figures['plain']['time']:.3f}",
+            f"hf_tokens_per_s_{name}={figures['hf']['tokens_per_s']:.0f}",
+            f"plain_tokens_per_s_{name}={figures['plain']['tokens_per_s']:.0f}",
+        ]
         if use_vllm:
-            fields += [f"vllm_tokens_per_s_{name}={figures['vllm']['tokens_per_s']:.0f}",
-                       f"vllm_speedup_{name}={figures['vllm']['tokens_per_s'] / figures['hf']['tokens_per_s']:.3f}"]
+            fields += [
+                f"vllm_tokens_per_s_{name}={figures['vllm']['tokens_per_s']:.0f}",
+                f"vllm_speedup_{name}={figures['vllm']['tokens_per_s'] / figures['hf']['tokens_per_s']:.3f}",
+            ]
     print("\nRESULT " + " ".join(fields))
 
 

@@ -34,9 +34,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 
 def parse_args(argv=None):
@@ -45,8 +44,11 @@ def parse_args(argv=None):
     parser.add_argument("--context-len", type=int, default=32, help="extra words in each teacher prompt")
     parser.add_argument("--chunk-size", type=int, default=128, help="crisp's loss.chunk_size")
     parser.add_argument("--no-generation", action="store_true", help="skip timing HF generate for the batch")
-    parser.add_argument("--trl-bf16", action="store_true",
-                        help="leave TRL on its CPU default, bf16 autocast (crisp stays fp32): not the same arithmetic")
+    parser.add_argument(
+        "--trl-bf16",
+        action="store_true",
+        help="leave TRL on its CPU default, bf16 autocast (crisp stays fp32): not the same arithmetic",
+    )
     common.add_model_args(parser)
     return parser.parse_args(argv)
 
@@ -75,27 +77,41 @@ def make_batch(model_dir: Path, words: int, args) -> dict:
 
 def worker_crisp(args, batch: dict, out: Path) -> dict:
     from crisp.config import validate
+    from crisp.methods.selfdistill import DistillBatch, distill_backward
     from crisp.optim import step_if_finite
     from crisp.rollout import HFGenerator, Rollout
-    from crisp.methods.selfdistill import DistillBatch, distill_backward
     from crisp.teacher import Teacher
 
-    cfg = validate({
-        "method": "selfdistill", "output_dir": str(out), "max_steps": 1 + args.steps,
-        "model": {"path": batch["model_dir"]}, "batch_size": args.rollouts, "micro_batch_size": args.rollouts,
-        "rollout": {"n": 1, "temperature": 1.0, "max_new_tokens": args.response_len},
-        "teacher": {"update": "refresh", "refresh_every": 1},
-        "loss": {"divergence": "reverse_kl", "chunk_size": args.chunk_size},
-        "optim": common.CRISP_OPTIM,
-    })
+    cfg = validate(
+        {
+            "method": "selfdistill",
+            "output_dir": str(out),
+            "max_steps": 1 + args.steps,
+            "model": {"path": batch["model_dir"]},
+            "batch_size": args.rollouts,
+            "micro_batch_size": args.rollouts,
+            "rollout": {"n": 1, "temperature": 1.0, "max_new_tokens": args.response_len},
+            "teacher": {"update": "refresh", "refresh_every": 1},
+            "loss": {"divergence": "reverse_kl", "chunk_size": args.chunk_size},
+            "optim": common.CRISP_OPTIM,
+        }
+    )
     tokenizer, student, optimizer, scheduler = common.crisp_trainee(cfg)
     teacher = Teacher(student, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every)
-    rollouts = [Rollout(i, tuple(p), tuple(r), "", "length")
-                for i, (p, r) in enumerate(zip(batch["student_ids"], batch["responses"]))]
+    rollouts = [
+        Rollout(i, tuple(p), tuple(r), "", "length")
+        for i, (p, r) in enumerate(zip(batch["student_ids"], batch["responses"]))
+    ]
 
     def step(i: int):
-        loss = distill_backward(student, teacher, DistillBatch(rollouts, batch["teacher_ids"]), cfg.loss,
-                                pad_id=tokenizer.pad_token_id, micro_batch_size=cfg.micro_batch_size)
+        loss = distill_backward(
+            student,
+            teacher,
+            DistillBatch(rollouts, batch["teacher_ids"]),
+            cfg.loss,
+            pad_id=tokenizer.pad_token_id,
+            micro_batch_size=cfg.micro_batch_size,
+        )
         grad_norm, _ = step_if_finite(student, optimizer, loss, cfg.optim.grad_clip)
         scheduler.step()
         teacher.after_step(i, student)
@@ -131,14 +147,28 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
             return prompt_ids, [list(r) for r in responses]
 
     tokenizer = AutoTokenizer.from_pretrained(batch["model_dir"])
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}], "privileged_context": c}
-                                 for p, c in zip(batch["prompts"], batch["contexts"])])
+    dataset = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": p}], "privileged_context": c}
+            for p, c in zip(batch["prompts"], batch["contexts"])
+        ]
+    )
     config = SDFTConfig(
-        output_dir=str(out), max_steps=1 + args.steps, per_device_train_batch_size=args.rollouts,
-        gradient_accumulation_steps=1, num_generations=1, max_completion_length=args.response_len,
-        max_prompt_length=None, distillation_mode="full_logits", distillation_alpha=1.0,  # alpha 1: reverse KL
-        distillation_is_clip=None, teacher_model_kind="ema", teacher_update_rate=1.0, teacher_sync_steps=1,
-        bf16=args.trl_bf16, **common.TRL_SETTINGS,
+        output_dir=str(out),
+        max_steps=1 + args.steps,
+        per_device_train_batch_size=args.rollouts,
+        gradient_accumulation_steps=1,
+        num_generations=1,
+        max_completion_length=args.response_len,
+        max_prompt_length=None,
+        distillation_mode="full_logits",
+        distillation_alpha=1.0,  # alpha 1: reverse KL
+        distillation_is_clip=None,
+        teacher_model_kind="ema",
+        teacher_update_rate=1.0,
+        teacher_sync_steps=1,
+        bf16=args.trl_bf16,
+        **common.TRL_SETTINGS,
     )
     trainer = FixedRollouts(model=batch["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer)
     result = {"losses": []}
@@ -147,9 +177,12 @@ def worker_trl(args, batch: dict, out: Path) -> dict:
         result["losses"].append(trainer._metrics["train"]["self_distillation/distillation_loss"][-1])
         if step == 1:
             teacher_rows = trainer._buffered_inputs[0]
-            for ids, mask, want, response in zip(teacher_rows["teacher_input_ids"],
-                                                 teacher_rows["teacher_attention_mask"], batch["teacher_ids"],
-                                                 responses):
+            for ids, mask, want, response in zip(
+                teacher_rows["teacher_input_ids"],
+                teacher_rows["teacher_attention_mask"],
+                batch["teacher_ids"],
+                responses,
+            ):
                 if ids[mask.bool()].tolist() != want + response:
                     raise AssertionError("TRL's teacher input differs from crisp's: not the same batch")
 
@@ -166,10 +199,13 @@ def main() -> None:
         return
 
     def extra_flags(rep: int) -> list[str]:  # generation is timed once, in the first pair of runs
-        return (["--no-generation"] if args.no_generation or rep > 0 else []) + (["--trl-bf16"] if args.trl_bf16 else [])
+        return (["--no-generation"] if args.no_generation or rep > 0 else []) + (
+            ["--trl-bf16"] if args.trl_bf16 else []
+        )
 
-    batch, runs = common.alternate_sides(__file__, args, make_batch, own_flags=("no_generation", "trl_bf16", "generate"),
-                                         extra_flags=extra_flags)
+    batch, runs = common.alternate_sides(
+        __file__, args, make_batch, own_flags=("no_generation", "trl_bf16", "generate"), extra_flags=extra_flags
+    )
     figures = common.side_figures(runs)
     crisp = figures["crisp"]
     first = {side: runs[side][0] for side in common.SIDES}
@@ -177,23 +213,33 @@ def main() -> None:
     teacher_tokens = sum(map(len, batch["teacher_ids"])) / args.rollouts
 
     precision = "crisp fp32, TRL bf16 autocast" if args.trl_bf16 else "fp32"
-    print(f"\nSelf-distillation step, crisp vs TRL {common.trl_version()} SDFTTrainer ({precision}, "
-          f"{args.threads} thread(s))")
+    print(
+        f"\nSelf-distillation step, crisp vs TRL {common.trl_version()} SDFTTrainer ({precision}, "
+        f"{args.threads} thread(s))"
+    )
     print(f"machine: {common.machine()}")
-    print(f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
-          f"batch: {args.rollouts} rollouts x {args.response_len} tokens, prompts {prompt_tokens:.0f} tokens, "
-          f"teacher prompts {teacher_tokens:.0f} tokens; {args.reps} runs x {args.steps} timed steps per side\n")
+    print(
+        f"model: Qwen3 architecture, hidden {args.hidden}, {args.layers} layers, vocabulary {args.vocab}; "
+        f"batch: {args.rollouts} rollouts x {args.response_len} tokens, prompts {prompt_tokens:.0f} tokens, "
+        f"teacher prompts {teacher_tokens:.0f} tokens; {args.reps} runs x {args.steps} timed steps per side\n"
+    )
     rows = common.ratio_rows(crisp, figures["trl"]) + [
-        ["loss at step 1 / step 2", " / ".join(f"{x:.6g}" for x in first["crisp"]["losses"][:2]),
-         " / ".join(f"{x:.6g}" for x in first["trl"]["losses"][:2]), ""],
+        [
+            "loss at step 1 / step 2",
+            " / ".join(f"{x:.6g}" for x in first["crisp"]["losses"][:2]),
+            " / ".join(f"{x:.6g}" for x in first["trl"]["losses"][:2]),
+            "",
+        ],
         ["gradient norm at step 1", f"{first['crisp']['grad_norm']:.6g}", f"{first['trl']['grad_norm']:.6g}", ""],
     ]
     print(common.table(["", "crisp", "TRL", "crisp / TRL"], rows))
     if "generation_s" in first["crisp"]:
         generation = first["crisp"]["generation_s"]
-        print(f"\nGenerating this batch with HF generate (not in the timed step): {generation:.2f} s for "
-              f"{first['crisp']['generated_tokens']} tokens; with it a crisp step would be "
-              f"{generation + crisp['time']:.2f} s, {100 * generation / (generation + crisp['time']):.0f}% generating.")
+        print(
+            f"\nGenerating this batch with HF generate (not in the timed step): {generation:.2f} s for "
+            f"{first['crisp']['generated_tokens']} tokens; with it a crisp step would be "
+            f"{generation + crisp['time']:.2f} s, {100 * generation / (generation + crisp['time']):.0f}% generating."
+        )
     common.print_ratios(runs, crisp, figures["trl"])
 
 

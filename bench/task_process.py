@@ -38,13 +38,20 @@ def main() -> None:
     print("| policy | acc | tokens | " + " | ".join(f"L{lv}" for lv in synthetic.LEVELS) + " |")
     print("|---|---|---|" + "---|" * len(synthetic.LEVELS))
     for name, style in STYLES.items():
-        figures = synthetic.expected_figures(style, temperature=args.temperature, per_level=args.per_level,
-                                             count_tokens=count, max_tokens=args.max_tokens)
+        figures = synthetic.expected_figures(
+            style,
+            temperature=args.temperature,
+            per_level=args.per_level,
+            count_tokens=count,
+            max_tokens=args.max_tokens,
+        )
         accuracy = sum(f["accuracy"] for f in figures.values()) / len(figures)
         tokens = sum(f["mean_tokens"] for f in figures.values()) / len(figures)
-        cells = [f"{f['accuracy']:.2f} / {f['mean_tokens']:.0f}" + (f", {f['truncation_rate']:.0%} cut"
-                                                                      if f["truncation_rate"] >= 0.005 else "")
-                 for f in figures.values()]
+        cells = [
+            f"{f['accuracy']:.2f} / {f['mean_tokens']:.0f}"
+            + (f", {f['truncation_rate']:.0%} cut" if f["truncation_rate"] >= 0.005 else "")
+            for f in figures.values()
+        ]
         print(f"| {name} | {accuracy:.3f} | {tokens:.0f} | " + " | ".join(cells) + " |")
 
 

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import parity_reward
+
 from crisp import cli
 from crisp.config import load_config
 from crisp.distributed import end_processes

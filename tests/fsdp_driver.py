@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from conftest import TINY, vocabulary
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from conftest import TINY, vocabulary
 from crisp.config import SamplingConfig
+from crisp.methods.selfdistill import LossConfig, distill_loss_sum
 from crisp.modeling import build_tiny_model, build_word_tokenizer
 from crisp.optim import clip_and_check
 from crisp.rollout import HFGenerator, KVCacheGenerator
-from crisp.methods.selfdistill import LossConfig, distill_loss_sum
 from crisp.teacher import Teacher
 
 WEIGHT_SCALE, EOS_SCALE = 4.0, 3.0
@@ -62,22 +62,32 @@ def main(out: Path) -> None:
     prompts = [[5, 6, 7, 8, 9], [5, 6, 7], [9, 8, 7, 6]]
     sampling = SamplingConfig(n=2, temperature=1.0, max_new_tokens=12)
     share = slice(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)
-    sharded_rollouts = HFGenerator(student, tokenizer, batch_size=3).generate(prompts[share], sampling, seed=3,
-                                                                              first_index=share.start)
+    sharded_rollouts = HFGenerator(student, tokenizer, batch_size=3).generate(
+        prompts[share], sampling, seed=3, first_index=share.start
+    )
     expected_rollouts = HFGenerator(unsharded, tokenizer).generate(prompts, sampling, seed=3)
-    kv_rollouts = KVCacheGenerator(student, tokenizer, batch_size=3).generate(prompts[share], sampling, seed=3,
-                                                                              first_index=share.start)
+    kv_rollouts = KVCacheGenerator(student, tokenizer, batch_size=3).generate(
+        prompts[share], sampling, seed=3, first_index=share.start
+    )
 
     responses = [list(r.token_ids) for r in expected_rollouts]
     rows = [r.prompt_index for r in expected_rollouts]
     loss_cfg = LossConfig(divergence="reverse_kl", chunk_size=5)
     pad, tokens = tokenizer.pad_token_id, sum(map(len, responses))
     mine = range(rank * len(rows) // world, (rank + 1) * len(rows) // world)
-    loss = distill_loss_sum(student, teacher, [prompts[rows[i]] for i in mine], [prompts[rows[i]] for i in mine],
-                            [responses[i] for i in mine], loss_cfg, pad)
+    loss = distill_loss_sum(
+        student,
+        teacher,
+        [prompts[rows[i]] for i in mine],
+        [prompts[rows[i]] for i in mine],
+        [responses[i] for i in mine],
+        loss_cfg,
+        pad,
+    )
     (loss * world / tokens).backward()
-    full = distill_loss_sum(unsharded, teacher, [prompts[i] for i in rows], [prompts[i] for i in rows], responses,
-                            loss_cfg, pad)
+    full = distill_loss_sum(
+        unsharded, teacher, [prompts[i] for i in rows], [prompts[i] for i in rows], responses, loss_cfg, pad
+    )
     (full / tokens).backward()
     grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in student.named_parameters()}
     grad_diff = max((grads[n] - p.grad).abs().max().item() for n, p in unsharded.named_parameters())
@@ -85,13 +95,17 @@ def main(out: Path) -> None:
     norms = [clip_and_check(student, None), clip_and_check(unsharded, None)]
 
     teacher.after_step(1, student)
-    refreshed = all(torch.equal(t, u) for t, u in zip(teacher.model.state_dict().values(),
-                                                       unsharded.state_dict().values()))
+    refreshed = all(
+        torch.equal(t, u) for t, u in zip(teacher.model.state_dict().values(), unsharded.state_dict().values())
+    )
     result = {
         "rollouts_match": sharded_rollouts == expected_rollouts[share.start * sampling.n : share.stop * sampling.n],
         "kv_rollouts_match": kv_rollouts == sharded_rollouts,
         "lengths": [r.num_tokens for r in sharded_rollouts],
-        "grad_diff": grad_diff, "grad_scale": grad_scale, "norms": norms, "teacher_refreshed": refreshed,
+        "grad_diff": grad_diff,
+        "grad_scale": grad_scale,
+        "norms": norms,
+        "teacher_refreshed": refreshed,
     }
     (out / f"fsdp-rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

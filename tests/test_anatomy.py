@@ -5,15 +5,22 @@ rule, the aggregate rates, and a pathological 100k-character response in bounded
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import random
 import time
 
 import pytest
 
-from crisp.anatomy import (DEFAULT_MARKERS, anatomy_figures, count_markers, find_sequence, has_repetition_loop,
-                           prompt_leaves_thinking_open, response_anatomy, thinking_split)
+from crisp.anatomy import (
+    DEFAULT_MARKERS,
+    anatomy_figures,
+    count_markers,
+    find_sequence,
+    has_repetition_loop,
+    prompt_leaves_thinking_open,
+    response_anatomy,
+    thinking_split,
+)
 from crisp.cli import main
 from crisp.config import AnatomyConfig, ConfigError, EvalRunConfig, validate
 from crisp.data import synthetic
@@ -28,16 +35,19 @@ def split(ids, *, prompt_open=False, text="", close=(CLOSE,), decode=None):
     return thinking_split(ids, close_ids=close, open_ids=(OPEN,), text=text, prompt_open=prompt_open, decode=decode)
 
 
-@pytest.mark.parametrize("ids, prompt_open, expected", [
-    ([OPEN, 1, 2, 3, CLOSE, 4, 5, EOS], False, (5, 3)),  # Qwen3: <think> 1 2 3 </think> | 4 5 EOS
-    ([OPEN, 7, CLOSE, 4, EOS], False, (3, 2)),  # an empty thinking section: the tags and a blank line
-    ([1, 2, CLOSE, 4, EOS], True, (3, 2)),  # R1-Distill: the prompt opened it, the response only closes
-    ([OPEN, 1, CLOSE, 2, CLOSE, EOS], False, (3, 3)),  # the first </think> ends the thinking
-    ([OPEN, 1, 2, 3], False, (4, 0)),  # truncated inside its own thinking section: all thinking
-    ([1, 2, 3], True, (3, 0)),  # truncated inside the prompt's section (no tag in the response)
-    ([1, 2, EOS], False, (0, 3)),  # no tags, nothing open: all answer (also the thinking-free mode)
-    ([], True, (0, 0)),
-])
+@pytest.mark.parametrize(
+    "ids, prompt_open, expected",
+    [
+        ([OPEN, 1, 2, 3, CLOSE, 4, 5, EOS], False, (5, 3)),  # Qwen3: <think> 1 2 3 </think> | 4 5 EOS
+        ([OPEN, 7, CLOSE, 4, EOS], False, (3, 2)),  # an empty thinking section: the tags and a blank line
+        ([1, 2, CLOSE, 4, EOS], True, (3, 2)),  # R1-Distill: the prompt opened it, the response only closes
+        ([OPEN, 1, CLOSE, 2, CLOSE, EOS], False, (3, 3)),  # the first </think> ends the thinking
+        ([OPEN, 1, 2, 3], False, (4, 0)),  # truncated inside its own thinking section: all thinking
+        ([1, 2, 3], True, (3, 0)),  # truncated inside the prompt's section (no tag in the response)
+        ([1, 2, EOS], False, (0, 3)),  # no tags, nothing open: all answer (also the thinking-free mode)
+        ([], True, (0, 0)),
+    ],
+)
 def test_thinking_split_by_hand(ids, prompt_open, expected):
     assert split(ids, prompt_open=prompt_open) == expected
 
@@ -61,12 +71,23 @@ def test_which_prompts_leave_thinking_open():
 
 
 def test_count_markers_by_hand():
-    text = ("Wait, hmm. But wait -- let me  check: I double-check; awaited, waiting, Hmm... ALTERNATIVELY. "
-            "Let me\nverify. wait")
+    text = (
+        "Wait, hmm. But wait -- let me  check: I double-check; awaited, waiting, Hmm... ALTERNATIVELY. "
+        "Let me\nverify. wait"
+    )
     counts = count_markers(text, DEFAULT_MARKERS)
     assert list(counts) == list(DEFAULT_MARKERS)
-    assert counts == {"wait": 2, "but wait": 1, "hmm": 2, "alternatively": 1, "let me check": 1,
-                      "let me verify": 1, "double-check": 1, "double check": 0, "re-read": 0}
+    assert counts == {
+        "wait": 2,
+        "but wait": 1,
+        "hmm": 2,
+        "alternatively": 1,
+        "let me check": 1,
+        "let me verify": 1,
+        "double-check": 1,
+        "double check": 0,
+        "re-read": 0,
+    }
     assert count_markers(text, ["wait"]) == {"wait": 3}  # without "but wait" its "wait" counts
     assert count_markers(text, []) == {}
     assert count_markers("", DEFAULT_MARKERS)["wait"] == 0
@@ -93,20 +114,35 @@ def test_repetition_loop_rule():
 def test_response_anatomy_of_a_qwen3_response():
     text = "<think>\nHmm, wait. Let me check.\n</think>\n\nAnswer: 4"
     ids = [OPEN, 1, 2, 3, 4, 5, CLOSE, 6, 7, 8, EOS]
-    figures = response_anatomy(ids, text, close_ids=(CLOSE,), open_ids=(OPEN,), prompt_open=False,
-                               markers=["wait", "hmm", "let me check"])
-    assert figures == {"thinking_tokens": 7, "answer_tokens": 4, "markers": {"wait": 1, "hmm": 1, "let me check": 1},
-                       "repetition_loop": False}
+    figures = response_anatomy(
+        ids, text, close_ids=(CLOSE,), open_ids=(OPEN,), prompt_open=False, markers=["wait", "hmm", "let me check"]
+    )
+    assert figures == {
+        "thinking_tokens": 7,
+        "answer_tokens": 4,
+        "markers": {"wait": 1, "hmm": 1, "let me check": 1},
+        "repetition_loop": False,
+    }
 
 
 def test_anatomy_figures_and_summarize_by_hand():
     def record(pid, level, tokens, thinking, markers, loop):
-        return {"id": pid, "difficulty": level, "correct": True, "tokens": tokens, "finish_reason": "stop",
-                "thinking_tokens": thinking, "answer_tokens": tokens - thinking, "markers": markers,
-                "repetition_loop": loop}
+        return {
+            "id": pid,
+            "difficulty": level,
+            "correct": True,
+            "tokens": tokens,
+            "finish_reason": "stop",
+            "thinking_tokens": thinking,
+            "answer_tokens": tokens - thinking,
+            "markers": markers,
+            "repetition_loop": loop,
+        }
 
-    rows = [record("a", "1", 100, 80, {"wait": 2, "hmm": 1}, False),
-            record("b", "2", 300, 0, {"wait": 1, "hmm": 0}, True)]
+    rows = [
+        record("a", "1", 100, 80, {"wait": 2, "hmm": 1}, False),
+        record("b", "2", 300, 0, {"wait": 1, "hmm": 0}, True),
+    ]
     figures = anatomy_figures(rows)
     assert figures["mean_thinking_tokens"] == pytest.approx(40)
     assert figures["mean_answer_tokens"] == pytest.approx(160)
@@ -159,29 +195,61 @@ def test_add_anatomy_finds_the_tags_as_token_ids(tiny_tokenizer):
         text = tiny_tokenizer.decode(response, skip_special_tokens=True)
         return Rollout(0, tuple(prompt), tuple(response), text, reason)
 
-    rollouts = [rollout(r1_distill, thought + close + answer), rollout(thinking_free, answer),
-                rollout(r1_distill, thought, "length"), rollout(thinking_free, encode("<think>\n") + thought, "length")]
+    rollouts = [
+        rollout(r1_distill, thought + close + answer),
+        rollout(thinking_free, answer),
+        rollout(r1_distill, thought, "length"),
+        rollout(thinking_free, encode("<think>\n") + thought, "length"),
+    ]
     graded = score_rollouts([problem], rollouts, "exact")
     add_anatomy(graded, tiny_tokenizer, AnatomyConfig(markers=["wait", "hmm"]))
     records = [g.anatomy for g in graded]
     splits = [(r["thinking_tokens"], r["answer_tokens"]) for r in records]
     assert splits == [(len(thought) + 1, len(answer)), (0, len(answer)), (len(thought), 0), (len(thought) + 2, 0)]
-    assert [r["markers"] for r in records] == [{"wait": 1, "hmm": 1}, {"wait": 0, "hmm": 0},
-                                               {"wait": 1, "hmm": 1}, {"wait": 1, "hmm": 1}]
+    assert [r["markers"] for r in records] == [
+        {"wait": 1, "hmm": 1},
+        {"wait": 0, "hmm": 0},
+        {"wait": 1, "hmm": 1},
+        {"wait": 1, "hmm": 1},
+    ]
 
 
 def test_markers_config_rejects_an_empty_or_repeated_phrase():
     assert AnatomyConfig(markers=[" let  me   check "]).markers == ["let me check"]
     for markers, named in [(["wait", "Wait"], "Wait"), (["wait", " "], "at least one word")]:
         with pytest.raises(ConfigError, match=rf"anatomy\.markers.*{named}"):
-            validate({"model": {"path": "m"}, "benchmarks": ["synthetic"], "output_dir": "o",
-                      "anatomy": {"markers": markers}}, EvalRunConfig)
+            validate(
+                {
+                    "model": {"path": "m"},
+                    "benchmarks": ["synthetic"],
+                    "output_dir": "o",
+                    "anatomy": {"markers": markers},
+                },
+                EvalRunConfig,
+            )
 
 
 def test_cli_eval_reports_the_anatomy_with_its_own_markers(tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
-    main(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--limit", "6", "--k", "2",
-          "--out", str(out), "--max-new-tokens", "10", "--markers", "wait, let me check ,"])
+    main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--benchmark",
+            "synthetic",
+            "--limit",
+            "6",
+            "--k",
+            "2",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "10",
+            "--markers",
+            "wait, let me check ,",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert summary["anatomy"] == {"markers": ["wait", "let me check"], "loop_ngram": 20, "loop_repeats": 3}

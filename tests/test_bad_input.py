@@ -23,8 +23,14 @@ SRC = Path(crisp.__file__).resolve().parent
 
 
 def run_config(method: str, data_source: str, model_path: str, out: Path) -> dict:
-    data = {"method": method, "output_dir": str(out), "max_steps": 1, "model": {"path": model_path},
-            "data": {"source": data_source, "size": 8}, "prompt": {"template": "plain"}}
+    data = {
+        "method": method,
+        "output_dir": str(out),
+        "max_steps": 1,
+        "model": {"path": model_path},
+        "data": {"source": data_source, "size": 8},
+        "prompt": {"template": "plain"},
+    }
     if method == "grpo":
         data.update(group_size=2, batch_size=1, schedule={"l_min": 4, "l_max": 4})
     return data
@@ -50,14 +56,18 @@ GOOD = {"id": "p1", "question": "Start with 1.\nFirst + 1\nWhat is the result?",
 
 
 @pytest.mark.parametrize("method", ["selfdistill", "grpo"])
-@pytest.mark.parametrize("content, line, field", [
-    (json.dumps(GOOD) + "\n{\"id\": \"p2\", \"question\": \n", 2, None),  # invalid JSON
-    (json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "p2", "answer": ""}) + "\n", 2, "answer"),  # empty
-    (json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "p2", "question": 7}) + "\n", 2, "question"),  # type
-    (json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n", 2, "id"),  # duplicate id
-    (json.dumps(GOOD) + "\n" + json.dumps({"id": "p2", "question": "x"}) + "\n", 2, "answer"),  # missing
-    (json.dumps(GOOD).encode() + b"\n{\"id\": \"p2\", \"question\": \"\xff\"}\n", 2, None),  # not UTF-8
-], ids=["invalid-json", "empty-field", "wrong-type", "duplicate-id", "missing-field", "non-utf8"])
+@pytest.mark.parametrize(
+    "content, line, field",
+    [
+        (json.dumps(GOOD) + '\n{"id": "p2", "question": \n', 2, None),  # invalid JSON
+        (json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "p2", "answer": ""}) + "\n", 2, "answer"),  # empty
+        (json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "p2", "question": 7}) + "\n", 2, "question"),  # type
+        (json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n", 2, "id"),  # duplicate id
+        (json.dumps(GOOD) + "\n" + json.dumps({"id": "p2", "question": "x"}) + "\n", 2, "answer"),  # missing
+        (json.dumps(GOOD).encode() + b'\n{"id": "p2", "question": "\xff"}\n', 2, None),  # not UTF-8
+    ],
+    ids=["invalid-json", "empty-field", "wrong-type", "duplicate-id", "missing-field", "non-utf8"],
+)
 def test_bad_data_file_stops_the_run_before_any_model_naming_file_line_and_field(
     method, content, line, field, tmp_path, tiny_model_dir, no_model_loading, capsys
 ):
@@ -84,16 +94,19 @@ VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None  # CI installs it 
 
 @pytest.mark.skipif(VLLM_INSTALLED, reason="vLLM is installed: the test below checks that the backend is accepted")
 @pytest.mark.parametrize("method", ["selfdistill", "grpo"])
-def test_the_vllm_backend_without_the_engine_names_the_install_command(method, tmp_path, tiny_model_dir,
-                                                                       no_model_loading, monkeypatch, capsys):
+def test_the_vllm_backend_without_the_engine_names_the_install_command(
+    method, tmp_path, tiny_model_dir, no_model_loading, monkeypatch, capsys
+):
     data = run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run")
     data["rollout"] = {"backend": "vllm"}
     err = cli_error(tmp_path, data, capsys)
     assert "rollout: " in err and "backend: vllm" in err
     assert "pip install -e '.[vllm]'" in err and "make setup-vllm" in err
     monkeypatch.chdir(tmp_path)
-    assert cli.run(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--out", "e",
-                    "--backend", "vllm"]) == 2
+    assert (
+        cli.run(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--out", "e", "--backend", "vllm"])
+        == 2
+    )
     assert "make setup-vllm" in capsys.readouterr().err
 
 
@@ -103,23 +116,39 @@ def test_the_vllm_backend_with_the_engine_installed_is_accepted(method, tmp_path
     data = run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run")
     data["rollout"] = {"backend": "vllm"}
     assert validate(data).rollout.backend == "vllm"
-    evaluation = validate({"model": {"path": str(tiny_model_dir)}, "benchmarks": ["synthetic"], "output_dir": "e",
-                           "backend": "vllm"}, crisp.config.EvalRunConfig)
+    evaluation = validate(
+        {"model": {"path": str(tiny_model_dir)}, "benchmarks": ["synthetic"], "output_dir": "e", "backend": "vllm"},
+        crisp.config.EvalRunConfig,
+    )
     assert evaluation.backend == "vllm"
 
 
 @pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed: the backend is refused before the lengths")
-@pytest.mark.parametrize("method, lengths, key", [
-    ("selfdistill", {"rollout": {"backend": "vllm", "max_new_tokens": 64, "vllm": {"max_model_len": 64}}},
-     "rollout.max_new_tokens (64)"),
-    ("selfdistill", {"rollout": {"backend": "vllm", "max_new_tokens": 16, "vllm": {"max_model_len": 64}},
-                     "eval": {"sampling": {"max_new_tokens": 100}}}, "eval.sampling.max_new_tokens (100)"),
-    ("grpo", {"rollout": {"backend": "vllm", "vllm": {"max_model_len": 4}}}, "rollout.max_new_tokens (4)"),
-])
-def test_a_vllm_max_model_len_below_the_responses_is_an_error_naming_the_key(method, lengths, key, tmp_path,
-                                                                             tiny_model_dir, no_model_loading, capsys):
-    err = cli_error(tmp_path, {**run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run"), **lengths},
-                    capsys)
+@pytest.mark.parametrize(
+    "method, lengths, key",
+    [
+        (
+            "selfdistill",
+            {"rollout": {"backend": "vllm", "max_new_tokens": 64, "vllm": {"max_model_len": 64}}},
+            "rollout.max_new_tokens (64)",
+        ),
+        (
+            "selfdistill",
+            {
+                "rollout": {"backend": "vllm", "max_new_tokens": 16, "vllm": {"max_model_len": 64}},
+                "eval": {"sampling": {"max_new_tokens": 100}},
+            },
+            "eval.sampling.max_new_tokens (100)",
+        ),
+        ("grpo", {"rollout": {"backend": "vllm", "vllm": {"max_model_len": 4}}}, "rollout.max_new_tokens (4)"),
+    ],
+)
+def test_a_vllm_max_model_len_below_the_responses_is_an_error_naming_the_key(
+    method, lengths, key, tmp_path, tiny_model_dir, no_model_loading, capsys
+):
+    err = cli_error(
+        tmp_path, {**run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run"), **lengths}, capsys
+    )
     assert "rollout.vllm.max_model_len" in err and key in err
 
 
@@ -174,8 +203,12 @@ def test_remote_code_is_never_run_unless_the_config_turns_it_on(model_type, tiny
     (model_dir / "config.json").write_text(json.dumps(config))
     (model_dir / "custom_code.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
 
-    assert validate({"method": "selfdistill", "output_dir": "x", "max_steps": 1,
-                     "model": {"path": str(model_dir)}}).model.trust_remote_code is False
+    assert (
+        validate(
+            {"method": "selfdistill", "output_dir": "x", "max_steps": 1, "model": {"path": str(model_dir)}}
+        ).model.trust_remote_code
+        is False
+    )
     if model_type == "llama":
         assert type(load_model(str(model_dir))).__module__.startswith("transformers.")
     else:
@@ -205,9 +238,15 @@ def test_the_source_never_evaluates_text_or_unpickles_freely():
                 offences.append(f"{path.name}:{node.lineno} calls yaml.{name}")
             if owner == "torch" and name == "load":
                 weights_only = [k for k in node.keywords if k.arg == "weights_only"]
-                if not (weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value):
+                if not (
+                    weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value
+                ):
                     offences.append(f"{path.name}:{node.lineno} calls torch.load without weights_only=True")
             for keyword in node.keywords:
-                if keyword.arg == "trust_remote_code" and isinstance(keyword.value, ast.Constant) and keyword.value.value:
+                if (
+                    keyword.arg == "trust_remote_code"
+                    and isinstance(keyword.value, ast.Constant)
+                    and keyword.value.value
+                ):
                     offences.append(f"{path.name}:{node.lineno} hard-codes trust_remote_code=True")
     assert not offences, offences

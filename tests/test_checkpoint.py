@@ -21,8 +21,13 @@ from crisp.modeling import load_model
 
 
 def save(directory, step, model, tokenizer, keep=2, **state):
-    return checkpoint.save(directory, step, models={"model": (model, tokenizer), "teacher": (model, None)},
-                           state={"value": torch.tensor([float(step)]), **state}, keep=keep)
+    return checkpoint.save(
+        directory,
+        step,
+        models={"model": (model, tokenizer), "teacher": (model, None)},
+        state={"value": torch.tensor([float(step)]), **state},
+        keep=keep,
+    )
 
 
 def steps(directory) -> list[int]:
@@ -73,6 +78,7 @@ def test_an_exception_midway_through_a_save_leaves_the_previous_checkpoint(
 
         monkeypatch.setattr(type(tiny_model), "save_pretrained", failing)
     elif stage == "state":
+
         def failing(obj, path):
             with open(path, "wb") as f:
                 f.write(b"\x80\x02")
@@ -80,6 +86,7 @@ def test_an_exception_midway_through_a_save_leaves_the_previous_checkpoint(
 
         monkeypatch.setattr(torch, "save", failing)
     else:
+
         def failing(fd):
             raise OSError("Input/output error")
 
@@ -107,15 +114,25 @@ def _scramble(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [
-    ("state.pt", _truncate),
-    ("state.pt", _scramble),
-    ("model/model.safetensors", _truncate),
-    ("teacher/model.safetensors", _truncate),
-    ("model/config.json", os.remove),
-    ("COMPLETE", _truncate),
-], ids=["state-truncated", "state-garbage", "weights-truncated", "teacher-truncated", "config-missing",
-        "marker-truncated"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("state.pt", _truncate),
+        ("state.pt", _scramble),
+        ("model/model.safetensors", _truncate),
+        ("teacher/model.safetensors", _truncate),
+        ("model/config.json", os.remove),
+        ("COMPLETE", _truncate),
+    ],
+    ids=[
+        "state-truncated",
+        "state-garbage",
+        "weights-truncated",
+        "teacher-truncated",
+        "config-missing",
+        "marker-truncated",
+    ],
+)
 def test_a_damaged_checkpoint_is_skipped_with_a_warning(damage, tiny_model, loaded_tokenizer, tmp_path):
     name, spoil = damage
     directory = tmp_path / "checkpoints"
@@ -196,8 +213,7 @@ def test_a_fresh_run_refuses_an_output_dir_that_holds_checkpoints(tiny_model, lo
     assert checkpoint.resolve_resume("auto", tmp_path).name == "step-00000007"
 
 
-def test_saving_after_resuming_from_an_older_checkpoint_replaces_the_later_ones(tiny_model, loaded_tokenizer,
-                                                                               tmp_path):
+def test_saving_after_resuming_from_an_older_checkpoint_replaces_the_later_ones(tiny_model, loaded_tokenizer, tmp_path):
     """Checkpoints past the one a run resumed from belong to the timeline it replaces; left in place,
     keep-last-K would delete the new ones first and a later resume=auto would jump back to them."""
     for step in (1, 2, 3, 4):

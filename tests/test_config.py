@@ -55,12 +55,15 @@ def test_unknown_top_level_key(tmp_path):
     assert "max_stepz" in message
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lrr=1e-5", "optim.lrr"),
-    ("teacher.instructon=v2", "teacher.instructon"),
-    ("rollout.temp=0.5", "rollout.temp"),
-    ("model.tiny.hidden=8", "model.tiny.hidden"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=1e-5", "optim.lrr"),
+        ("teacher.instructon=v2", "teacher.instructon"),
+        ("rollout.temp=0.5", "rollout.temp"),
+        ("model.tiny.hidden=8", "model.tiny.hidden"),
+    ],
+)
 def test_unknown_nested_key(tmp_path, override, key):
     data = dict(BASE)
     if override.startswith("model.tiny"):
@@ -75,15 +78,18 @@ def test_wrong_type_names_the_key(tmp_path):
     assert "integer" in message
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lr=0", "optim.lr"),
-    ("optim.lr=-1e-5", "optim.lr"),
-    ("teacher.refresh_every=-1", "teacher.refresh_every"),
-    ("eval.k=0", "eval.k"),
-    ("rollout.temperature=-0.1", "rollout.temperature"),
-    ("teacher.ema_decay=1.5", "teacher.ema_decay"),
-    ("batch_size=0", "batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1e-5", "optim.lr"),
+        ("teacher.refresh_every=-1", "teacher.refresh_every"),
+        ("eval.k=0", "eval.k"),
+        ("rollout.temperature=-0.1", "rollout.temperature"),
+        ("teacher.ema_decay=1.5", "teacher.ema_decay"),
+        ("batch_size=0", "batch_size"),
+    ],
+)
 def test_out_of_range_values_name_the_key(override, key):
     message = error_of(dict(BASE), [override])
     assert message.split(":")[0] == key, message
@@ -142,10 +148,18 @@ def test_micro_batch_must_divide():
 
 def test_overrides_parse_yaml_types(tmp_path):
     path = write(tmp_path, BASE)
-    cfg = load_config(path, [
-        "optim.lr=1e-5", "teacher.instruction=null", "teacher.reference_solution=true", "max_steps=7",
-        "data.levels=[1, 3]", "output_dir=runs/other", "prompt.template=plain",
-    ])
+    cfg = load_config(
+        path,
+        [
+            "optim.lr=1e-5",
+            "teacher.instruction=null",
+            "teacher.reference_solution=true",
+            "max_steps=7",
+            "data.levels=[1, 3]",
+            "output_dir=runs/other",
+            "prompt.template=plain",
+        ],
+    )
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-5
     assert cfg.teacher.instruction is None
     assert cfg.teacher.reference_solution is True
@@ -205,11 +219,23 @@ def test_presets_load_and_round_trip(path, tmp_path):
 
 
 def test_round_trip_with_non_defaults(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), [
-        "optim.lr=2.5e-5", "optim.betas=[0.8, 0.95]", "teacher.update=ema", "teacher.ema_decay=0.9",
-        "loss.divergence=mixed", "loss.term_clip=null", "eval.k=4", "rollout.n=2", "batch_size=3",
-        "micro_batch_size=2", "seed=9", "prompt.enable_thinking=false",
-    ])
+    cfg = load_config(
+        write(tmp_path, BASE),
+        [
+            "optim.lr=2.5e-5",
+            "optim.betas=[0.8, 0.95]",
+            "teacher.update=ema",
+            "teacher.ema_decay=0.9",
+            "loss.divergence=mixed",
+            "loss.term_clip=null",
+            "eval.k=4",
+            "rollout.n=2",
+            "batch_size=3",
+            "micro_batch_size=2",
+            "seed=9",
+            "prompt.enable_thinking=false",
+        ],
+    )
     dump_config(cfg, tmp_path / "dumped.yaml")
     again = load_config(tmp_path / "dumped.yaml")
     assert again == cfg
@@ -262,27 +288,47 @@ def test_cli_train_missing_config_exits_2(tmp_path, capsys):
 def test_cli_train_good_config_reaches_training(tmp_path, tiny_model_dir, capsys):
     """The counterpart of the tests above: a valid config does train (zero steps: the run opens,
     loads the model with the overrides applied, and saves it)."""
-    data = {**BASE, "output_dir": str(tmp_path / "run"), "max_steps": 0, "model": {"path": str(tiny_model_dir)},
-            "data": {"size": 8}, "prompt": {"template": "plain"}}
+    data = {
+        **BASE,
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 0,
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"size": 8},
+        "prompt": {"template": "plain"},
+    }
     cli.main(["train", str(write(tmp_path, data)), "optim.lr=1e-5"])
     assert load_config(tmp_path / "run" / "config.yaml").optim.lr == 1e-5
     assert f"model saved to {tmp_path / 'run' / 'model'}" in capsys.readouterr().out
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["optim.lr=0"], "optim.lr"),
-    (["optim.lr=-3e-4"], "optim.lr"),
-    (["method=grpo", "eps_low=0.3", "eps_high=0.2"], "eps_high"),
-    (["method=grpo", "schedule.l_min=4096", "schedule.l_max=2048"], "schedule.l_max"),
-    (["teacher.refresh_every=-1"], "teacher.refresh_every"),  # M < 0
-    (["eval.k=0"], "eval.k"),
-    (["keep_checkpoints=0"], "keep_checkpoints"),
-    (["max_skipped_steps=0"], "max_skipped_steps"),
-    (["optim.lrr=1e-5"], "optim.lrr"),
-    (["max_steps=ten"], "max_steps"),
-], ids=["lr-zero", "lr-negative", "eps-high-below-low", "l-min-above-l-max", "m-negative", "k-zero",
-        "keep-zero", "max-skipped-zero", "unknown-key", "wrong-type"])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["optim.lr=0"], "optim.lr"),
+        (["optim.lr=-3e-4"], "optim.lr"),
+        (["method=grpo", "eps_low=0.3", "eps_high=0.2"], "eps_high"),
+        (["method=grpo", "schedule.l_min=4096", "schedule.l_max=2048"], "schedule.l_max"),
+        (["teacher.refresh_every=-1"], "teacher.refresh_every"),  # M < 0
+        (["eval.k=0"], "eval.k"),
+        (["keep_checkpoints=0"], "keep_checkpoints"),
+        (["max_skipped_steps=0"], "max_skipped_steps"),
+        (["optim.lrr=1e-5"], "optim.lrr"),
+        (["max_steps=ten"], "max_steps"),
+    ],
+    ids=[
+        "lr-zero",
+        "lr-negative",
+        "eps-high-below-low",
+        "l-min-above-l-max",
+        "m-negative",
+        "k-zero",
+        "keep-zero",
+        "max-skipped-zero",
+        "unknown-key",
+        "wrong-type",
+    ],
+)
 def test_cli_train_rejects_each_bad_value_before_any_compute(tmp_path, capsys, overrides, key):
     """Every bad value the reliability issue lists: exit code 2, the key first in the message,
     no training started and no run directory created."""

@@ -7,20 +7,29 @@ import json
 from pathlib import Path
 
 import yaml
+from conftest import TINY
 
 from crisp import cli
-
-from conftest import TINY
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # what each demo file must shrink to run in seconds; everything else is as shipped
 SHRINK = {
-    "base.yaml": {"max_steps": 2, "threads": 1, "model": {"tiny": {"architecture": "qwen3", **TINY}},
-                  "data": {"source": "synthetic", "size": 200, "levels": [1, 2]}, "batch_tokens": 512},
+    "base.yaml": {
+        "max_steps": 2,
+        "threads": 1,
+        "model": {"tiny": {"architecture": "qwen3", **TINY}},
+        "data": {"source": "synthetic", "size": 200, "levels": [1, 2]},
+        "batch_tokens": 512,
+    },
     "eval.yaml": {"k": 1, "sampling": {"n": 1, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 6}},
-    "tfpi.yaml": {"max_steps": 3, "data": {"source": "synthetic", "size": 64}, "batch_size": 2, "group_size": 4,
-                  "micro_batch_size": 8},
+    "tfpi.yaml": {
+        "max_steps": 3,
+        "data": {"source": "synthetic", "size": 64},
+        "batch_size": 2,
+        "group_size": 4,
+        "micro_batch_size": 8,
+    },
 }
 TFPI_STAGES = [{"max_length": 2, "steps": 1}, {"max_length": 4, "steps": 1}, {"max_length": 6, "steps": 1}]
 
@@ -48,15 +57,30 @@ def test_tfpi_demo_runs_and_evaluates_base_and_tfpi_in_both_modes(tmp_path, caps
     cli.main(["demo", "--out", str(out), "--methods", "tfpi", "--configs", str(shrunk_configs(tmp_path / "configs"))])
 
     rows = json.loads((out / "summary.json").read_text())
-    assert list(rows) == ["base", "base (thinking-free)", "prompt_only_v1", "prompt_only_v2", "tfpi",
-                          "tfpi (thinking-free)"]
+    assert list(rows) == [
+        "base",
+        "base (thinking-free)",
+        "prompt_only_v1",
+        "prompt_only_v2",
+        "tfpi",
+        "tfpi (thinking-free)",
+    ]
     modes = {name: row["thinking_mode"] for name, row in rows.items()}
-    assert modes == {"base": "thinking", "base (thinking-free)": "thinking_free", "prompt_only_v1": "thinking",
-                     "prompt_only_v2": "thinking", "tfpi": "thinking", "tfpi (thinking-free)": "thinking_free"}
+    assert modes == {
+        "base": "thinking",
+        "base (thinking-free)": "thinking_free",
+        "prompt_only_v1": "thinking",
+        "prompt_only_v2": "thinking",
+        "tfpi": "thinking",
+        "tfpi (thinking-free)": "thinking_free",
+    }
     assert rows["tfpi"]["model"] == rows["tfpi (thinking-free)"]["model"] == str(out / "tfpi" / "model")
     metrics = [json.loads(line) for line in (out / "tfpi" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["rollout/stage"], m["rollout/max_len"], m["rollout/thinking_free"]) for m in metrics] == [
-        (1, 2, True), (2, 4, True), (3, 6, True)]
+        (1, 2, True),
+        (2, 4, True),
+        (3, 6, True),
+    ]
     report = (out / "report.md").read_text()
     assert "| run | mode | level |" in report and "| tfpi (thinking-free) | thinking_free | all |" in report
     assert "(thinking-free)" in capsys.readouterr().out

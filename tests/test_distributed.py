@@ -21,16 +21,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import TINY
+from distributed_driver import run_command
+from test_resume import assert_bitwise_equal, weights
 
 import crisp
 from crisp import checkpoint, cli
 from crisp.config import ConfigError, LoraSpec
 from crisp.distributed import DistributedType, make_accelerator, micro_batches, prepare, reduce_sum, shard
 from crisp.modeling import prepare_for_training
-
-from conftest import TINY
-from distributed_driver import run_command
-from test_resume import assert_bitwise_equal, weights
 
 HERE = Path(__file__).parent
 
@@ -118,11 +117,20 @@ def test_reduce_sum_in_one_process_returns_the_values():
 
 def configs(tmp_path: Path, model_dir: Path) -> dict[str, dict]:
     """One small run of each method, with batches that do not split evenly over 2 ranks."""
-    base = {"seed": 0, "prompt": {"template": "plain"}, "data": {"source": "synthetic", "size": 64},
-            "optim": {"lr": 1e-2, "grad_clip": 1.0}, "log_every": 1}
+    base = {
+        "seed": 0,
+        "prompt": {"template": "plain"},
+        "data": {"source": "synthetic", "size": 64},
+        "optim": {"lr": 1e-2, "grad_clip": 1.0},
+        "log_every": 1,
+    }
     return {
         "selfdistill": {  # LoRA with a teacher adapter; 3 rollouts over 2 ranks: one rank runs a placeholder
-            **base, "method": "selfdistill", "max_steps": 3, "batch_size": 3, "micro_batch_size": 1,
+            **base,
+            "method": "selfdistill",
+            "max_steps": 3,
+            "batch_size": 3,
+            "micro_batch_size": 1,
             "model": {"path": str(model_dir), "lora": {"r": 4, "alpha": 8}},
             "rollout": {"n": 1, "temperature": 1.0, "max_new_tokens": 10},
             "teacher": {"instruction": "v1", "update": "refresh", "refresh_every": 2},
@@ -130,19 +138,37 @@ def configs(tmp_path: Path, model_dir: Path) -> dict[str, dict]:
             "eval": {"benchmark": "synthetic", "limit": 3, "k": 2, "sampling": {"max_new_tokens": 5}},
         },
         "grpo": {  # full fine-tuning, a KL term to a frozen copy, two passes per batch
-            **base, "method": "grpo", "max_steps": 2, "batch_size": 3, "group_size": 4, "micro_batch_size": 3,
-            "model": {"path": str(model_dir)}, "rollout": {"temperature": 1.0},
-            "schedule": {"kind": "constant", "l_min": 6, "l_max": 8, "period": 2}, "chunk_size": 5,
-            "kl_coef": 0.1, "ppo_epochs": 2, "loss_normaliser": "batch_tokens",
+            **base,
+            "method": "grpo",
+            "max_steps": 2,
+            "batch_size": 3,
+            "group_size": 4,
+            "micro_batch_size": 3,
+            "model": {"path": str(model_dir)},
+            "rollout": {"temperature": 1.0},
+            "schedule": {"kind": "constant", "l_min": 6, "l_max": 8, "period": 2},
+            "chunk_size": 5,
+            "kl_coef": 0.1,
+            "ppo_epochs": 2,
+            "loss_normaliser": "batch_tokens",
         },
         "sft": {
-            **base, "method": "sft", "max_steps": 3, "seed": 1, "data": {"source": "synthetic", "size": 200},
+            **base,
+            "method": "sft",
+            "max_steps": 3,
+            "seed": 1,
+            "data": {"source": "synthetic", "size": 200},
             "model": {"tiny": TINY},
-            "batch_tokens": 600, "optim": {"lr": 3e-3, "grad_clip": 1.0},
+            "batch_tokens": 600,
+            "optim": {"lr": 3e-3, "grad_clip": 1.0},
         },
         "eval": {
-            "model": {"path": str(model_dir)}, "benchmarks": ["synthetic"], "k": 2, "limit": 5,
-            "sampling": {"temperature": 1.0, "max_new_tokens": 6}, "prompt": {"template": "plain"},
+            "model": {"path": str(model_dir)},
+            "benchmarks": ["synthetic"],
+            "k": 2,
+            "limit": 5,
+            "sampling": {"temperature": 1.0, "max_new_tokens": 6},
+            "prompt": {"template": "plain"},
         },
     }
 
@@ -165,18 +191,39 @@ def free_port() -> int:
 
 def subprocess_env() -> dict[str, str]:
     """CPU only, one thread, and the crisp this test imported (installed or from a source tree)."""
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(Path(crisp.__file__).parents[1]), str(HERE),
-                                           os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(crisp.__file__).parents[1]), str(HERE), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
 
 
 def launch_two_processes(folder: Path, command_lines: list[list[str]], *, check_threads: bool = True) -> None:
     env = subprocess_env()
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(HERE / "distributed_driver.py"), str(folder)]
-    done = subprocess.run(launch + [" ".join(c) for c in command_lines], env=env, capture_output=True, text=True,
-                          timeout=600)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(HERE / "distributed_driver.py"),
+        str(folder),
+    ]
+    done = subprocess.run(
+        launch + [" ".join(c) for c in command_lines], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     if check_threads:
         assert_no_gloo_threads_left(folder)
@@ -235,8 +282,17 @@ def test_fsdp2_sharded_student_generates_and_trains_like_an_unsharded_one(tmp_pa
     also shows that generation on a sharded model keeps the ranks' collectives in step (for both
     backends: the plain KV-cached loop runs every step to the limit on a sharded model)."""
     env = subprocess_env()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(HERE / "fsdp_driver.py"), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "fsdp_driver.py"),
+        str(tmp_path),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     results = [json.loads((tmp_path / f"fsdp-rank{r}.json").read_text()) for r in (0, 1)]
@@ -255,18 +311,28 @@ def test_two_processes_resumed_from_a_checkpoint_equal_an_uninterrupted_run(tiny
     so their LoRA dropout draws differ). A run resumed from step 1 of a 3-step run ends with bitwise
     the same weights on both ranks as that run, and logs steps 2 and 3 once, as that run did."""
     data = configs(tmp_path, tiny_model_dir)["selfdistill"]
-    data = {**data, "model": {**data["model"], "lora": {"r": 4, "alpha": 8, "dropout": 0.2}}, "eval": None,
-            "save_every": 1, "keep_checkpoints": 3}
+    data = {
+        **data,
+        "model": {**data["model"], "lora": {"r": 4, "alpha": 8, "dropout": 0.2}},
+        "eval": None,
+        "save_every": 1,
+        "keep_checkpoints": 3,
+    }
     path = tmp_path / "selfdistill.yaml"
     path.write_text(yaml.safe_dump(data))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch_two_processes(tmp_path, [
-        ["train", str(path), f"output_dir={straight}"],
-        ["train", str(path), f"output_dir={resumed}", f"resume={straight / 'checkpoints' / 'step-00000001'}"],
-    ])
+    launch_two_processes(
+        tmp_path,
+        [
+            ["train", str(path), f"output_dir={straight}"],
+            ["train", str(path), f"output_dir={resumed}", f"resume={straight / 'checkpoints' / 'step-00000001'}"],
+        ],
+    )
 
-    assert [c.name for c in checkpoint.complete_checkpoints(resumed / "checkpoints")] == ["step-00000002",
-                                                                                          "step-00000003"]
+    assert [c.name for c in checkpoint.complete_checkpoints(resumed / "checkpoints")] == [
+        "step-00000002",
+        "step-00000003",
+    ]
     assert metrics(resumed) == metrics(straight)[1:]  # steps 2 and 3, each written once
     for rank in (0, 1):
         assert_bitwise_equal(*(torch.load(run / f"weights-rank{rank}.pt") for run in (straight, resumed)))

@@ -272,9 +272,7 @@ def test_exact_grader(candidate: str, gold: str, math_verify: bool, exact: bool)
 # ---------------------------------------------------------------------------------------------
 
 
-def _grade_in_thread(
-    response: str, gold: str, timeout: float, wait: float
-) -> tuple[GradeResult | None, float]:
+def _grade_in_thread(response: str, gold: str, timeout: float, wait: float) -> tuple[GradeResult | None, float]:
     """Grade in a non-main thread; the result (None if still running after ``wait`` s) and the time."""
     results: list[GradeResult] = []
 
@@ -337,7 +335,7 @@ def test_grade_never_raises() -> None:
 def test_many_towers_cost_one_time_limit() -> None:
     """Twenty boxed towers are one set answer: one verification, one time limit for the response."""
     assert grade("Answer: 0.5", "\\frac{1}{2}").correct  # start a worker outside the timed part
-    towers = " ".join("\\boxed{9^{9^{9^{%d}}}}" % n for n in range(2, 22))
+    towers = " ".join("\\boxed{9^{9^{9^{" + str(n) + "}}}}" for n in range(2, 22))
     result, elapsed = _grade_in_thread(towers, "1", timeout=1.0, wait=10.0)
     assert result is not None and elapsed < 4.0
     assert result.timed_out and not result.correct
@@ -354,8 +352,10 @@ def test_many_towers_cost_one_time_limit() -> None:
 PEER_CASES = [
     # Math-Verify
     ("If $2-x=p$, then $x=2-p$. Thus $x-p=\\boxed{2-2p}$.", "2-2p"),
-    ("Therefore, the polar coordinates are $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$",
-     "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    (
+        "Therefore, the polar coordinates are $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$",
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+    ),
     ("$=2+\\frac{5}{3}+1=\\boxed{\\frac{14}{3}}$", "\\frac{14}{3}"),
     ("Therefore, $\\boxed{\\text{Evelyn}}$ is our answer.", "\\text{Evelyn}"),
     ("a total loss of $\\boxed{28\\%}$.", "28\\%"),

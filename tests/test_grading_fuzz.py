@@ -18,27 +18,102 @@ from hypothesis import strategies as st
 
 from crisp.grading import ExactGrader, GradeResult, MathVerifyGrader, extract_boxed, final_answer, grade
 
-FUZZ = dict(derandomize=True, database=None, deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = dict(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 FRAGMENTS = [
-    "\\boxed{", "\\boxed {", "\\fbox{", "{", "}", "\\{", "\\}", "\\frac", "\\frac{", "\\dfrac{", "^", "^{", "_",
-    "9", "1", "0", "12", ".", ",", "-", "+", "/", "\\sqrt{", "\\sqrt[3]{", "\\left(", "\\right)", "(", ")", "[", "]",
-    "\\", "\\\\", "$", "$$", "\\(", "\\)", "\\[", "\\]", "Answer:", "**Answer:**", "## Answer:", "\n", "\r\n", " ",
-    "\t", "x", "y", "\\pi", "\\infty", "e", "i", "!", "\\cdot", "\\times", "\\text{", "\\mathrm{", "=", "<", "\\le",
-    "\\begin{pmatrix}", "&", "\\end{pmatrix}", "%", "#", ">", "é", "∞", "\x00", "\ud800",
+    "\\boxed{",
+    "\\boxed {",
+    "\\fbox{",
+    "{",
+    "}",
+    "\\{",
+    "\\}",
+    "\\frac",
+    "\\frac{",
+    "\\dfrac{",
+    "^",
+    "^{",
+    "_",
+    "9",
+    "1",
+    "0",
+    "12",
+    ".",
+    ",",
+    "-",
+    "+",
+    "/",
+    "\\sqrt{",
+    "\\sqrt[3]{",
+    "\\left(",
+    "\\right)",
+    "(",
+    ")",
+    "[",
+    "]",
+    "\\",
+    "\\\\",
+    "$",
+    "$$",
+    "\\(",
+    "\\)",
+    "\\[",
+    "\\]",
+    "Answer:",
+    "**Answer:**",
+    "## Answer:",
+    "\n",
+    "\r\n",
+    " ",
+    "\t",
+    "x",
+    "y",
+    "\\pi",
+    "\\infty",
+    "e",
+    "i",
+    "!",
+    "\\cdot",
+    "\\times",
+    "\\text{",
+    "\\mathrm{",
+    "=",
+    "<",
+    "\\le",
+    "\\begin{pmatrix}",
+    "&",
+    "\\end{pmatrix}",
+    "%",
+    "#",
+    ">",
+    "é",
+    "∞",
+    "\x00",
+    "\ud800",
 ]
 
 latex_like = st.lists(st.sampled_from(FRAGMENTS), max_size=80).map("".join)
 # a short piece repeated up to thousands of times: the shape of a degenerate rollout
-repeated = st.builds(lambda piece, count: piece * count,
-                     st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=3).map("".join), st.integers(1, 3000))
-tower = st.builds(lambda base, height: f"{base}^{{" * height + base + "}" * height,
-                  st.sampled_from(["9", "10", "99", "x"]), st.integers(1, 8))
+repeated = st.builds(
+    lambda piece, count: piece * count,
+    st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=3).map("".join),
+    st.integers(1, 3000),
+)
+tower = st.builds(
+    lambda base, height: f"{base}^{{" * height + base + "}" * height,
+    st.sampled_from(["9", "10", "99", "x"]),
+    st.integers(1, 8),
+)
 piece = st.one_of(st.text(max_size=60), latex_like, repeated, tower, st.just("9^9^9^9"))
 responses = st.lists(piece, max_size=4).map("".join)
-golds = st.one_of(st.sampled_from(["7", "-3", "0.5", "\\frac{1}{2}", "2\\sqrt{2}", "1,000", "x+1"]),
-                  st.text(max_size=12))
+golds = st.one_of(
+    st.sampled_from(["7", "-3", "0.5", "\\frac{1}{2}", "2\\sqrt{2}", "1,000", "x+1"]), st.text(max_size=12)
+)
 
 # CPU seconds (not wall time, which other processes on a busy machine stretch): linear-time
 # extraction takes milliseconds here; the quadratic one it replaced took 10 s on 40,000 characters
@@ -99,8 +174,9 @@ def test_extracted_boxes_are_balanced_and_one_final_answer(text):
 def test_a_final_box_is_found_after_any_text(prefix, gold):
     """Whatever a rollout wrote before it (answer lines and boxes included), a box in a last
     sentence of its own is the final answer."""
-    result, elapsed = _cpu_timed(grade, prefix + "\nSo the result is \\boxed{" + gold + "}.", gold,
-                                 grader=ExactGrader())
+    result, elapsed = _cpu_timed(
+        grade, prefix + "\nSo the result is \\boxed{" + gold + "}.", gold, grader=ExactGrader()
+    )
     assert result.correct and result.path == "boxed"
     assert elapsed < FAST
 
@@ -114,17 +190,21 @@ SLACK = 1.5  # wall seconds for the round trip and for killing a worker that ran
 
 # no towers here: already 9^{9^{9}} times out every time (the examples below have those), and each
 # timeout costs TIMEOUT plus a worker restart
-short_latex = st.lists(st.sampled_from(FRAGMENTS + ["9^{9}", "2^{10}", "\\frac{1}{2}"]), min_size=1,
-                       max_size=12).map("".join)
-wrapped = st.one_of(short_latex.map(lambda s: f"\\boxed{{{s}}}"), short_latex.map(lambda s: f"Answer: {s}"),
-                    st.lists(short_latex.map(lambda s: f"\\boxed{{{s}}}"), max_size=20).map(" ".join))
+short_latex = st.lists(st.sampled_from(FRAGMENTS + ["9^{9}", "2^{10}", "\\frac{1}{2}"]), min_size=1, max_size=12).map(
+    "".join
+)
+wrapped = st.one_of(
+    short_latex.map(lambda s: f"\\boxed{{{s}}}"),
+    short_latex.map(lambda s: f"Answer: {s}"),
+    st.lists(short_latex.map(lambda s: f"\\boxed{{{s}}}"), max_size=20).map(" ".join),
+)
 
 
 @settings(max_examples=500, **FUZZ)
 @given(response=wrapped, gold=st.sampled_from(["1", "\\frac{1}{2}", "9^{9}", "2\\sqrt{2}", "x+1"]))
 @example(response="\\boxed{9^{9^{9^{9^{9}}}}}", gold="1")
 @example(response="Answer: 9^9^9^9", gold="1")
-@example(response=" ".join("\\boxed{9^{9^{9^{%d}}}}" % n for n in range(2, 22)), gold="1")  # 20 towers, one set
+@example(response=" ".join("\\boxed{9^{9^{9^{" + str(n) + "}}}}" for n in range(2, 22)), gold="1")  # 20 towers, one set
 @example(response="\\boxed{\\frac{1}{}" + "}" * 50, gold="1")
 @example(response="Answer: \\frac{" + "{" * 900 + "1" + "}" * 900, gold="1")
 def test_math_verify_grading_never_raises_and_respects_its_timeout(response, gold):

@@ -12,19 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import alternating_reward, recorded_run
-from crisp.config import ConfigError, dump_config, load_config, set_path, validate
+
+from crisp.config import ConfigError, SamplingConfig, dump_config, load_config, set_path, validate
 from crisp.data import synthetic
 from crisp.driver import train
 from crisp.evaluate import score_rollouts
 from crisp.losses import SurrogateSpec
-from crisp.methods.grpo import GRPOConfig, Groups, StepPlan, policy_update, step_plan, token_logprobs
+from crisp.methods.grpo import Groups, GRPOConfig, StepPlan, policy_update, step_plan, token_logprobs
 from crisp.modeling import load_model
 from crisp.optim import step_if_finite
 from crisp.prompts import PromptBuilder
 from crisp.rollout import HFGenerator
-from crisp.config import SamplingConfig
 from crisp.schedules import max_length_at
 from crisp.teacher import Teacher
 
@@ -70,19 +69,39 @@ def groups(tiny_model, tiny_tokenizer) -> Groups:
     builder = PromptBuilder(tiny_tokenizer, template="plain")
     problems = synthetic.train_problems(0, 64, (1, 2, 3, 4))[:2]
     sampling = SamplingConfig(n=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12)
-    rollouts = HFGenerator(tiny_model, tiny_tokenizer).generate([builder.student_ids(p) for p in problems], sampling,
-                                                               seed=0)
+    rollouts = HFGenerator(tiny_model, tiny_tokenizer).generate(
+        [builder.student_ids(p) for p in problems], sampling, seed=0
+    )
     graded = score_rollouts(problems, rollouts, "exact")
     return Groups(graded, alternating_reward(graded, 12))
 
 
-def update(model, groups: Groups, spec: SurrogateSpec = SurrogateSpec(), *, optimizer_step, micro_batch_size=3,
-           ppo_epochs=1, reference=None):
+def update(
+    model,
+    groups: Groups,
+    spec: SurrogateSpec = SurrogateSpec(),
+    *,
+    optimizer_step,
+    micro_batch_size=3,
+    ppo_epochs=1,
+    reference=None,
+):
     """policy_update as the GRPO method calls it, on the tiny model, with `optimizer_step` as the update."""
     normaliser = None if spec.aggregation == "sequence" else 2 * 4 * 12.0
-    return policy_update(model, groups, spec, optimizer_step, reference=reference, normaliser=normaliser,
-                         group_size=4, scale_by_std=True, ppo_epochs=ppo_epochs, micro_batch_size=micro_batch_size,
-                         chunk_size=5, pad_id=0)
+    return policy_update(
+        model,
+        groups,
+        spec,
+        optimizer_step,
+        reference=reference,
+        normaliser=normaliser,
+        group_size=4,
+        scale_by_std=True,
+        ppo_epochs=ppo_epochs,
+        micro_batch_size=micro_batch_size,
+        chunk_size=5,
+        pad_id=0,
+    )
 
 
 def recording_grads(model, recorded: list):
@@ -126,8 +145,12 @@ def test_first_pass_ratio_is_one(tiny_model, groups):
     """The old log-probs recorded before the first pass equal its own; the second pass (after one
     optimizer step on the same rollouts) differs from the old ones, which are recorded once."""
     optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2)
-    result = update(tiny_model, groups, ppo_epochs=2,
-                    optimizer_step=lambda loss: step_if_finite(tiny_model, optimizer, loss, 1.0)[0])
+    result = update(
+        tiny_model,
+        groups,
+        ppo_epochs=2,
+        optimizer_step=lambda loss: step_if_finite(tiny_model, optimizer, loss, 1.0)[0],
+    )
     first, second = result.passes
     assert first["ratio_mean"] == 1.0 and first["clip_frac_low"] == first["clip_frac_high"] == 0.0
     assert second["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
@@ -138,8 +161,13 @@ def test_first_pass_ratio_is_one(tiny_model, groups):
 def test_micro_batches_give_the_full_batch_gradient(tiny_model, groups, aggregation):
     recorded = []
     for size in (1, 8):
-        update(tiny_model, groups, SurrogateSpec(aggregation=aggregation), micro_batch_size=size,
-               optimizer_step=recording_grads(tiny_model, recorded))
+        update(
+            tiny_model,
+            groups,
+            SurrogateSpec(aggregation=aggregation),
+            micro_batch_size=size,
+            optimizer_step=recording_grads(tiny_model, recorded),
+        )
     micro, full = recorded
     assert any(g.abs().max() > 0 for g in full.values())
     for name in full:
@@ -153,8 +181,13 @@ def test_zero_advantage_rollouts_are_skipped_without_changing_the_gradient(tiny_
     groups.rewards = [1.0] * 4 + [1.0, 0.0] * 2
     recorded = []
     skipped = update(tiny_model, groups, optimizer_step=recording_grads(tiny_model, recorded))
-    full = update(tiny_model, groups, SurrogateSpec(kl_coef=1.0), reference=Teacher(tiny_model, update="frozen"),
-                  optimizer_step=recording_grads(tiny_model, recorded))
+    full = update(
+        tiny_model,
+        groups,
+        SurrogateSpec(kl_coef=1.0),
+        reference=Teacher(tiny_model, update="frozen"),
+        optimizer_step=recording_grads(tiny_model, recorded),
+    )
     assert (skipped.updated_rollouts, full.updated_rollouts) == (4, 8)
     assert "kl" in full.passes[0] and "kl" not in skipped.passes[0]
     for name in recorded[1]:
@@ -176,8 +209,12 @@ def test_an_update_without_mixed_groups_steps_nothing(tiny_model, groups):
 
 def test_two_step_run_changes_the_parameters(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    final = train(make_cfg(tiny_model_dir, out, **{"eval.benchmark": "synthetic", "eval.limit": 2,
-                                                   "eval.sampling.max_new_tokens": 4}), reward=alternating_reward)
+    final = train(
+        make_cfg(
+            tiny_model_dir, out, **{"eval.benchmark": "synthetic", "eval.limit": 2, "eval.sampling.max_new_tokens": 4}
+        ),
+        reward=alternating_reward,
+    )
     assert final == out / "model"
     assert not _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
     metrics = read_metrics(out)
@@ -196,8 +233,9 @@ def test_two_step_run_changes_the_parameters(tiny_model_dir, tmp_path):
 
 def test_scheduled_cap_reaches_generation_and_the_normaliser_ignores_it(tiny_model_dir, tmp_path):
     schedule = {"kind": "stair", "l_min": 3, "l_max": 9, "period": 2}
-    training, recorder = recorded_run(make_cfg(tiny_model_dir, tmp_path / "run", max_steps=4, schedule=schedule),
-                                      reward=alternating_reward)
+    training, recorder = recorded_run(
+        make_cfg(tiny_model_dir, tmp_path / "run", max_steps=4, schedule=schedule), reward=alternating_reward
+    )
     training.run()
     expected = [max_length_at(t, **schedule) for t in range(4)]
     assert expected == [3, 9, 3, 9]
@@ -214,16 +252,20 @@ def test_dynamic_sampling_keeps_only_groups_with_mixed_rewards(tiny_model_dir, t
     def rewards(graded, cap):
         return [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]  # group 0 all right (no signal), group 1 mixed
 
-    train(make_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, dynamic_sampling=True, max_sampling_rounds=2),
-          reward=rewards)
+    train(
+        make_cfg(tiny_model_dir, tmp_path / "run", max_steps=1, dynamic_sampling=True, max_sampling_rounds=2),
+        reward=rewards,
+    )
     (m,) = read_metrics(tmp_path / "run")
     assert m["rollout/sampling_rounds"] == 2 and m["rollout/train_groups"] == 2
     assert m["rollout/mixed_group_fraction"] == 0.5
 
 
 def test_a_step_without_mixed_groups_makes_no_update_and_is_not_a_failure(tiny_model_dir, tmp_path):
-    final = train(make_cfg(tiny_model_dir, tmp_path / "run", dynamic_sampling=True, max_skipped_steps=1),
-                  reward=lambda graded, cap: [0.0] * len(graded))
+    final = train(
+        make_cfg(tiny_model_dir, tmp_path / "run", dynamic_sampling=True, max_skipped_steps=1),
+        reward=lambda graded, cap: [0.0] * len(graded),
+    )
     assert _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
     for m in read_metrics(tmp_path / "run"):
         assert m["rollout/train_groups"] == 0 and m["train/skipped_steps"] == 0
@@ -247,13 +289,15 @@ def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 # thinking-free stages of growing length, then a last one in thinking mode ("TFPI + RL")
-STAGES = [{"max_length": 3, "steps": 2}, {"max_length": 5, "steps": 1},
-          {"max_length": 7, "steps": 2, "thinking_free": False}]
+STAGES = [
+    {"max_length": 3, "steps": 2},
+    {"max_length": 5, "steps": 1},
+    {"max_length": 7, "steps": 2, "thinking_free": False},
+]
 
 
 def staged(**overrides) -> dict:
-    return {"schedule": {"kind": "stages", "stages": STAGES}, "prompt.thinking_free": True, "max_steps": 5,
-            **overrides}
+    return {"schedule": {"kind": "stages", "stages": STAGES}, "prompt.thinking_free": True, "max_steps": 5, **overrides}
 
 
 def test_step_plan_follows_the_stages(tiny_model_dir, tmp_path):
@@ -269,8 +313,9 @@ def test_step_plan_follows_the_stages(tiny_model_dir, tmp_path):
 
 
 def test_stages_reach_generation_and_prompts_and_are_logged(tiny_model_dir, tmp_path, tiny_tokenizer):
-    training, recorder = recorded_run(make_cfg(tiny_model_dir, tmp_path / "run", log_every=10, **staged()),
-                                      reward=alternating_reward)
+    training, recorder = recorded_run(
+        make_cfg(tiny_model_dir, tmp_path / "run", log_every=10, **staged()), reward=alternating_reward
+    )
     training.run()
     calls = [(call["max_new_tokens"], [tiny_tokenizer.decode(p) for p in call["prompts"]]) for call in recorder.calls]
     assert [limit for limit, _ in calls] == [3, 3, 5, 7, 7]
@@ -319,9 +364,15 @@ def test_config_errors_name_the_key(overrides, key):
 
 
 def test_a_staged_schedule_dumps_without_its_derived_bounds_and_reloads(tmp_path):
-    cfg = validate({"method": "grpo", "output_dir": "x", "max_steps": 2, "model": {"path": "m"},
-                    "schedule": {"kind": "stages", "stages": [{"max_length": 40, "steps": 1},
-                                                              {"max_length": 80, "steps": 1}]}})
+    cfg = validate(
+        {
+            "method": "grpo",
+            "output_dir": "x",
+            "max_steps": 2,
+            "model": {"path": "m"},
+            "schedule": {"kind": "stages", "stages": [{"max_length": 40, "steps": 1}, {"max_length": 80, "steps": 1}]},
+        }
+    )
     assert (cfg.schedule.l_min, cfg.schedule.l_max, cfg.rollout.max_new_tokens) == (40, 80, 80)
     dump_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml", ["schedule.stages=[{max_length: 50, steps: 2}]"])
@@ -330,8 +381,17 @@ def test_a_staged_schedule_dumps_without_its_derived_bounds_and_reloads(tmp_path
 
 
 def test_rollout_takes_group_size_and_l_max_and_the_dump_reloads(tmp_path):
-    cfg = validate({"method": "grpo", "output_dir": "x", "max_steps": 1, "model": {"path": "m"}, "group_size": 6,
-                    "schedule": {"l_min": 50, "l_max": 90}, "rollout": {"temperature": 0.7, "n": 6}})
+    cfg = validate(
+        {
+            "method": "grpo",
+            "output_dir": "x",
+            "max_steps": 1,
+            "model": {"path": "m"},
+            "group_size": 6,
+            "schedule": {"l_min": 50, "l_max": 90},
+            "rollout": {"temperature": 0.7, "n": 6},
+        }
+    )
     assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.rollout.temperature) == (6, 90, 0.7)
     dump_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml", ["group_size=3", "schedule.l_max=120"])

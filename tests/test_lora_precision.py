@@ -14,19 +14,18 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-from crisp.config import LoraSpec
-from crisp.data import synthetic
-from crisp.distributed import autocast
-from crisp.modeling import eval_mode, prepare_for_training, response_hidden
-from crisp.prompts import PromptBuilder, resolve_instruction
-from crisp.driver import train
-from crisp.teacher import Teacher
-
 from conftest import parity_reward
 from test_grpo import make_cfg as grpo_cfg
 from test_resume import assert_bitwise_equal, weights
 from test_selfdistill import make_cfg, read_metrics
+
+from crisp.config import LoraSpec
+from crisp.data import synthetic
+from crisp.distributed import autocast
+from crisp.driver import train
+from crisp.modeling import eval_mode, prepare_for_training, response_hidden
+from crisp.prompts import PromptBuilder, resolve_instruction
+from crisp.teacher import Teacher
 
 LORA = LoraSpec(r=4, alpha=8)
 
@@ -37,8 +36,9 @@ def sequences(tiny_tokenizer):
     builder = PromptBuilder(tiny_tokenizer, template="plain")
     problems = synthetic.test_problems()[::50]
     prompts = [builder.teacher_ids(p, instruction=resolve_instruction("v1")) for p in problems]
-    responses = [tiny_tokenizer(p.solution, add_special_tokens=False)["input_ids"][: 4 + 3 * k]
-                 for k, p in enumerate(problems)]
+    responses = [
+        tiny_tokenizer(p.solution, add_special_tokens=False)["input_ids"][: 4 + 3 * k] for k, p in enumerate(problems)
+    ]
     return prompts, responses
 
 
@@ -111,8 +111,14 @@ def test_lora_spec_rejects_the_shared_head():
     from crisp.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match="lm_head"):
-        validate({"method": "selfdistill", "output_dir": "x", "max_steps": 1,
-                  "model": {"path": "m", "lora": {"target_modules": ["q_proj", "lm_head"]}}})
+        validate(
+            {
+                "method": "selfdistill",
+                "output_dir": "x",
+                "max_steps": 1,
+                "model": {"path": "m", "lora": {"target_modules": ["q_proj", "lm_head"]}},
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +178,13 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_model, tiny_
 
 
 def test_lora_selfdistill_trains_a_low_rank_update_saves_merged_and_resumes(tiny_model_dir, tmp_path):
-    common = {"model.lora": LORA.model_dump(), "teacher.update": "refresh", "teacher.refresh_every": 1,
-              "save_every": 1, "mixed_precision": "bf16"}
+    common = {
+        "model.lora": LORA.model_dump(),
+        "teacher.update": "refresh",
+        "teacher.refresh_every": 1,
+        "save_every": 1,
+        "mixed_precision": "bf16",
+    }
     out = tmp_path / "run"
     train(make_cfg(tiny_model_dir, out, **common))
     first = read_metrics(out)
@@ -203,8 +214,10 @@ def test_lora_grpo_with_a_kl_term_to_the_adapter_free_base(tiny_model_dir, tmp_p
     """The GRPO reference is the base model with the adapters off: no second copy, and the k3 KL
     starts at 0 (B = 0) and grows once the adapter has moved."""
     out = tmp_path / "run"
-    final = train(grpo_cfg(tiny_model_dir, out, max_steps=2, kl_coef=0.5, ppo_epochs=2,
-                           **{"model.lora": LORA.model_dump()}), reward=parity_reward)
+    final = train(
+        grpo_cfg(tiny_model_dir, out, max_steps=2, kl_coef=0.5, ppo_epochs=2, **{"model.lora": LORA.model_dump()}),
+        reward=parity_reward,
+    )
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     assert 0 < metrics[-1]["train/kl"] < 1

@@ -248,9 +248,15 @@ def _full_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens
 def _fused_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens, options, chunk_size):
     h = student_hidden.clone().requires_grad_(True)
     total, per_token = divergence_sum(
-        h, student_head.weight, teacher_hidden, teacher_head.weight, DivergenceSpec(**options),
+        h,
+        student_head.weight,
+        teacher_hidden,
+        teacher_head.weight,
+        DivergenceSpec(**options),
         student_bias=student_head.bias,
-        teacher_bias=teacher_head.bias, chunk_size=chunk_size, tokens=tokens,
+        teacher_bias=teacher_head.bias,
+        chunk_size=chunk_size,
+        tokens=tokens,
     )
     total.backward()
     return total, per_token, h.grad
@@ -265,11 +271,13 @@ def test_divergence_sum_equals_the_full_logits_computation(options, chunk_size):
     student_hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
     teacher_hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
     tokens = torch.randint(0, 17, (n,), generator=g) if options["kind"] == "sampled_token" else None
-    full, (grad_h, grad_w, grad_b) = _full_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens,
-                                               options)
+    full, (grad_h, grad_w, grad_b) = _full_sum(
+        student_head, teacher_head, student_hidden, teacher_hidden, tokens, options
+    )
 
-    total, per_token, h_grad = _fused_sum(student_head, teacher_head, student_hidden, teacher_hidden, tokens,
-                                          options, chunk_size)
+    total, per_token, h_grad = _fused_sum(
+        student_head, teacher_head, student_hidden, teacher_hidden, tokens, options, chunk_size
+    )
     assert per_token.shape == (n,) and not per_token.requires_grad
     assert torch.allclose(per_token, full, atol=1e-10)
     assert torch.allclose(total, full.sum(), atol=1e-10)
@@ -286,8 +294,16 @@ def test_divergence_sum_scales_with_the_upstream_gradient_and_accumulates():
     hidden = torch.randn(9, 6, dtype=torch.float64)
     _, (_, grad_w, _) = _full_sum(student_head, teacher_head, hidden, hidden.flip(0), None, {"kind": "reverse_kl"})
     student_head.weight.grad = torch.ones_like(student_head.weight)
-    total, _ = divergence_sum(hidden, student_head.weight, hidden.flip(0), teacher_head.weight, DivergenceSpec(),
-                              student_bias=student_head.bias, teacher_bias=teacher_head.bias, chunk_size=4)
+    total, _ = divergence_sum(
+        hidden,
+        student_head.weight,
+        hidden.flip(0),
+        teacher_head.weight,
+        DivergenceSpec(),
+        student_bias=student_head.bias,
+        teacher_bias=teacher_head.bias,
+        chunk_size=4,
+    )
     (total / 4.0).backward()
     assert torch.allclose(student_head.weight.grad, 1.0 + grad_w / 4.0, atol=1e-12)
 
@@ -307,9 +323,16 @@ def test_divergence_sum_keeps_no_logits_for_backward():
     assert max(saved) >= n * vocab  # the unchunked graph holds (N, V) tensors
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        total, per_token = divergence_sum(hidden, student_head.weight, hidden, teacher_head.weight, DivergenceSpec(),
-                                          student_bias=student_head.bias, teacher_bias=teacher_head.bias,
-                                          chunk_size=chunk)
+        total, per_token = divergence_sum(
+            hidden,
+            student_head.weight,
+            hidden,
+            teacher_head.weight,
+            DivergenceSpec(),
+            student_bias=student_head.bias,
+            teacher_bias=teacher_head.bias,
+            chunk_size=chunk,
+        )
     # only the gradients themselves are kept: (N, H), (V, H) and (V,), never a (chunk, V) block
     assert sorted(saved) == sorted([n * hidden_size, vocab * hidden_size, vocab])
     assert torch.allclose(per_token, full.detach(), atol=1e-6)
@@ -326,8 +349,16 @@ def test_divergence_sum_with_one_shared_head_gives_no_teacher_gradient():
         full.sum().backward()
         grad_full = head.weight.grad.clone()
         head.zero_grad(set_to_none=True)
-        total, _ = divergence_sum(student_hidden, head.weight, teacher_hidden, head.weight, DivergenceSpec(kind=kind),
-                                  student_bias=head.bias, teacher_bias=head.bias, chunk_size=3)
+        total, _ = divergence_sum(
+            student_hidden,
+            head.weight,
+            teacher_hidden,
+            head.weight,
+            DivergenceSpec(kind=kind),
+            student_bias=head.bias,
+            teacher_bias=head.bias,
+            chunk_size=3,
+        )
         total.backward()
         assert torch.allclose(total, full.sum())
         assert torch.allclose(head.weight.grad, grad_full, atol=1e-10), kind
@@ -338,13 +369,19 @@ def test_divergence_sum_low_precision_inputs():
     """bf16 hidden states and head: fp32 values, gradients in the inputs' dtype, close to fp32."""
     student_head, teacher_head = _heads(12, hidden=8, vocab=50)
     hidden = torch.randn(6, 8, dtype=torch.float64)
-    full, (grad_h, grad_w, _) = _full_sum(student_head, teacher_head, hidden, hidden.flip(0), None,
-                                          {"kind": "mixed"})
+    full, (grad_h, grad_w, _) = _full_sum(student_head, teacher_head, hidden, hidden.flip(0), None, {"kind": "mixed"})
     weight = student_head.weight.detach().bfloat16().requires_grad_(True)
     h = hidden.bfloat16().requires_grad_(True)
-    total, per_token = divergence_sum(h, weight, hidden.flip(0).bfloat16(), teacher_head.weight.bfloat16(),
-                                      DivergenceSpec(kind="mixed"), student_bias=student_head.bias.bfloat16(),
-                                      teacher_bias=teacher_head.bias.bfloat16(), chunk_size=4)
+    total, per_token = divergence_sum(
+        h,
+        weight,
+        hidden.flip(0).bfloat16(),
+        teacher_head.weight.bfloat16(),
+        DivergenceSpec(kind="mixed"),
+        student_bias=student_head.bias.bfloat16(),
+        teacher_bias=teacher_head.bias.bfloat16(),
+        chunk_size=4,
+    )
     total.backward()
     assert per_token.dtype == torch.float32 and h.grad.dtype == weight.grad.dtype == torch.bfloat16
     assert torch.allclose(per_token.double(), full, rtol=0.05, atol=1e-3)
@@ -358,13 +395,21 @@ def test_divergence_sum_without_grad_and_empty():
     expected = per_token_divergence(student_head(hidden), teacher_head(hidden), kind="forward_kl").detach()
     for grad_mode in (torch.no_grad, torch.inference_mode):
         with grad_mode():
-            total, per_token = divergence_sum(hidden, student_head.weight, hidden, teacher_head.weight,
-                                              DivergenceSpec(kind="forward_kl"), student_bias=student_head.bias,
-                                              teacher_bias=teacher_head.bias, chunk_size=2)
+            total, per_token = divergence_sum(
+                hidden,
+                student_head.weight,
+                hidden,
+                teacher_head.weight,
+                DivergenceSpec(kind="forward_kl"),
+                student_bias=student_head.bias,
+                teacher_bias=teacher_head.bias,
+                chunk_size=2,
+            )
         assert torch.allclose(per_token, expected) and torch.allclose(total, expected.sum())
         assert not total.requires_grad
-    total, per_token = divergence_sum(hidden[:0], student_head.weight, hidden[:0], teacher_head.weight,
-                                      DivergenceSpec())
+    total, per_token = divergence_sum(
+        hidden[:0], student_head.weight, hidden[:0], teacher_head.weight, DivergenceSpec()
+    )
     assert per_token.shape == (0,) and total.item() == 0.0
 
 
@@ -376,8 +421,9 @@ def test_divergence_sum_errors():
     with pytest.raises(ValueError, match="rows"):
         divergence_sum(hidden, head.weight, hidden[:4], head.weight, DivergenceSpec())
     with pytest.raises(ValueError, match="tokens"):
-        divergence_sum(hidden, head.weight, hidden, head.weight, DivergenceSpec(kind="sampled_token"),
-                       tokens=torch.zeros(3).long())
+        divergence_sum(
+            hidden, head.weight, hidden, head.weight, DivergenceSpec(kind="sampled_token"), tokens=torch.zeros(3).long()
+        )
     # the spec refuses what per_token_divergence refuses, for the closed-form kinds too (they never call it)
     with pytest.raises(ValueError, match="unknown divergence kind"):
         DivergenceSpec(kind="kl")
@@ -440,9 +486,7 @@ def test_surrogate_constant_normaliser():
 def test_surrogate_k3_kl_by_hand():
     logprobs, old, advantages, mask = _surrogate_batch()
     ref = torch.full_like(logprobs, -1.0)
-    loss, stats = clipped_surrogate_loss(
-        logprobs, old, advantages, mask, kl_coef=0.1, ref_logprobs=ref
-    )
+    loss, stats = clipped_surrogate_loss(logprobs, old, advantages, mask, kl_coef=0.1, ref_logprobs=ref)
     k3 = []
     for i in range(2):
         for t in range(3):

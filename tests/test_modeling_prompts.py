@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import TINY
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from crisp.data import synthetic
@@ -19,8 +20,6 @@ from crisp.prompts import (
     PromptBuilder,
     resolve_instruction,
 )
-
-from conftest import TINY
 
 PROBLEM = synthetic.to_problem(synthetic.Chain(7, (3, -8, 5)), 0, "t")
 
@@ -69,8 +68,10 @@ def test_special_tokens(tiny_tokenizer):
 
 
 def test_chat_template_round_trip(tiny_tokenizer):
-    messages = [{"role": "system", "content": "Let me think step by step."},
-                {"role": "user", "content": PROBLEM.question}]
+    messages = [
+        {"role": "system", "content": "Let me think step by step."},
+        {"role": "user", "content": PROBLEM.question},
+    ]
     text = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text.endswith(f"{IM_START}assistant\n")
     assert PROBLEM.question in text and "Let me think step by step." in text

@@ -116,8 +116,9 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 
 def test_a_hub_benchmark_without_datasets_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
-    err = _one_line_error(capsys, ["eval", "--model", str(tmp_path), "--benchmark", "math500", "--out",
-                                   str(tmp_path / "out")])
+    err = _one_line_error(
+        capsys, ["eval", "--model", str(tmp_path), "--benchmark", "math500", "--out", str(tmp_path / "out")]
+    )
     assert "pip install 'crisp[hub]'" in err
 
 
@@ -128,11 +129,13 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path, capsys, tiny_model_
     assert "not valid YAML" in _one_line_error(capsys, ["eval", "--config", str(bad_yaml)])
     out = str(tmp_path / "out")
     assert "unknown data spec 'mathh500'" in _one_line_error(
-        capsys, ["eval", "--model", str(tiny_model_dir), "--benchmark", "mathh500", "--out", out])
+        capsys, ["eval", "--model", str(tiny_model_dir), "--benchmark", "mathh500", "--out", out]
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "holds no config.json" in _one_line_error(
-        capsys, ["eval", "--model", str(empty), "--benchmark", "synthetic", "--out", out])
+        capsys, ["eval", "--model", str(empty), "--benchmark", "synthetic", "--out", out]
+    )
     assert "known: crisp-qwen3-8b" in _one_line_error(capsys, ["train", "crisp-qwen3"])
 
 
@@ -142,17 +145,32 @@ def test_bad_input_on_the_command_line_is_one_line(tmp_path, capsys, tiny_model_
 
 PROJECT_FILES = ("src", "tests", "bench", "docs", "README.md", "pyproject.toml", "Makefile")
 # spelled in pieces, so that this file does not mention them either
-OUTSIDE = ("REFERENCE" + ".md", "design" + " notes", ".." + "/shared", "TESTBED" + ".md", "VLLM" + ".md",
-           "DESIGN" + ".md")
+OUTSIDE = (
+    "REFERENCE" + ".md",
+    "design" + " notes",
+    ".." + "/shared",
+    "TESTBED" + ".md",
+    "VLLM" + ".md",
+    "DESIGN" + ".md",
+)
 
 
 def test_no_file_refers_to_files_outside_the_project():
     files = [ROOT / name for name in PROJECT_FILES if (ROOT / name).is_file()]
-    files += [path for name in PROJECT_FILES if (ROOT / name).is_dir() for path in (ROOT / name).rglob("*")
-              if path.is_file() and "__pycache__" not in path.parts and path.suffix in (".py", ".md", ".yaml", ".toml")]
+    files += [
+        path
+        for name in PROJECT_FILES
+        if (ROOT / name).is_dir()
+        for path in (ROOT / name).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix in (".py", ".md", ".yaml", ".toml")
+    ]
     assert len(files) > 40
-    found = [(path.relative_to(ROOT), word) for path in files for word in OUTSIDE
-             if word.lower() in path.read_text(errors="replace").lower()]
+    found = [
+        (path.relative_to(ROOT), word)
+        for path in files
+        for word in OUTSIDE
+        if word.lower() in path.read_text(errors="replace").lower()
+    ]
     assert found == []
 
 
@@ -180,12 +198,18 @@ def test_a_wheel_installed_elsewhere_finds_its_configs_and_trains_a_demo_config(
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    _run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
-         cwd=tmp_path, env=dict(os.environ))
+    _run(
+        pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+        cwd=tmp_path,
+        env=dict(os.environ),
+    )
     (wheel,) = (tmp_path / "dist").glob("crisp-*.whl")
     site = tmp_path / "site"
-    _run(pip + ["install", "--no-deps", "--no-compile", "--target", str(site), str(wheel)], cwd=tmp_path,
-         env=dict(os.environ))
+    _run(
+        pip + ["install", "--no-deps", "--no-compile", "--target", str(site), str(wheel)],
+        cwd=tmp_path,
+        env=dict(os.environ),
+    )
     shutil.rmtree(source)  # nothing may come from the build folder either
 
     elsewhere = tmp_path / "elsewhere"
@@ -199,8 +223,11 @@ def test_a_wheel_installed_elsewhere_finds_its_configs_and_trains_a_demo_config(
     assert "usage: crisp demo" in _run(crisp_cmd + ["demo", "--help"], cwd=elsewhere, env=env).stdout
     listing = _run(crisp_cmd + ["recipes"], cwd=elsewhere, env=env).stdout
     assert str(site / "crisp" / "configs") in listing and "demo/base" in listing
-    _run(crisp_cmd + ["train", "demo/base", "max_steps=2", "data.size=64", "log_every=1", "output_dir=run"],
-         cwd=elsewhere, env=env)
+    _run(
+        crisp_cmd + ["train", "demo/base", "max_steps=2", "data.size=64", "log_every=1", "output_dir=run"],
+        cwd=elsewhere,
+        env=env,
+    )
     steps = [json.loads(line)["step"] for line in (elsewhere / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 2
     assert (elsewhere / "run" / "model" / "config.json").is_file()

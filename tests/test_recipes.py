@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY, parity_reward
+from test_selfdistill import read_metrics
 
 from crisp import cli
 from crisp.config import EvalRunConfig, load_config
 from crisp.driver import train
 from crisp.modeling import DTYPES, build_tiny_model, load_model, save_model
-
-from conftest import TINY, parity_reward
-from test_selfdistill import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
@@ -29,8 +28,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PROBLEMS = FIXTURES / "math500_sample.jsonl"  # questions, answers and reference solutions
 
 # The model_type in each hub model's config.json.
-FAMILY = {"Qwen/Qwen3-8B": "qwen3", "Qwen/Qwen3-1.7B": "qwen3", "Qwen/Qwen3-4B": "qwen3",
-          "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "qwen2"}
+FAMILY = {
+    "Qwen/Qwen3-8B": "qwen3",
+    "Qwen/Qwen3-1.7B": "qwen3",
+    "Qwen/Qwen3-4B": "qwen3",
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "qwen2",
+}
 
 TINY_STAGES = "[{max_length: 4, steps: 100}, {max_length: 6, steps: 100}, {max_length: 8, steps: 100}]"
 
@@ -38,8 +41,13 @@ TINY_STAGES = "[{max_length: 4, steps: 100}, {max_length: 6, steps: 100}, {max_l
 SHRINK = {
     "crisp-qwen3-8b": ["rollout.max_new_tokens=8"],
     "opsd-qwen3-1.7b": ["rollout.max_new_tokens=8"],
-    "siri-r1-distill-qwen-1.5b": ["batch_size=2", "group_size=4", "generation_batch_size=8",
-                                  "schedule.l_min=4", "schedule.l_max=8"],
+    "siri-r1-distill-qwen-1.5b": [
+        "batch_size=2",
+        "group_size=4",
+        "generation_batch_size=8",
+        "schedule.l_min=4",
+        "schedule.l_max=8",
+    ],
     # the stages as written but for their lengths
     "tfpi-qwen3-4b": ["batch_size=2", "generation_batch_size=8", "schedule.stages=" + TINY_STAGES],
     "tfpi-r1-distill-qwen-1.5b": ["batch_size=2", "generation_batch_size=8", "schedule.stages=" + TINY_STAGES],
@@ -83,8 +91,13 @@ def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, family_model
     written = load_config(recipe)
     family = FAMILY[written.model.path]
     out = tmp_path / "run"
-    overrides = [f"model.path={family_models[family]}", f"data.source={PROBLEMS}", "max_steps=1",
-                 f"output_dir={out}", *SHRINK[recipe.stem]]
+    overrides = [
+        f"model.path={family_models[family]}",
+        f"data.source={PROBLEMS}",
+        "max_steps=1",
+        f"output_dir={out}",
+        *SHRINK[recipe.stem],
+    ]
     run = load_config(recipe, overrides)
     assert_only_overridden(written, run, overrides)
     assert load_model(str(family_models[family])).config.model_type == family
@@ -107,8 +120,9 @@ def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, family_model
         assert (out / "model" / "adapter" / "adapter_config.json").is_file()
 
 
-@pytest.mark.parametrize("recipe, lengths", [("tfpi-qwen3-4b", [4096, 8192, 16384]),
-                                             ("tfpi-r1-distill-qwen-1.5b", [2048, 4096, 8192])])
+@pytest.mark.parametrize(
+    "recipe, lengths", [("tfpi-qwen3-4b", [4096, 8192, 16384]), ("tfpi-r1-distill-qwen-1.5b", [2048, 4096, 8192])]
+)
 def test_tfpi_recipes_keep_the_papers_settings(recipe, lengths):
     cfg = load_config(RECIPES / f"{recipe}.yaml")
     assert cfg.prompt.thinking_free and cfg.schedule.kind == "stages"
@@ -116,7 +130,12 @@ def test_tfpi_recipes_keep_the_papers_settings(recipe, lengths):
     assert sum(s.steps for s in cfg.schedule.stages) == cfg.max_steps
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.group_size, cfg.rollout.temperature) == (1e-6, 0, 8, 1.0)
     assert (cfg.eps_low, cfg.eps_high, cfg.dynamic_sampling, cfg.aggregation, cfg.kl_coef) == (
-        0.2, 0.28, True, "token", 0.0)
+        0.2,
+        0.28,
+        True,
+        "token",
+        0.0,
+    )
 
 
 def test_eval_recipe_runs_with_its_protocol(family_models, tmp_path):
@@ -125,8 +144,13 @@ def test_eval_recipe_runs_with_its_protocol(family_models, tmp_path):
     assert written.benchmarks == ["math500", "aime24", "aime25"]
     out = tmp_path / "eval"
     benchmarks = [str(FIXTURES / "math500_sample.jsonl"), str(FIXTURES / "aime_sample.jsonl")]
-    overrides = [f"model.path={family_models[FAMILY[written.model.path]]}", f"benchmarks={json.dumps(benchmarks)}",
-                 f"output_dir={out}", "limit=2", "sampling.max_new_tokens=8"]
+    overrides = [
+        f"model.path={family_models[FAMILY[written.model.path]]}",
+        f"benchmarks={json.dumps(benchmarks)}",
+        f"output_dir={out}",
+        "limit=2",
+        "sampling.max_new_tokens=8",
+    ]
     assert_only_overridden(written, load_config(recipe, overrides, EvalRunConfig), overrides)
 
     cli.main(["eval", "--config", str(recipe), *overrides])
@@ -135,7 +159,10 @@ def test_eval_recipe_runs_with_its_protocol(family_models, tmp_path):
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["k"] == 8 and summary["num_samples"] == 2 * 8
         assert {k: summary["sampling"][k] for k in ("temperature", "top_p", "top_k")} == {
-            "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+            "temperature": 0.6,
+            "top_p": 0.95,
+            "top_k": 20,
+        }
         assert summary["grader"].startswith("math-verify") and summary["prompt_template"] == "dapo"
         assert len((out / name / "samples.jsonl").read_text().splitlines()) == 16
 

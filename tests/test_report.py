@@ -12,8 +12,16 @@ from crisp.report import anatomy_lines, comparison_lines, load_rows, pareto_fron
 
 def summary(accuracy, tokens, levels, **settings):
     by = {lv: {"accuracy": a, "mean_tokens": t} for lv, (a, t) in levels.items()}
-    return {"accuracy": accuracy, "mean_tokens": tokens, "accuracy_std_over_samples": 0.01, "by_difficulty": by,
-            "k": 4, "sampling": {"n": 4, "temperature": 0.6}, "grader": "exact", **settings}
+    return {
+        "accuracy": accuracy,
+        "mean_tokens": tokens,
+        "accuracy_std_over_samples": 0.01,
+        "by_difficulty": by,
+        "k": 4,
+        "sampling": {"n": 4, "temperature": 0.6},
+        "grader": "exact",
+        **settings,
+    }
 
 
 @pytest.fixture()
@@ -44,8 +52,17 @@ def test_names_ratios_and_differences(runs):
 
 
 def test_compare_cli_writes_the_report(runs, tmp_path, capsys):
-    main(["compare", str(runs / "base"), str(runs / "siri"), "--out", str(tmp_path / "report"),
-          "--baseline", "siri/eval"])
+    main(
+        [
+            "compare",
+            str(runs / "base"),
+            str(runs / "siri"),
+            "--out",
+            str(tmp_path / "report"),
+            "--baseline",
+            "siri/eval",
+        ]
+    )
     out = capsys.readouterr().out
     assert "reduction and dAcc/CR against siri/eval" in out
     for name in ("report.md", "pareto.png", "per_difficulty.png"):
@@ -63,18 +80,30 @@ def test_rows_in_both_modes_get_a_mode_column_and_a_missing_mode_is_reported():
     }
     lines = comparison_lines(rows, baseline="base")
     assert lines[0] == ["run", "mode", "level", "accuracy", "tokens", "reduction", "dAcc/CR"]
-    assert [line[:3] for line in lines[1:5]] == [["base", "thinking", "all"], ["", "", "L1"],
-                                                 ["base (thinking-free)", "thinking_free", "all"], ["", "", "L1"]]
+    assert [line[:3] for line in lines[1:5]] == [
+        ["base", "thinking", "all"],
+        ["", "", "L1"],
+        ["base (thinking-free)", "thinking_free", "all"],
+        ["", "", "L1"],
+    ]
     assert lines[3][5] == "80.0%"  # against the baseline row, whatever its mode
-    assert setting_differences(rows) == ["thinking_mode: tfpi has no thinking_free row",
-                                         "thinking_mode: crisp has no thinking_free row"]
+    assert setting_differences(rows) == [
+        "thinking_mode: tfpi has no thinking_free row",
+        "thinking_mode: crisp has no thinking_free row",
+    ]
     one_mode = {name: rows[name] for name in ("base", "tfpi")}
     assert "mode" not in comparison_lines(one_mode, baseline="base")[0] and not setting_differences(one_mode)
 
 
 def anatomy(thinking, answer, loops, rates):
-    return {"mean_thinking_tokens": thinking, "mean_answer_tokens": answer, "loop_rate": loops,
-            "truncation_rate": 0.25, "markers_per_1k_tokens": sum(rates.values()), "marker_rates_per_1k_tokens": rates}
+    return {
+        "mean_thinking_tokens": thinking,
+        "mean_answer_tokens": answer,
+        "loop_rate": loops,
+        "truncation_rate": 0.25,
+        "markers_per_1k_tokens": sum(rates.values()),
+        "marker_rates_per_1k_tokens": rates,
+    }
 
 
 def test_anatomy_table_and_figure(tmp_path, capsys):

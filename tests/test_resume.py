@@ -91,7 +91,9 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert not different, f"not bitwise equal: {different}"
 
 
-def run_killed(config_path: Path, out: Path, kill_after_lines: int, extra_delay: float, deadline_s: float = 120) -> None:
+def run_killed(
+    config_path: Path, out: Path, kill_after_lines: int, extra_delay: float, deadline_s: float = 120
+) -> None:
     """`python -m crisp train` in a subprocess, SIGKILLed `extra_delay` s after metrics.jsonl holds
     `kill_after_lines` records: anywhere in a step, in a checkpoint save or in a log write."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -99,8 +101,9 @@ def run_killed(config_path: Path, out: Path, kill_after_lines: int, extra_delay:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     metrics = out / "metrics.jsonl"
     with open(out.parent / f"{out.name}.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "crisp", "train", str(config_path)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crisp", "train", str(config_path)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + deadline_s
         try:
             while time.monotonic() < deadline and proc.poll() is None:
@@ -120,8 +123,9 @@ def run_killed(config_path: Path, out: Path, kill_after_lines: int, extra_delay:
     assert not (out / "model").exists()
 
 
-def kill_and_resume(base: dict, model_dir: Path, tmp_path: Path, *, break_newest: bool = False,
-                    deadline_s: float = 120) -> None:
+def kill_and_resume(
+    base: dict, model_dir: Path, tmp_path: Path, *, break_newest: bool = False, deadline_s: float = 120
+) -> None:
     straight = tmp_path / "straight"
     train(validate(config(base, model_dir, straight)))
 
@@ -153,7 +157,9 @@ def kill_and_resume(base: dict, model_dir: Path, tmp_path: Path, *, break_newest
     assert without_times(resumed) == without_times(uninterrupted), context
     assert read_jsonl(crashed / "rollouts.jsonl") == read_jsonl(straight / "rollouts.jsonl"), context
     assert [p.name for p in checkpoint.complete_checkpoints(crashed / "checkpoints")] == [
-        f"step-{STEPS - 1:08d}", f"step-{STEPS:08d}"]
+        f"step-{STEPS - 1:08d}",
+        f"step-{STEPS:08d}",
+    ]
     assert not list((crashed / "checkpoints").glob(".tmp-*"))
 
 
@@ -169,8 +175,10 @@ def answering_model_and_data(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
     directory = tmp_path_factory.mktemp("answering")
     rng = random.Random(0)
     problems = synthetic.test_problems()[:32]
-    rows = [{"id": f"p{i}", "question": p.question, "answer": str(rng.choice([1, 2])), "source": "synthetic"}
-            for i, p in enumerate(problems)]
+    rows = [
+        {"id": f"p{i}", "question": p.question, "answer": str(rng.choice([1, 2])), "source": "synthetic"}
+        for i, p in enumerate(problems)
+    ]
     (directory / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     model = load_model(str(tiny_model_dir))
@@ -214,16 +222,26 @@ def test_grpo_killed_and_resumed_from_an_older_checkpoint_equals_uninterrupted(a
     assert 0 < sum(m["rollout/accuracy"] for m in metrics) / len(metrics) < 1
 
 
-def test_grpo_staged_killed_and_resumed_across_stage_boundaries_equals_uninterrupted(answering_model_and_data,
-                                                                                   tmp_path):
+def test_grpo_staged_killed_and_resumed_across_stage_boundaries_equals_uninterrupted(
+    answering_model_and_data, tmp_path
+):
     """TFPI's stages: thinking-free prompts with a cap growing every two steps, then a thinking-mode
     stage. Wherever the kill lands (after step 3-6), the resumed run crosses at least one stage
     boundary, and it must equal the run that was never interrupted, stage markers included."""
     model_dir, problems = answering_model_and_data
-    stages = [{"max_length": 4, "steps": 2}, {"max_length": 6, "steps": 2}, {"max_length": 8, "steps": 2},
-              {"max_length": 10, "steps": 2}, {"max_length": 12, "steps": 2, "thinking_free": False}]
-    base = {**GRPO, "data": {"source": str(problems)}, "prompt": {"template": "plain", "thinking_free": True},
-            "schedule": {"kind": "stages", "stages": stages}}
+    stages = [
+        {"max_length": 4, "steps": 2},
+        {"max_length": 6, "steps": 2},
+        {"max_length": 8, "steps": 2},
+        {"max_length": 10, "steps": 2},
+        {"max_length": 12, "steps": 2, "thinking_free": False},
+    ]
+    base = {
+        **GRPO,
+        "data": {"source": str(problems)},
+        "prompt": {"template": "plain", "thinking_free": True},
+        "schedule": {"kind": "stages", "stages": stages},
+    }
     kill_and_resume(base, model_dir, tmp_path)
     metrics = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     assert [m["rollout/stage"] for m in metrics] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]

@@ -33,8 +33,9 @@ class CharTokenizer:
 
 
 def rollout(tokenizer: CharTokenizer, index: int, text: str) -> Rollout:
-    return Rollout(prompt_index=index, prompt_ids=(1,), token_ids=tokenizer.encode(text) + (EOS,), text=text,
-                   finish_reason="stop")
+    return Rollout(
+        prompt_index=index, prompt_ids=(1,), token_ids=tokenizer.encode(text) + (EOS,), text=text, finish_reason="stop"
+    )
 
 
 def loop_rewards(batch: list[Problem], texts: list[tuple[int, str]], grader: str) -> list[float]:
@@ -78,8 +79,10 @@ def _train_guessing_policy(reward_of, steps: int = 60, group: int = 8, seed: int
         probs = torch.softmax(logits, dim=0)
         sampler = torch.Generator().manual_seed(rng.randrange(2**31))
         choices = torch.multinomial(probs.detach(), group, replacement=True, generator=sampler)
-        texts = [f"\\boxed{{{rng.choice(guesses)}}}" if c == 0 else " ".join(f"\\boxed{{{g}}}" for g in guesses)
-                 for c in choices.tolist()]
+        texts = [
+            f"\\boxed{{{rng.choice(guesses)}}}" if c == 0 else " ".join(f"\\boxed{{{g}}}" for g in guesses)
+            for c in choices.tolist()
+        ]
         rewards = torch.tensor(reward_of(texts, str(gold)))
         advantages = group_advantages(rewards, group)
         loss = -(advantages * torch.log(probs[choices])).mean()

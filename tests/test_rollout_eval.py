@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, level_prompts, sharpen
 
 from crisp import cli
 from crisp.config import SamplingConfig
@@ -19,8 +20,6 @@ from crisp.data.synthetic import SyntheticTask
 from crisp.evaluate import compare_to_baseline, summarize
 from crisp.modeling import build_tiny_model
 from crisp.rollout import HFGenerator, KVCacheGenerator, SeededSampler, request_keys
-
-from conftest import TINY, level_prompts, sharpen
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -116,8 +115,9 @@ def test_seeded_sampler_draws_from_the_filtered_distribution(temperature, top_k,
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0])
     keys = request_keys(7, range(rows), [0] * rows)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    scores = SeededSampler(keys, prompt_width=3, sampling=sampling)(torch.zeros(rows, 5, dtype=torch.long),
-                                                                    logits.expand(rows, vocab).clone())
+    scores = SeededSampler(keys, prompt_width=3, sampling=sampling)(
+        torch.zeros(rows, 5, dtype=torch.long), logits.expand(rows, vocab).clone()
+    )
     assert (scores.max(dim=1).values == 0).all() and torch.isinf(scores).sum() == rows * (vocab - 1)
     frequencies = torch.bincount(scores.argmax(dim=1), minlength=vocab) / rows
     probs = torch.softmax(logits / temperature, dim=0)
@@ -148,7 +148,8 @@ def test_a_prompt_gets_the_same_rollouts_in_any_batch(sharp_model, tiny_tokenize
     n = SAMPLING.n
     for first, stop, batch_size in [(0, 4, 256), (4, len(prompts), 256), (2, 7, 2)]:
         part = backend(sharp_model, tiny_tokenizer, batch_size=batch_size).generate(
-            prompts[first:stop], SAMPLING, seed=11, first_index=first)
+            prompts[first:stop], SAMPLING, seed=11, first_index=first
+        )
         assert part == everything[first * n : stop * n]
     shifted = backend(sharp_model, tiny_tokenizer).generate(prompts[2:7], SAMPLING, seed=11)
     assert [r.token_ids for r in shifted] != [r.token_ids for r in everything[2 * n : 7 * n]]
@@ -164,12 +165,16 @@ def test_generate_restores_training_mode(tiny_model, tiny_tokenizer, prompts, ba
     assert not tiny_model.training
 
 
-@pytest.mark.parametrize("sampling", [
-    SamplingConfig(n=2, temperature=0.0, max_new_tokens=20),
-    SamplingConfig(n=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20),
-    SamplingConfig(n=2, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=20),
-    SamplingConfig(n=2, temperature=1.3, top_p=0.8, top_k=6, max_new_tokens=20),
-], ids=["greedy", "plain", "top_p", "top_k_top_p"])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingConfig(n=2, temperature=0.0, max_new_tokens=20),
+        SamplingConfig(n=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=20),
+        SamplingConfig(n=2, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=20),
+        SamplingConfig(n=2, temperature=1.3, top_p=0.8, top_k=6, max_new_tokens=20),
+    ],
+    ids=["greedy", "plain", "top_p", "top_k_top_p"],
+)
 def test_plain_loop_returns_hf_generate_tokens(sharp_model, tiny_tokenizer, prompts, sampling):
     """Same model, prompts (left-padded batches) and seed: the plain loop draws exactly the tokens
     that HF generate draws, greedy or sampled."""
@@ -222,8 +227,10 @@ def test_summarize_by_hand():
 
 
 def test_summarize_adds_the_task_figures_overall_and_per_level():
-    audited = [dict(_record("a", "1", True, 10), steps=2, operands_right=2, results_right=1),
-               dict(_record("b", "2", False, 20), steps=3, operands_right=1, results_right=3)]
+    audited = [
+        dict(_record("a", "1", True, 10), steps=2, operands_right=2, results_right=1),
+        dict(_record("b", "2", False, 20), steps=3, operands_right=1, results_right=3),
+    ]
     s = summarize(audited, SyntheticTask())
     assert s["operand_accuracy"] == pytest.approx(3 / 5) and s["result_accuracy"] == pytest.approx(4 / 5)
     assert s["by_difficulty"]["2"]["operand_accuracy"] == pytest.approx(1 / 3)
@@ -240,10 +247,16 @@ def test_summarize_no_correct_and_level_order():
 
 
 def test_compare_to_baseline_by_hand():
-    base = {"accuracy": 0.5, "mean_tokens": 100.0,
-            "by_difficulty": {"1": {"accuracy": 0.8, "mean_tokens": 50.0}, "3": {"accuracy": 0.2, "mean_tokens": 10}}}
-    run = {"accuracy": 0.6, "mean_tokens": 40.0,
-           "by_difficulty": {"1": {"accuracy": 0.4, "mean_tokens": 25.0}, "2": {"accuracy": 1.0, "mean_tokens": 1}}}
+    base = {
+        "accuracy": 0.5,
+        "mean_tokens": 100.0,
+        "by_difficulty": {"1": {"accuracy": 0.8, "mean_tokens": 50.0}, "3": {"accuracy": 0.2, "mean_tokens": 10}},
+    }
+    run = {
+        "accuracy": 0.6,
+        "mean_tokens": 40.0,
+        "by_difficulty": {"1": {"accuracy": 0.4, "mean_tokens": 25.0}, "2": {"accuracy": 1.0, "mean_tokens": 1}},
+    }
     out = compare_to_baseline(run, base)
     overall = out["overall"]
     assert overall["compression_ratio"] == pytest.approx(0.4)
@@ -280,16 +293,43 @@ def _read(out: Path):
 def test_cli_eval_synthetic(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     limit = synthetic.TEST_PER_LEVEL + 10  # levels 1 and 2
-    cli.main(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--limit", str(limit),
-              "--k", "2", "--out", str(out), "--max-new-tokens", "12", "--temperature", "0.7",
-              "--top-p", "0.9", "--top-k", "5", "--seed", "3"])
+    cli.main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--benchmark",
+            "synthetic",
+            "--limit",
+            str(limit),
+            "--k",
+            "2",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "5",
+            "--seed",
+            "3",
+        ]
+    )
     summary, samples = _read(out)
     assert 0 <= summary["accuracy"] <= 1
     assert summary["k"] == 2
     assert summary["grader"].startswith("exact")
     assert summary["prompt_template"] == "plain"
     sampling = summary["sampling"]
-    assert (sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["max_new_tokens"]) == (0.7, 0.9, 5, 12)
+    assert (sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["max_new_tokens"]) == (
+        0.7,
+        0.9,
+        5,
+        12,
+    )
     assert sampling["n"] == 2
     assert set(summary["by_difficulty"]) == {"1", "2"}
     for level, figures in summary["by_difficulty"].items():
@@ -317,8 +357,23 @@ def test_cli_eval_with_baseline(tiny_model_dir, tmp_path):
     base = tmp_path / "base.json"
     base.write_text(json.dumps({"accuracy": 0.5, "mean_tokens": 100.0, "by_difficulty": {}}))
     out = tmp_path / "eval"
-    cli.main(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--limit", "4",
-              "--out", str(out), "--max-new-tokens", "6", "--baseline", str(base)])
+    cli.main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--benchmark",
+            "synthetic",
+            "--limit",
+            "4",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--baseline",
+            str(base),
+        ]
+    )
     summary, _ = _read(out)
     assert summary["vs_baseline"]["overall"]["compression_ratio"] == pytest.approx(summary["mean_tokens"] / 100)
 
@@ -327,8 +382,21 @@ def test_cli_eval_gsm8k_fixture_with_dapo(tiny_model_dir, tmp_path):
     out = tmp_path / "gsm8k"
     fixture = FIXTURES / "gsm8k_sample.jsonl"
     lines = [line for line in fixture.read_text().splitlines() if line.strip()]
-    cli.main(["eval", "--model", str(tiny_model_dir), "--benchmark", str(fixture), "--template", "dapo",
-              "--out", str(out), "--max-new-tokens", "8"])
+    cli.main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--benchmark",
+            str(fixture),
+            "--template",
+            "dapo",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     summary, samples = _read(out)
     assert isinstance(summary["accuracy"], float) and 0 <= summary["accuracy"] <= 1
     assert math.isfinite(summary["mean_tokens"])
@@ -340,17 +408,31 @@ def test_cli_eval_gsm8k_fixture_with_dapo(tiny_model_dir, tmp_path):
 
 def test_cli_eval_bad_k_exits_2(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--k", "0",
-                  "--out", str(tmp_path / "x")])
+        cli.main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--benchmark",
+                "synthetic",
+                "--k",
+                "0",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
     assert info.value.code == 2
     assert "--k" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--benchmark", "synthetic"], "--model, --out"),  # without --config the flags are required
-    (["--config", "eval.yaml", "--model", "m"], "--config"),  # with it, they are overrides
-    (["--model", "m", "--benchmark", "synthetic", "--out", "o", "k=2"], "k=2"),  # overrides need --config
-])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--benchmark", "synthetic"], "--model, --out"),  # without --config the flags are required
+        (["--config", "eval.yaml", "--model", "m"], "--config"),  # with it, they are overrides
+        (["--model", "m", "--benchmark", "synthetic", "--out", "o", "k=2"], "k=2"),  # overrides need --config
+    ],
+)
 def test_cli_eval_flag_errors_exit_2_naming_the_flag(argv, named, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["eval", *argv])

@@ -30,12 +30,12 @@ except ConfigError:
         raise
     pytest.skip("vLLM is not installed (make setup-vllm)", allow_module_level=True)
 
+from conftest import level_prompts, sharpen
+
 from crisp.methods.grpo import token_logprobs
 from crisp.modeling import build_tiny_model, prepare_for_training
 from crisp.rollout import HFGenerator
 from crisp.rollout_vllm import VLLMGenerator, engine_weights
-
-from conftest import level_prompts, sharpen
 
 # vLLM's CPU attention needs a head size of at least 32 (conftest's TINY has 16)
 ENGINE_TINY = dict(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=64)
@@ -63,8 +63,9 @@ SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, top_k=0, max_new_toke
 
 def hf_logprobs(model, rollouts) -> list[list[float]]:
     with torch.no_grad():
-        values, mask = token_logprobs(model, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
-                                      pad_id=0, chunk_size=64)  # (B, T), (B, T)
+        values, mask = token_logprobs(
+            model, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts], pad_id=0, chunk_size=64
+        )  # (B, T), (B, T)
     return [row[m].tolist() for row, m in zip(values, mask)]
 
 
@@ -161,8 +162,9 @@ def test_engine_weights_are_new_tensors_for_lora_and_the_model_own_otherwise(eng
     assert merged["model.layers.0.self_attn.q_proj.weight"].data_ptr() != q_proj.base_layer.weight.data_ptr()
 
 
-def test_seeds_give_the_same_rollouts_in_any_batch_slice_or_rebuilt_engine(engine, engine_model, tiny_tokenizer,
-                                                                           prompts):
+def test_seeds_give_the_same_rollouts_in_any_batch_slice_or_rebuilt_engine(
+    engine, engine_model, tiny_tokenizer, prompts
+):
     whole = engine.generate(prompts, SAMPLING, seed=11)
     assert whole == engine.generate(prompts, SAMPLING, seed=11)
     assert [r.token_ids for r in whole] != [r.token_ids for r in engine.generate(prompts, SAMPLING, seed=12)]
@@ -172,7 +174,8 @@ def test_seeds_give_the_same_rollouts_in_any_batch_slice_or_rebuilt_engine(engin
     # two slices, as two data-parallel ranks take them, and a reversed batch
     cut = len(prompts) // 2
     sliced = engine.generate(prompts[:cut], SAMPLING, seed=11) + engine.generate(
-        prompts[cut:], SAMPLING, seed=11, first_index=cut)
+        prompts[cut:], SAMPLING, seed=11, first_index=cut
+    )
     assert sliced == whole
     one = engine.generate([prompts[3]], SAMPLING, seed=11, first_index=3)
     assert one == whole[3 * SAMPLING.n : 4 * SAMPLING.n]
@@ -252,8 +255,9 @@ def test_sampling_follows_the_models_distribution(tiny_tokenizer, prompts):
     assert stat > chi_square_critical(df), (stat, df)
 
 
-def test_lengths_that_do_not_fit_are_errors_naming_the_key_before_any_compute(engine, engine_model, tiny_tokenizer,
-                                                                              prompts):
+def test_lengths_that_do_not_fit_are_errors_naming_the_key_before_any_compute(
+    engine, engine_model, tiny_tokenizer, prompts
+):
     with pytest.raises(ConfigError, match="vllm.max_model_len"):
         engine.generate(prompts, GREEDY, max_new_tokens=256 - min(map(len, prompts)) + 1)
     with pytest.raises(ConfigError, match="vllm.max_model_len"):
@@ -269,7 +273,8 @@ def test_cpu_settings_that_would_split_a_seeded_prefill_are_errors(engine_model,
     with pytest.raises(ConfigError, match="vllm.max_num_batched_tokens"):
         generator.generate(prompts, SAMPLING, seed=0)  # 3 x 8 prompts: more than 256 prompt tokens
     assert generator.generate(prompts[:2], GREEDY) == HFGenerator(engine_model, tiny_tokenizer).generate(
-        prompts[:2], GREEDY)  # within the budget it runs
+        prompts[:2], GREEDY
+    )  # within the budget it runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +287,7 @@ def engine_model_dir(tiny_tokenizer, tmp_path_factory):
     from crisp.modeling import save_model
 
     directory = tmp_path_factory.mktemp("engine_model")
-    save_model(build_tiny_model(tiny_tokenizer, architecture="qwen3", seed=0, **ENGINE_TINY), tiny_tokenizer,
-               directory)
+    save_model(build_tiny_model(tiny_tokenizer, architecture="qwen3", seed=0, **ENGINE_TINY), tiny_tokenizer, directory)
     return directory
 
 
@@ -294,7 +298,6 @@ ENGINE_ROLLOUT = {"backend": "vllm", "vllm": {"max_model_len": 256, "kv_cache_gi
 def test_a_vllm_run_killed_and_resumed_equals_an_uninterrupted_one(engine_model_dir, tmp_path):
     """As test_resume's kill -9 test, on the engine: the resumed run's engine gets the checkpoint's
     weights, and bitwise the same weights, metrics and rollouts come out."""
-    from crisp.driver import train
     from test_resume import SELFDISTILL, kill_and_resume, read_jsonl
 
     base = {**SELFDISTILL, "rollout": {**SELFDISTILL["rollout"], **ENGINE_ROLLOUT}}
@@ -308,9 +311,9 @@ def test_two_processes_train_on_one_engine_each(engine_model_dir, tmp_path):
     """`accelerate launch` with 2 processes: each rank's engine generates that rank's share; both
     ranks end with the same weights, and the rollouts are the ones one process samples."""
     import yaml
+    from test_distributed import configs, launch_two_processes, metrics
 
     from crisp import cli
-    from test_distributed import configs, launch_two_processes, metrics
 
     data = configs(tmp_path, engine_model_dir)["selfdistill"]
     data = {**data, "rollout": {**data["rollout"], **ENGINE_ROLLOUT}, "eval": {**data["eval"], "limit": 2}}

@@ -15,14 +15,19 @@ import torch.nn.functional as F
 
 from crisp.config import ConfigError, set_path
 from crisp.data import synthetic
+from crisp.driver import Training, train
 from crisp.losses import per_token_divergence
-from crisp.modeling import load_model
+from crisp.methods.selfdistill import (
+    DistillBatch,
+    LossConfig,
+    SelfDistillConfig,
+    distill_backward,
+    distill_loss_sum,
+    keep_rollouts,
+)
+from crisp.modeling import load_model, response_hidden
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.rollout import Rollout
-from crisp.driver import Training, train
-from crisp.methods.selfdistill import (DistillBatch, LossConfig, SelfDistillConfig, distill_backward, distill_loss_sum,
-                                       keep_rollouts)
-from crisp.modeling import response_hidden
 from crisp.teacher import Teacher
 
 
@@ -106,8 +111,15 @@ def test_distill_loss_sum_equals_a_loop_by_hand(tiny_model, tiny_tokenizer, batc
     teacher_model = perturbed_copy(tiny_model)
     cfg = LossConfig(divergence=kind, forward_weight=0.5, chunk_size=3)  # chunks cross rollout boundaries
     with torch.no_grad():
-        total = distill_loss_sum(tiny_model, as_teacher(teacher_model), student_prompts, teacher_prompts, responses,
-                                 cfg, tiny_tokenizer.pad_token_id)
+        total = distill_loss_sum(
+            tiny_model,
+            as_teacher(teacher_model),
+            student_prompts,
+            teacher_prompts,
+            responses,
+            cfg,
+            tiny_tokenizer.pad_token_id,
+        )
         expected = 0.0
         for s, t, r in zip(student_prompts, teacher_prompts, responses):
             log_s = explicit_log_probs(tiny_model, s, r)
@@ -124,15 +136,23 @@ def test_distill_loss_sum_gradient_equals_autograd_through_the_full_logits(tiny_
     student_prompts, teacher_prompts, responses = batch
     teacher_model = perturbed_copy(tiny_model, seed=2)
     cfg = LossConfig(divergence=kind, forward_weight=0.5, beta=0.3, chunk_size=5)
-    distill_loss_sum(tiny_model, as_teacher(teacher_model), student_prompts, teacher_prompts, responses, cfg,
-                     tiny_tokenizer.pad_token_id).backward()
+    distill_loss_sum(
+        tiny_model,
+        as_teacher(teacher_model),
+        student_prompts,
+        teacher_prompts,
+        responses,
+        cfg,
+        tiny_tokenizer.pad_token_id,
+    ).backward()
     fused = _grads(tiny_model)
     tiny_model.zero_grad(set_to_none=True)
     for s, t, r in zip(student_prompts, teacher_prompts, responses):
         with torch.no_grad():
             teacher_logits = explicit_log_probs(teacher_model, t, r)  # (R, V) log-probs: same softmax
-        per_token_divergence(explicit_log_probs(tiny_model, s, r), teacher_logits, kind=kind, beta=0.3,
-                             forward_weight=0.5).sum().backward()
+        per_token_divergence(
+            explicit_log_probs(tiny_model, s, r), teacher_logits, kind=kind, beta=0.3, forward_weight=0.5
+        ).sum().backward()
     reference = _grads(tiny_model)
     assert set(fused) == set(reference) and "model.embed_tokens.weight" in fused
     assert all(g.abs().max() > 0 for g in reference.values())
@@ -147,9 +167,13 @@ def test_teacher_prompt_matters_through_alignment(tiny_model, tiny_tokenizer, ba
     cfg = LossConfig(divergence="reverse_kl")
     pad = tiny_tokenizer.pad_token_id
     with torch.no_grad():
-        loss = distill_loss_sum(tiny_model, as_teacher(tiny_model), student_prompts, teacher_prompts, responses, cfg, pad)
+        loss = distill_loss_sum(
+            tiny_model, as_teacher(tiny_model), student_prompts, teacher_prompts, responses, cfg, pad
+        )
         expected = sum(
-            _by_hand("reverse_kl", explicit_log_probs(tiny_model, s, r), explicit_log_probs(tiny_model, t, r)).sum().item()
+            _by_hand("reverse_kl", explicit_log_probs(tiny_model, s, r), explicit_log_probs(tiny_model, t, r))
+            .sum()
+            .item()
             for s, t, r in zip(student_prompts, teacher_prompts, responses)
         )
     assert loss.item() > 0
@@ -160,8 +184,15 @@ def test_kl_is_zero_for_same_prompt_and_a_copy(tiny_model, tiny_tokenizer, batch
     student_prompts, _, responses = batch
     teacher = Teacher(tiny_model, update="frozen")
     for kind in ("reverse_kl", "forward_kl", "jsd", "mixed"):
-        loss = distill_loss_sum(tiny_model, teacher, student_prompts, student_prompts, responses,
-                                LossConfig(divergence=kind), tiny_tokenizer.pad_token_id)
+        loss = distill_loss_sum(
+            tiny_model,
+            teacher,
+            student_prompts,
+            student_prompts,
+            responses,
+            LossConfig(divergence=kind),
+            tiny_tokenizer.pad_token_id,
+        )
         assert abs(loss.item()) < 1e-5, kind
 
 
@@ -276,13 +307,24 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model, tiny_tokenizer, 
     num_tokens = sum(map(len, responses))
 
     teacher = as_teacher(teacher_model)
-    (distill_loss_sum(tiny_model, teacher, student_prompts, teacher_prompts, responses, cfg, pad)
-     / num_tokens).backward()
+    (
+        distill_loss_sum(tiny_model, teacher, student_prompts, teacher_prompts, responses, cfg, pad) / num_tokens
+    ).backward()
     full = _grads(tiny_model)
     tiny_model.zero_grad(set_to_none=True)
     for i in range(len(responses)):
-        (distill_loss_sum(tiny_model, teacher, student_prompts[i:i + 1], teacher_prompts[i:i + 1],
-                          responses[i:i + 1], cfg, pad) / num_tokens).backward()
+        (
+            distill_loss_sum(
+                tiny_model,
+                teacher,
+                student_prompts[i : i + 1],
+                teacher_prompts[i : i + 1],
+                responses[i : i + 1],
+                cfg,
+                pad,
+            )
+            / num_tokens
+        ).backward()
     micro = _grads(tiny_model)
     assert set(full) == set(micro) and full
     assert any(g.abs().max() > 0 for g in full.values())
@@ -295,9 +337,7 @@ def _rollouts(student_prompts, responses, order):
     return [Rollout(i, tuple(student_prompts[i]), tuple(responses[i]), "", "stop") for i in order]
 
 
-def test_distill_backward_buckets_micro_batches_by_length_without_changing_the_step(
-    tiny_model, tiny_tokenizer, batch
-):
+def test_distill_backward_buckets_micro_batches_by_length_without_changing_the_step(tiny_model, tiny_tokenizer, batch):
     student_prompts, teacher_prompts, responses = batch
     teacher = as_teacher(perturbed_copy(tiny_model, seed=3))
     pad = tiny_tokenizer.pad_token_id
@@ -313,8 +353,14 @@ def test_distill_backward_buckets_micro_batches_by_length_without_changing_the_s
     results = {}
     for size in (4, 2):
         calls.clear()
-        loss = distill_backward(tiny_model, teacher, DistillBatch(rollouts, teachers),
-                                LossConfig(divergence="mixed", chunk_size=4), pad_id=pad, micro_batch_size=size)
+        loss = distill_backward(
+            tiny_model,
+            teacher,
+            DistillBatch(rollouts, teachers),
+            LossConfig(divergence="mixed", chunk_size=4),
+            pad_id=pad,
+            micro_batch_size=size,
+        )
         results[size] = (loss, _grads(tiny_model), list(calls))
         tiny_model.zero_grad(set_to_none=True)
     hook.remove()
@@ -360,8 +406,9 @@ def read_metrics(out: Path) -> list[dict]:
 
 def test_two_step_run_trains_the_student_and_keeps_the_frozen_teacher(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    cfg = make_cfg(tiny_model_dir, out, **{"eval.benchmark": "synthetic", "eval.limit": 3,
-                                           "eval.sampling.max_new_tokens": 6})
+    cfg = make_cfg(
+        tiny_model_dir, out, **{"eval.benchmark": "synthetic", "eval.limit": 3, "eval.sampling.max_new_tokens": 6}
+    )
     training = Training(cfg)
     final = training.run()
     assert final == out / "model"

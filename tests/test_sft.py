@@ -6,28 +6,36 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from crisp.config import validate
-from crisp.methods.sft import SFTConfig
-from crisp.data import synthetic
-from crisp.data.tasks import get_task
-from crisp.modeling import load_model
-from crisp.prompts import CLOSED_THINKING, REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
-from crisp.driver import train
-from crisp.methods.sft import build_model_and_tokenizer, collate, response_loss
-
 from conftest import TINY
 from test_resume import assert_bitwise_equal, weights
 from test_selfdistill import read_metrics
+
+from crisp.config import validate
+from crisp.data import synthetic
+from crisp.data.tasks import get_task
+from crisp.driver import train
+from crisp.methods.sft import SFTConfig, build_model_and_tokenizer, collate, response_loss
+from crisp.modeling import load_model
+from crisp.prompts import CLOSED_THINKING, REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
 
 MIX = {"plain": 0.2, "v1": 0.2, "v2": 0.2, "reference": 0.2, "thinking_free": 0.2, "verbose_prefix_fraction": 0.5}
 
 
 def make_cfg(out, **overrides):
-    raw = {"method": "sft", "output_dir": str(out), "max_steps": 2, "seed": 0, "threads": 1,
-           "model": {"tiny": TINY}, "prompt": {"template": "plain"},
-           "data": {"source": "synthetic", "size": 500, "levels": [3, 4]},
-           "mix": MIX, "batch_tokens": 1024, "optim": {"lr": 3e-3, "schedule": "constant"}, "log_every": 1}
+    raw = {
+        "method": "sft",
+        "output_dir": str(out),
+        "max_steps": 2,
+        "seed": 0,
+        "threads": 1,
+        "model": {"tiny": TINY},
+        "prompt": {"template": "plain"},
+        "data": {"source": "synthetic", "size": 500, "levels": [3, 4]},
+        "mix": MIX,
+        "batch_tokens": 1024,
+        "optim": {"lr": 3e-3, "schedule": "constant"},
+        "log_every": 1,
+    }
     for key, value in overrides.items():
         raw[key] = value
     return validate(raw, SFTConfig)
@@ -55,15 +63,21 @@ def test_the_corpus_holds_every_prompt_a_method_uses_each_in_its_style(mix):
     builder = PromptBuilder(tokenizer, template="plain")
     problem = synthetic.to_problem(synthetic.Chain(3, (2,)), 0, "t")
     # exactly the prompts the methods build: the student's, CRISP's teachers, OPSD's teacher
-    assert tokenizer.decode(tokenizer(synthetic.sft_prompt(builder, problem, "plain"))["input_ids"]) == \
-        tokenizer.decode(builder.student_ids(problem))
+    assert tokenizer.decode(
+        tokenizer(synthetic.sft_prompt(builder, problem, "plain"))["input_ids"]
+    ) == tokenizer.decode(builder.student_ids(problem))
     assert synthetic.sft_prompt(builder, problem, "v2") == builder.render(
-        builder.teacher_text(problem, instruction=resolve_instruction("v2"), reference=False))
+        builder.teacher_text(problem, instruction=resolve_instruction("v2"), reference=False)
+    )
     assert synthetic.sft_prompt(builder, problem, "reference") == builder.render(
-        builder.teacher_text(problem, instruction=None, reference=True))
+        builder.teacher_text(problem, instruction=None, reference=True)
+    )
     assert synthetic.sft_prompt(builder, problem, "thinking_free") == tokenizer.apply_chat_template(
-        [{"role": "user", "content": problem.question}], tokenize=False, add_generation_prompt=True,
-        enable_thinking=False)
+        [{"role": "user", "content": problem.question}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
 
     kinds = [kind_of(tokenizer.decode(e.prompt_ids)) for e in examples]
     for kind in MIX:
@@ -145,7 +159,8 @@ def test_probe_marks_every_step_of_every_held_out_problem(mix):
     assert len(traces) == len(chains)
     for trace, chain in zip(traces, chains):
         assert sorted((kind, step) for kind, step, _ in trace.targets) == sorted(
-            (kind, step) for kind in ("operand", "result") for step in range(1, chain.level + 1))
+            (kind, step) for kind in ("operand", "result") for step in range(1, chain.level + 1)
+        )
         for kind, step, positions in trace.targets:
             text = tokenizer.decode([trace.ids[p + 1] for p in positions]).strip()
             expected = chain.operation(step - 1).split(" ", 1)[1] if kind == "operand" else str(chain.totals()[step])

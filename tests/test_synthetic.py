@@ -11,8 +11,18 @@ import re
 import pytest
 
 from crisp.data import synthetic
-from crisp.data.synthetic import (CONCISE_V1, CONCISE_V2, FIRST_RISKY_STEP, IDEAL, LEVELS, REFERENCE, STYLES,
-                                  TEST_PER_LEVEL, THINKING_FREE, VERBOSE)
+from crisp.data.synthetic import (
+    CONCISE_V1,
+    CONCISE_V2,
+    FIRST_RISKY_STEP,
+    IDEAL,
+    LEVELS,
+    REFERENCE,
+    STYLES,
+    TEST_PER_LEVEL,
+    THINKING_FREE,
+    VERBOSE,
+)
 
 STEP = re.compile(r"^(First|Second|Third|Fourth) ([+-]\d+): (\d+) ([+-] \d+) = (\d+)\.$")
 CHECK_OK = re.compile(r"^Check: (\d+) ([+-] \d+) = (\d+)\.$")
@@ -139,8 +149,11 @@ def test_v1_drops_the_check_a_four_step_chain_needs_and_v2_keeps_it():
     assert IDEAL.check(1, 1) == 0 and IDEAL.check(3, 4) == 1
     assert REFERENCE.check(3, 4) == 0 and REFERENCE.slip == 0
     for style in (CONCISE_V1, CONCISE_V2):  # every instructed decision near-deterministic
-        numbers = [getattr(style, f.name) for f in dataclasses.fields(style) if f.name not in ("thinking", "slip",
-                                                                                            "flip_right", "flip_wrong")]
+        numbers = [
+            getattr(style, f.name)
+            for f in dataclasses.fields(style)
+            if f.name not in ("thinking", "slip", "flip_right", "flip_wrong")
+        ]
         assert all(p <= 0.05 or p >= 0.97 for p in numbers), style
 
 
@@ -159,8 +172,10 @@ def process(tiny_tokenizer):
     evaluation temperature, under the evaluation's 256-token cap."""
     count = lambda text: len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     styles = {"base": VERBOSE, "v1": CONCISE_V1, "v2": CONCISE_V2, "ideal": IDEAL, "thinking_free": THINKING_FREE}
-    return {name: synthetic.expected_figures(style, temperature=0.6, per_level=600, count_tokens=count,
-                                             max_tokens=256) for name, style in styles.items()}
+    return {
+        name: synthetic.expected_figures(style, temperature=0.6, per_level=600, count_tokens=count, max_tokens=256)
+        for name, style in styles.items()
+    }
 
 
 def mean(figures, key):
@@ -175,7 +190,9 @@ def test_the_process_lets_shorter_be_more_accurate_and_tells_the_instructions_ap
     assert base[1]["accuracy"] < 0.99 and base[4]["accuracy"] < 0.85
     assert base[4]["truncation_rate"] > 0.03 and base[1]["truncation_rate"] == 0
     # prompting v1 is shorter and more accurate, but over-compresses level 4; v2 does not
-    assert mean(v1, "accuracy") > mean(base, "accuracy") + 0.02 and mean(v1, "mean_tokens") < 0.4 * mean(base, "mean_tokens")
+    assert mean(v1, "accuracy") > mean(base, "accuracy") + 0.02 and mean(v1, "mean_tokens") < 0.4 * mean(
+        base, "mean_tokens"
+    )
     assert v2[4]["accuracy"] > v1[4]["accuracy"] + 0.1
     assert all(v1[lv]["accuracy"] > 0.98 for lv in (1, 2, 3))
     # the ideal (checks on the risky steps only) is as accurate as v2 and shorter on short chains
@@ -261,12 +278,21 @@ def test_audit_steps_counts_lookup_and_arithmetic_apart():
 
 def test_audit_summary_shares_over_the_step_lines():
     task = synthetic.SyntheticTask()
-    records = [{"steps": 2, "operands_right": 2, "results_right": 1}, {"steps": 3, "operands_right": 1, "results_right": 3}]
-    assert task.audit_summary(records) == {"operand_accuracy": pytest.approx(3 / 5), "result_accuracy": pytest.approx(4 / 5)}
+    records = [
+        {"steps": 2, "operands_right": 2, "results_right": 1},
+        {"steps": 3, "operands_right": 1, "results_right": 3},
+    ]
+    assert task.audit_summary(records) == {
+        "operand_accuracy": pytest.approx(3 / 5),
+        "result_accuracy": pytest.approx(4 / 5),
+    }
     assert task.audit_summary([{}]) == {}
     problem = synthetic.to_problem(synthetic.Chain(5, (3,)), 0, "t")
     assert task.audit(problem, "<think>\nFirst +3: 5 + 3 = 9.\n</think>\n\nAnswer: 9") == {
-        "steps": 1, "operands_right": 1, "results_right": 0}
+        "steps": 1,
+        "operands_right": 1,
+        "results_right": 0,
+    }
 
 
 def test_audit_on_sampled_responses_sees_exactly_the_slips():

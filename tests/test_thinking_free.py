@@ -14,21 +14,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY, alternating_reward, recorded_run
+from test_grpo import make_cfg, read_metrics
+from test_sft import make_cfg as make_sft_cfg
 
 from crisp import cli
 from crisp.config import PromptConfig, SamplingConfig
 from crisp.data import synthetic
+from crisp.data.tasks import get_task
 from crisp.methods.grpo import rollout_logprobs
+from crisp.methods.sft import collate
 from crisp.modeling import build_tiny_model, save_model
 from crisp.prompts import CLOSED_THINKING, PromptBuilder
 from crisp.rollout import HFGenerator
-from crisp.data.tasks import get_task
-from crisp.methods.sft import collate
-
-from conftest import TINY
-from conftest import alternating_reward, recorded_run
-from test_grpo import make_cfg, read_metrics
-from test_sft import make_cfg as make_sft_cfg
 
 PROBLEM = synthetic.test_problems()[0]
 
@@ -54,14 +52,16 @@ def tokenizer_with(tiny_tokenizer):
 def test_qwen3_thinking_free_equals_the_templates_own_enable_thinking_false(tokenizer_with, system):
     tokenizer = tokenizer_with(trl_template("qwen3"))
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": PROBLEM.question}]
+        {"role": "user", "content": PROBLEM.question}
+    ]
     own = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     thinking = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert own == thinking + CLOSED_THINKING  # the template's no-think branch is exactly the appended text
 
     for enable_thinking in (None, True, False):  # whatever the template flag says, one closed block
-        builder = PromptBuilder(tokenizer, template="plain", system=system, enable_thinking=enable_thinking,
-                                thinking_free=True)
+        builder = PromptBuilder(
+            tokenizer, template="plain", system=system, enable_thinking=enable_thinking, thinking_free=True
+        )
         assert builder.render(PROBLEM.question) == own
         assert builder.student_ids(PROBLEM) == tokenizer(own, add_special_tokens=False)["input_ids"]
         assert builder.thinking_mode == "thinking_free"
@@ -91,8 +91,11 @@ def test_the_tiny_template_student_and_teacher_agree(tiny_tokenizer):
     builder = PromptBuilder.from_config(tiny_tokenizer, PromptConfig(template="plain", thinking_free=True))
     own = PromptBuilder(tiny_tokenizer, template="plain", enable_thinking=False)
     assert builder.render(PROBLEM.question) == own.render(PROBLEM.question)
-    for ids in (builder.student_ids(PROBLEM), builder.teacher_ids(PROBLEM, instruction="v1"),
-                builder.teacher_ids(PROBLEM, instruction=None, reference=True)):
+    for ids in (
+        builder.student_ids(PROBLEM),
+        builder.teacher_ids(PROBLEM, instruction="v1"),
+        builder.teacher_ids(PROBLEM, instruction=None, reference=True),
+    ):
         assert tiny_tokenizer.decode(ids).endswith("<|im_start|>assistant\n" + CLOSED_THINKING)
     # the closed block is four tokens at the end of the prompt: <think> \n\n </think> \n\n
     plain = PromptBuilder(tiny_tokenizer, template="plain").student_ids(PROBLEM)
@@ -112,7 +115,7 @@ def test_sft_trains_on_the_response_only_not_on_the_appended_block(tiny_tokenize
         assert response.startswith("First ") and "<think>" not in response and "</think>" not in response
         assert all(example.loss_mask)  # every response token, and only those
         assert labels[row, : len(example.prompt_ids)].eq(-100).all()  # no label on the prompt, closed block included
-        assert labels[row, len(example.prompt_ids):].ne(-100).sum() == len(example.response_ids)
+        assert labels[row, len(example.prompt_ids) :].ne(-100).sum() == len(example.response_ids)
 
 
 def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, tiny_tokenizer):
@@ -129,9 +132,10 @@ def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, tiny
     closed = tiny_tokenizer(CLOSED_THINKING, add_special_tokens=False)["input_ids"]
     for r in rollouts:
         assert tiny_tokenizer.decode(r.prompt_ids).endswith(CLOSED_THINKING)
-        assert list(r.prompt_ids[-len(closed):]) == closed and list(r.token_ids[: len(closed)]) != closed
+        assert list(r.prompt_ids[-len(closed) :]) == closed and list(r.token_ids[: len(closed)]) != closed
     assert {tuple(builder.student_ids(p)) for p in synthetic.train_problems(0, 64, (1, 2, 3, 4))} >= {
-        r.prompt_ids for r in rollouts}
+        r.prompt_ids for r in rollouts
+    }
     _, mask = rollout_logprobs(training.method.model, rollouts, tiny_tokenizer.pad_token_id, chunk_size=5)
     assert mask.sum(dim=1).tolist() == [r.num_tokens for r in rollouts]
     (metrics,) = read_metrics(tmp_path / "run")
@@ -151,8 +155,9 @@ def read_eval(out: Path) -> tuple[dict, list[dict]]:
     return summary, [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
-def test_eval_thinking_free_counts_the_responses_of_thinking_free_prompts(tiny_model_dir, tiny_model,
-                                                                         tiny_tokenizer, tmp_path):
+def test_eval_thinking_free_counts_the_responses_of_thinking_free_prompts(
+    tiny_model_dir, tiny_model, tiny_tokenizer, tmp_path
+):
     out = tmp_path / "free"
     cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(out), "--thinking-free"])
     summary, samples = read_eval(out)
@@ -161,7 +166,8 @@ def test_eval_thinking_free_counts_the_responses_of_thinking_free_prompts(tiny_m
     builder = PromptBuilder(tiny_tokenizer, template="plain", thinking_free=True)
     sampling = SamplingConfig(n=2, temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=6)
     rollouts = HFGenerator(tiny_model, tiny_tokenizer).generate(
-        [builder.student_ids(p) for p in synthetic.test_problems()[:6]], sampling, seed=1)
+        [builder.student_ids(p) for p in synthetic.test_problems()[:6]], sampling, seed=1
+    )
     assert [s["tokens"] for s in samples] == [r.num_tokens for r in rollouts]
     assert [s["response"] for s in samples] == [r.text for r in rollouts]
     assert summary["mean_tokens"] == sum(r.num_tokens for r in rollouts) / len(rollouts)
@@ -177,8 +183,9 @@ def test_eval_in_both_modes_side_by_side_each_against_its_own_baseline(tiny_mode
     capsys.readouterr()
 
     both = tmp_path / "both"
-    cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(both),
-              "--modes", "thinking,thinking_free"])
+    cli.main(
+        ["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(both), "--modes", "thinking,thinking_free"]
+    )
     printed = capsys.readouterr().out
     name = tiny_model_dir.name
     assert f"{name} (thinking)" in printed and f"{name} (thinking_free)" in printed
@@ -187,8 +194,20 @@ def test_eval_in_both_modes_side_by_side_each_against_its_own_baseline(tiny_mode
         assert summary["thinking_mode"] == mode and samples == single[mode][1]
 
     again = tmp_path / "again"  # a baseline evaluated in both modes: each mode against the same mode
-    cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(again),
-              "--modes", "thinking,thinking_free", "--baseline", str(both)])
+    cli.main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            *EVAL_FLAGS,
+            "--out",
+            str(again),
+            "--modes",
+            "thinking,thinking_free",
+            "--baseline",
+            str(both),
+        ]
+    )
     for mode in ("thinking", "thinking_free"):
         assert read_eval(again / mode)[0]["vs_baseline"]["overall"]["compression_ratio"] == 1.0
     assert "baseline (thinking_free)" in capsys.readouterr().out
@@ -196,21 +215,34 @@ def test_eval_in_both_modes_side_by_side_each_against_its_own_baseline(tiny_mode
 
 def test_eval_config_modes_write_a_folder_per_benchmark_and_mode(tiny_model_dir, tmp_path):
     config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_model_dir)}, "benchmarks": ["synthetic"], "output_dir": str(tmp_path / "out"),
-        "k": 1, "limit": 2, "sampling": {"max_new_tokens": 4}, "prompt": {"template": "plain"},
-        "modes": ["thinking_free", "thinking"]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tiny_model_dir)},
+                "benchmarks": ["synthetic"],
+                "output_dir": str(tmp_path / "out"),
+                "k": 1,
+                "limit": 2,
+                "sampling": {"max_new_tokens": 4},
+                "prompt": {"template": "plain"},
+                "modes": ["thinking_free", "thinking"],
+            }
+        )
+    )
     cli.main(["eval", "--config", str(config)])
     for mode in ("thinking", "thinking_free"):
         assert read_eval(tmp_path / "out" / "synthetic" / mode)[0]["thinking_mode"] == mode
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--modes", "thinking,thinking_free", "--thinking-free"], "modes: set modes or prompt.thinking_free"),
-    (["--modes", "thinking,thinking"], "modes: each mode once"),
-    (["--modes", "fast"], "modes.0"),
-    (["--modes", "thinking,thinking_free", "--enable-thinking", "false"], "every mode thinking-free"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--modes", "thinking,thinking_free", "--thinking-free"], "modes: set modes or prompt.thinking_free"),
+        (["--modes", "thinking,thinking"], "modes: each mode once"),
+        (["--modes", "fast"], "modes.0"),
+        (["--modes", "thinking,thinking_free", "--enable-thinking", "false"], "every mode thinking-free"),
+    ],
+)
 def test_eval_mode_flag_errors_exit_2(tiny_model_dir, tmp_path, capsys, flags, named):
     with pytest.raises(SystemExit) as info:
         cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(tmp_path / "x"), *flags])

@@ -10,24 +10,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from crisp.cli import main
-from crisp.config import ConfigError, validate
-from crisp.methods.sft import SFTConfig
-from crisp.driver import train
-from crisp.tracking import _wandb_run_id, hyperparameters
-
 from test_selfdistill import make_cfg as selfdistill_cfg
 from test_selfdistill import read_metrics
 from test_sft import make_cfg as sft_cfg
+
+from crisp.cli import main
+from crisp.config import ConfigError, validate
+from crisp.driver import train
+from crisp.tracking import _wandb_run_id, hyperparameters
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar tag of the run's tensorboard directory: [(step, value)] as a reader sees them."""
-    reader = event_accumulator.EventAccumulator(str(run_dir / "trackers" / "crisp"),
-                                                size_guidance={event_accumulator.SCALARS: 0})
+    reader = event_accumulator.EventAccumulator(
+        str(run_dir / "trackers" / "crisp"), size_guidance={event_accumulator.SCALARS: 0}
+    )
     reader.Reload()
     return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
 
@@ -43,12 +42,22 @@ def assert_curves_are_the_metrics(run_dir: Path, tags: list[str]) -> None:
 
 def test_unknown_tracker_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"report_to.*unknown tracker 'tensorbored'"):
-        validate({"method": "sft", "output_dir": "o", "max_steps": 1, "model": {"tiny": {}},
-                  "report_to": ["tensorbored"]})
-    cfg = validate({"method": "sft", "output_dir": "o", "max_steps": 1, "model": {"tiny": {}},
-                    "report_to": ["tensorboard", "tensorboard"]})
-    assert cfg.report_to == ["tensorboard"] and validate(
-        {"method": "sft", "output_dir": "o", "max_steps": 1, "model": {"tiny": {}}}).report_to == []
+        validate(
+            {"method": "sft", "output_dir": "o", "max_steps": 1, "model": {"tiny": {}}, "report_to": ["tensorbored"]}
+        )
+    cfg = validate(
+        {
+            "method": "sft",
+            "output_dir": "o",
+            "max_steps": 1,
+            "model": {"tiny": {}},
+            "report_to": ["tensorboard", "tensorboard"],
+        }
+    )
+    assert (
+        cfg.report_to == ["tensorboard"]
+        and validate({"method": "sft", "output_dir": "o", "max_steps": 1, "model": {"tiny": {}}}).report_to == []
+    )
 
 
 def test_a_tracker_not_installed_stops_before_any_compute(tmp_path, monkeypatch, capsys):
@@ -57,16 +66,30 @@ def test_a_tracker_not_installed_stops_before_any_compute(tmp_path, monkeypatch,
     monkeypatch.setattr(imports, "is_mlflow_available", lambda: False)
     config = tmp_path / "sft.yaml"
     out = tmp_path / "run"
-    config.write_text(yaml.safe_dump({"method": "sft", "output_dir": str(out), "max_steps": 1,
-                                      "model": {"tiny": {}}, "report_to": ["mlflow"]}))
+    config.write_text(
+        yaml.safe_dump(
+            {"method": "sft", "output_dir": str(out), "max_steps": 1, "model": {"tiny": {}}, "report_to": ["mlflow"]}
+        )
+    )
     with pytest.raises(SystemExit) as info:
         main(["train", str(config)])
     assert info.value.code == 2
     assert "report_to: mlflow is not installed; pip install mlflow" in capsys.readouterr().err
     assert not out.exists()  # nothing was written, let alone built
     with pytest.raises(SystemExit):  # crisp eval: the tracker is named before the (missing) model is looked for
-        main(["eval", "--model", str(tmp_path / "no-model"), "--benchmark", "synthetic", "--out", str(out),
-              "--report-to", "mlflow"])
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--benchmark",
+                "synthetic",
+                "--out",
+                str(out),
+                "--report-to",
+                "mlflow",
+            ]
+        )
     assert "pip install mlflow" in capsys.readouterr().err
 
 
@@ -87,8 +110,14 @@ def test_sft_logs_every_metric_to_tensorboard_at_its_step(tmp_path):
 
 def test_selfdistill_logs_training_and_eval_metrics_to_tensorboard(tiny_model_dir, tmp_path):
     out = tmp_path / "selfdistill"
-    train(selfdistill_cfg(tiny_model_dir, out, report_to=["tensorboard"], **{
-        "eval.benchmark": "synthetic", "eval.limit": 3, "eval.sampling.max_new_tokens": 6}))
+    train(
+        selfdistill_cfg(
+            tiny_model_dir,
+            out,
+            report_to=["tensorboard"],
+            **{"eval.benchmark": "synthetic", "eval.limit": 3, "eval.sampling.max_new_tokens": 6},
+        )
+    )
     assert_curves_are_the_metrics(out, ["train/loss", "rollout/mean_tokens", "teacher/refreshed"])
     assert_curves_are_the_metrics(out, ["eval/accuracy", "eval/mean_thinking_tokens", "eval/loop_rate"])
     assert [step for step, _ in scalars(out)["eval/accuracy"]] == [2]
@@ -110,15 +139,29 @@ def test_a_resumed_run_continues_the_same_curves_without_gap_or_duplicate(tmp_pa
 
 def test_cli_eval_logs_each_benchmark_to_tensorboard_and_metrics_jsonl(tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
-    argv = ["eval", "--model", str(tiny_model_dir), "--benchmark", "synthetic", "--limit", "4", "--out", str(out),
-            "--max-new-tokens", "6", "--report-to", "tensorboard"]
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--benchmark",
+        "synthetic",
+        "--limit",
+        "4",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "6",
+        "--report-to",
+        "tensorboard",
+    ]
     main(argv)
     main(argv)  # a second evaluation replaces the first one's metrics.jsonl
     summary = json.loads((out / "summary.json").read_text())
     (record,) = read_metrics(out)
     assert record["step"] == 0 and record["eval/synthetic/accuracy"] == pytest.approx(summary["accuracy"])
     assert record["eval/synthetic/markers_per_1k_tokens/but_wait"] == pytest.approx(
-        summary["marker_rates_per_1k_tokens"]["but wait"])
+        summary["marker_rates_per_1k_tokens"]["but wait"]
+    )
     curves = scalars(out)  # the second evaluation's value only: it rewound the event files to step 0
     assert curves["eval/synthetic/mean_tokens"] == [(0, pytest.approx(summary["mean_tokens"]))]
     assert "eval/synthetic/L1_accuracy" in curves
@@ -135,8 +178,12 @@ def test_wandb_run_id_is_kept_for_a_resume_and_new_for_a_fresh_run(tmp_path):
 @pytest.mark.slow  # importing wandb next to torch and transformers takes 10-30 s on a busy 2-core box
 def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    for name, value in [("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_X_DISABLE_STATS", "true"),
-                        ("WANDB_X_DISABLE_MACHINE_INFO", "true")]:
+    for name, value in [
+        ("WANDB_MODE", "offline"),
+        ("WANDB_SILENT", "true"),
+        ("WANDB_X_DISABLE_STATS", "true"),
+        ("WANDB_X_DISABLE_MACHINE_INFO", "true"),
+    ]:
         monkeypatch.setenv(name, value)
     out = tmp_path / "sft"
     train(sft_cfg(out, max_steps=2, save_every=2, report_to=["wandb"]))

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Callable, Sequence
 
 # Qwen3's thinking-section tags; every other module takes them from here
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -73,8 +73,12 @@ def prompt_leaves_thinking_open(prompt_text: str) -> bool:
     return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
 
 
-def thinking_end(response_ids: Sequence[int], close_ids: Sequence[int], text: str,
-                 decode: Callable[[Sequence[int]], str] | None = None) -> int | None:
+def thinking_end(
+    response_ids: Sequence[int],
+    close_ids: Sequence[int],
+    text: str,
+    decode: Callable[[Sequence[int]], str] | None = None,
+) -> int | None:
     """The number of response tokens up to and including the first `</think>`, or None if there is none.
 
     Found in the ids when the tag is a token sequence of its own (one token in Qwen3's tokenizer);
@@ -95,8 +99,15 @@ def thinking_end(response_ids: Sequence[int], close_ids: Sequence[int], text: st
     return high
 
 
-def thinking_split(response_ids: Sequence[int], *, close_ids: Sequence[int], open_ids: Sequence[int], text: str,
-                   prompt_open: bool, decode: Callable[[Sequence[int]], str] | None = None) -> tuple[int, int]:
+def thinking_split(
+    response_ids: Sequence[int],
+    *,
+    close_ids: Sequence[int],
+    open_ids: Sequence[int],
+    text: str,
+    prompt_open: bool,
+    decode: Callable[[Sequence[int]], str] | None = None,
+) -> tuple[int, int]:
     """(thinking tokens, answer tokens) of one response; they add up to len(response_ids)."""
     total = len(response_ids)
     end = thinking_end(response_ids, close_ids, text, decode)
@@ -150,13 +161,22 @@ def has_repetition_loop(text: str, ngram: int = LOOP_NGRAM, repeats: int = LOOP_
     return False
 
 
-def response_anatomy(response_ids: Sequence[int], text: str, *, close_ids: Sequence[int], open_ids: Sequence[int],
-                     prompt_open: bool, markers: Sequence[str] = DEFAULT_MARKERS, loop_ngram: int = LOOP_NGRAM,
-                     loop_repeats: int = LOOP_REPEATS,
-                     decode: Callable[[Sequence[int]], str] | None = None) -> dict:
+def response_anatomy(
+    response_ids: Sequence[int],
+    text: str,
+    *,
+    close_ids: Sequence[int],
+    open_ids: Sequence[int],
+    prompt_open: bool,
+    markers: Sequence[str] = DEFAULT_MARKERS,
+    loop_ngram: int = LOOP_NGRAM,
+    loop_repeats: int = LOOP_REPEATS,
+    decode: Callable[[Sequence[int]], str] | None = None,
+) -> dict:
     """The per-response fields an evaluation record carries (see the module docstring)."""
-    thinking, answer = thinking_split(response_ids, close_ids=close_ids, open_ids=open_ids, text=text,
-                                      prompt_open=prompt_open, decode=decode)
+    thinking, answer = thinking_split(
+        response_ids, close_ids=close_ids, open_ids=open_ids, text=text, prompt_open=prompt_open, decode=decode
+    )
     return {
         "thinking_tokens": thinking,
         "answer_tokens": answer,

@@ -153,7 +153,7 @@ def latest(directory: str | Path) -> Path | None:
             verify(checkpoint)
             return checkpoint
         except ValueError as error:  # a truncated or corrupt file: fall back to the previous one
-            warnings.warn(f"skipping unreadable checkpoint {checkpoint}: {error}")
+            warnings.warn(f"skipping unreadable checkpoint {checkpoint}: {error}", stacklevel=2)
     return None
 
 

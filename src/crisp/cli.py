@@ -56,8 +56,9 @@ def cmd_eval(args) -> None:
 
     cfg, outputs, baseline_paths = _eval_from_config(args) if args.config else _eval_from_flags(args)
     modes = cfg.modes or [None]
-    baselines = {(name, mode): _baseline(path, mode) if path else None
-                 for name, path in baseline_paths.items() for mode in modes}
+    baselines = {
+        (name, mode): _baseline(path, mode) if path else None for name, path in baseline_paths.items() for mode in modes
+    }
     summaries = evaluate_benchmarks(cfg, outputs, baselines)
     if not is_main_process():
         return
@@ -85,9 +86,11 @@ def _eval_from_config(args):
     from crisp.resources import resolve_config
 
     if args.model or args.benchmark or args.out or args.thinking_free or args.modes:
-        raise ConfigError("--config: give --model, --benchmark, --out, --thinking-free and --modes as overrides "
-                          "(model.path=..., benchmarks=[...], output_dir=..., prompt.thinking_free=true, "
-                          "modes=[...]) or leave --config out")
+        raise ConfigError(
+            "--config: give --model, --benchmark, --out, --thinking-free and --modes as overrides "
+            "(model.path=..., benchmarks=[...], output_dir=..., prompt.thinking_free=true, "
+            "modes=[...]) or leave --config out"
+        )
     cfg = load_config(resolve_config(args.config), args.overrides, EvalRunConfig)
     outputs = {name: Path(cfg.output_dir) / Path(name).stem for name in cfg.benchmarks}
     baselines = {name: Path(cfg.baseline) / Path(name).stem if cfg.baseline else None for name in cfg.benchmarks}
@@ -99,8 +102,11 @@ def _eval_from_flags(args):
     benchmark's output folder and baseline (a summary.json or a folder of them, or None)."""
     from crisp.config import EvalRunConfig, validate
 
-    missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark),
-                                        ("--out", args.out)) if not value]
+    missing = [
+        flag
+        for flag, value in (("--model", args.model), ("--benchmark", args.benchmark), ("--out", args.out))
+        if not value
+    ]
     if missing:
         raise ConfigError(f"{', '.join(missing)}: required without --config")
     if args.overrides:
@@ -109,14 +115,29 @@ def _eval_from_flags(args):
         raise ConfigError("--k: must be at least 1")
     data = {
         "model": {"path": args.model, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code},
-        "benchmarks": [args.benchmark], "output_dir": args.out, "k": args.k,
-        "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                     "max_new_tokens": args.max_new_tokens},
-        "prompt": {"template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
-                   "enable_thinking": args.enable_thinking, "thinking_free": args.thinking_free},
-        "instruction": args.instruction, "grader": args.grader, "limit": args.limit, "seed": args.seed,
-        "batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "backend": args.backend,
-        "modes": [m for m in (args.modes or "").split(",") if m], "report_to": args.report_to,
+        "benchmarks": [args.benchmark],
+        "output_dir": args.out,
+        "k": args.k,
+        "sampling": {
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "max_new_tokens": args.max_new_tokens,
+        },
+        "prompt": {
+            "template": args.template or ("plain" if args.benchmark == "synthetic" else "dapo"),
+            "enable_thinking": args.enable_thinking,
+            "thinking_free": args.thinking_free,
+        },
+        "instruction": args.instruction,
+        "grader": args.grader,
+        "limit": args.limit,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "mixed_precision": args.mixed_precision,
+        "backend": args.backend,
+        "modes": [m for m in (args.modes or "").split(",") if m],
+        "report_to": args.report_to,
     }
     if args.markers is not None:  # otherwise the default markers
         data["anatomy"] = {"markers": args.markers}
@@ -128,7 +149,9 @@ def _baseline(path: Path, mode: str | None) -> dict:
     """The baseline summary for one mode: `path` itself if it is a file, else the summary.json in its
     <mode> subfolder (a baseline evaluated in several modes) or in the folder itself."""
     if path.is_dir():
-        path = path / mode / "summary.json" if mode and (path / mode / "summary.json").is_file() else path / "summary.json"
+        path = (
+            path / mode / "summary.json" if mode and (path / mode / "summary.json").is_file() else path / "summary.json"
+        )
     return _summary(path)
 
 
@@ -145,8 +168,9 @@ def _summary(path: Path) -> dict:
 def cmd_demo(args) -> None:
     from crisp.demo import run_demo
 
-    run_demo(args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs,
-             backend=args.backend)
+    run_demo(
+        args.out, methods=[m for m in args.methods.split(",") if m], configs_dir=args.configs, backend=args.backend
+    )
 
 
 def cmd_recipes(args) -> None:
@@ -166,13 +190,15 @@ def cmd_compare(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crisp", description=DESCRIPTION, epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="crisp", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"crisp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train with a YAML config (method: sft, selfdistill for CRISP and OPSD, "
-                                          "grpo for SIRI and TFPI)")
+    train = sub.add_parser(
+        "train", help="train with a YAML config (method: sft, selfdistill for CRISP and OPSD, grpo for SIRI and TFPI)"
+    )
     train.add_argument("config", help="a YAML file, or the name of a packaged config (see `crisp recipes`)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     train.set_defaults(func=cmd_train)
@@ -186,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="folder for samples.jsonl and summary.json")
     ev.add_argument("--baseline", help="a baseline summary.json: adds compression ratio and dAcc/CR")
     ev.add_argument("--instruction", help="prepend an instruction (v1, v2, percent, word_limit or text)")
-    ev.add_argument("--template", default=None, help="student prompt template (default: plain for synthetic, else dapo)")
+    ev.add_argument(
+        "--template", default=None, help="student prompt template (default: plain for synthetic, else dapo)"
+    )
     ev.add_argument("--temperature", type=float, default=EVAL_SAMPLING.temperature)
     ev.add_argument("--top-p", type=float, default=EVAL_SAMPLING.top_p)
     ev.add_argument("--top-k", type=int, default=EVAL_SAMPLING.top_k)
@@ -198,27 +226,47 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
     ev.add_argument("--enable-thinking", type=lambda s: s.lower() == "true", default=None)
-    ev.add_argument("--thinking-free", action="store_true",
-                    help="thinking-free prompts: each ends with an empty closed <think> block (TFPI)")
-    ev.add_argument("--modes", default=None,
-                    help="evaluate in several modes, e.g. thinking,thinking_free: each into --out/<mode>/")
+    ev.add_argument(
+        "--thinking-free",
+        action="store_true",
+        help="thinking-free prompts: each ends with an empty closed <think> block (TFPI)",
+    )
+    ev.add_argument(
+        "--modes", default=None, help="evaluate in several modes, e.g. thinking,thinking_free: each into --out/<mode>/"
+    )
     ev.add_argument("--trust-remote-code", action="store_true")
-    ev.add_argument("--report-to", type=_comma_list, default="",
-                    help="comma-separated experiment trackers: tensorboard, wandb, mlflow, trackio, ... "
-                         "(with --config: report_to=[...])")
-    ev.add_argument("--markers", type=_comma_list, default=None,
-                    help="comma-separated phrases whose rate per 1,000 tokens the summary reports "
-                         "(default: crisp.anatomy.DEFAULT_MARKERS; with --config: anatomy.markers=[...])")
-    ev.add_argument("--backend", default="hf", choices=["hf", "vllm"],
-                    help="generate with HF generate or a vLLM engine (with --config: backend=vllm)")
+    ev.add_argument(
+        "--report-to",
+        type=_comma_list,
+        default="",
+        help="comma-separated experiment trackers: tensorboard, wandb, mlflow, trackio, ... "
+        "(with --config: report_to=[...])",
+    )
+    ev.add_argument(
+        "--markers",
+        type=_comma_list,
+        default=None,
+        help="comma-separated phrases whose rate per 1,000 tokens the summary reports "
+        "(default: crisp.anatomy.DEFAULT_MARKERS; with --config: anatomy.markers=[...])",
+    )
+    ev.add_argument(
+        "--backend",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="generate with HF generate or a vLLM engine (with --config: backend=vllm)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="train a tiny reasoning model, compress it, report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--methods", default="crisp", help="comma-separated: crisp, opsd, siri, tfpi")
     demo.add_argument("--configs", default=None, help="folder with the demo YAML files (default: built in)")
-    demo.add_argument("--backend", default="hf", choices=["hf", "vllm"],
-                      help="rollouts and evaluations on HF generate or a vLLM engine (the base's SFT is the same)")
+    demo.add_argument(
+        "--backend",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="rollouts and evaluations on HF generate or a vLLM engine (the base's SFT is the same)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     recipes = sub.add_parser("recipes", help="list the packaged configs (recipes, demo, accelerate files)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -72,15 +72,17 @@ class LoraSpec(Strict):
     r: PositiveInt = 64
     alpha: PositiveFloat = 128
     dropout: Probability = 0.0
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
 
     @field_validator("target_modules")
     @classmethod
     def _not_head_or_embeddings(cls, modules):
         shared = [m for m in modules if "lm_head" in m or "embed" in m] if isinstance(modules, list) else []
         if shared:
-            raise ValueError(f"{', '.join(shared)}: the LM head and embeddings stay outside LoRA "
-                             "(the teacher adapter shares them with the student)")
+            raise ValueError(
+                f"{', '.join(shared)}: the LM head and embeddings stay outside LoRA "
+                "(the teacher adapter shares them with the student)"
+            )
         return modules
 
 
@@ -93,7 +95,7 @@ class ModelConfig(Strict):
     lora: LoraSpec | None = None  # train LoRA adapters instead of every weight
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelConfig":
+    def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.tiny is None):
             raise ValueError("set exactly one of model.path (an existing model) or model.tiny (build one)")
         return self
@@ -151,7 +153,7 @@ class RolloutConfig(SamplingConfig):
     vllm: VLLMSettings = VLLMSettings()
 
     @model_validator(mode="after")
-    def _engine_installed(self) -> "RolloutConfig":
+    def _engine_installed(self) -> RolloutConfig:
         if self.backend == "vllm" and not vllm_installed():
             raise ValueError(f"backend: vllm needs the vLLM engine, which is not installed ({VLLM_INSTALL})")
         return self
@@ -164,8 +166,10 @@ def check_engine_lengths(backend: str, settings: VLLMSettings, lengths: dict[str
         return
     for key, max_new_tokens in lengths.items():
         if settings.max_model_len <= max_new_tokens:
-            raise ValueError(f"{prefix}vllm.max_model_len ({settings.max_model_len}) must exceed the prompt plus {key} "
-                             f"({max_new_tokens})")
+            raise ValueError(
+                f"{prefix}vllm.max_model_len ({settings.max_model_len}) must exceed the prompt plus {key} "
+                f"({max_new_tokens})"
+            )
 
 
 def training_engine_lengths(cfg) -> None:
@@ -284,7 +288,7 @@ class EvalRunConfig(Strict):
     modes: list[Literal["thinking", "thinking_free"]] = []
 
     @model_validator(mode="after")
-    def _one_way_to_set_the_mode(self) -> "EvalRunConfig":
+    def _one_way_to_set_the_mode(self) -> EvalRunConfig:
         if len(set(self.modes)) != len(self.modes):
             raise ValueError(f"modes: each mode once (got {self.modes})")
         if self.modes and self.prompt.thinking_free:
@@ -294,7 +298,7 @@ class EvalRunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _engine_fits(self) -> "EvalRunConfig":
+    def _engine_fits(self) -> EvalRunConfig:
         if self.backend == "vllm" and not vllm_installed():
             raise ValueError(f"backend: vllm needs the vLLM engine, which is not installed ({VLLM_INSTALL})")
         check_engine_lengths(self.backend, self.vllm, {"sampling.max_new_tokens": self.sampling.max_new_tokens})

@@ -23,8 +23,8 @@ from crisp.evaluate import evaluate, format_table, write_results
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
 from crisp.report import write_report
-from crisp.rollout_vllm import build_generator
 from crisp.resources import configs_dir as packaged_configs_dir
+from crisp.rollout_vllm import build_generator
 
 METHODS = {"crisp": "crisp.yaml", "opsd": "opsd.yaml", "siri": "siri.yaml", "tfpi": "tfpi.yaml"}
 PROMPT_ONLY = ("v1", "v2")  # the instructions the base model is also evaluated with
@@ -42,17 +42,38 @@ def ensure_base_model(cfg) -> Path:
     return train(cfg)
 
 
-def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instruction: str | None, template: str,
-                 thinking_free: bool = False, backend: str = "hf") -> dict:
+def evaluate_row(
+    model_dir: Path,
+    eval_cfg: EvalConfig,
+    out: Path,
+    *,
+    instruction: str | None,
+    template: str,
+    thinking_free: bool = False,
+    backend: str = "hf",
+) -> dict:
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir))
     task = SyntheticTask()
-    generator = build_generator(backend, VLLMSettings(), model, tokenizer, batch_size=eval_cfg.batch_size,
-                                max_new_tokens=eval_cfg.sampling.max_new_tokens)
+    generator = build_generator(
+        backend,
+        VLLMSettings(),
+        model,
+        tokenizer,
+        batch_size=eval_cfg.batch_size,
+        max_new_tokens=eval_cfg.sampling.max_new_tokens,
+    )
     records, summary = evaluate(
-        model, tokenizer, task.eval_problems(), task=task,
+        model,
+        tokenizer,
+        task.eval_problems(),
+        task=task,
         builder=PromptBuilder(tokenizer, template=template, thinking_free=thinking_free),
-        sampling=eval_cfg.sampling, k=eval_cfg.k, seed=0, instruction=instruction, batch_size=eval_cfg.batch_size,
+        sampling=eval_cfg.sampling,
+        k=eval_cfg.k,
+        seed=0,
+        instruction=instruction,
+        batch_size=eval_cfg.batch_size,
         generator=generator,
     )
     summary["model"] = str(model_dir)
@@ -60,22 +81,27 @@ def evaluate_row(model_dir: Path, eval_cfg: EvalConfig, out: Path, *, instructio
     return summary
 
 
-def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | None = None,
-             backend: str = "hf") -> dict:
+def run_demo(
+    out: str | Path, *, methods: list[str], configs_dir: str | Path | None = None, backend: str = "hf"
+) -> dict:
     """`backend`: where the methods' rollouts and every evaluation run (hf or vllm)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     configs = Path(configs_dir) if configs_dir else packaged_configs_dir()
     if not (configs / "demo" / "base.yaml").is_file():
-        raise FileNotFoundError(f"{configs / 'demo' / 'base.yaml'} does not exist (--configs names a folder "
-                                "holding demo/base.yaml, demo/eval.yaml and the method configs)")
+        raise FileNotFoundError(
+            f"{configs / 'demo' / 'base.yaml'} does not exist (--configs names a folder "
+            "holding demo/base.yaml, demo/eval.yaml and the method configs)"
+        )
     out = Path(out)
     eval_cfg = validate(yaml.safe_load((configs / "demo" / "eval.yaml").read_text()), EvalConfig)
     base_cfg = load_config(configs / "demo" / "base.yaml", [f"output_dir={out / 'base'}"])
     method_cfgs = {  # validated up front: a bad config fails before minutes of training
-        m: load_config(configs / "demo" / METHODS[m], [f"output_dir={out / m}", f"model.path={out / 'base' / 'model'}",
-                                                       f"rollout.backend={backend}"])
+        m: load_config(
+            configs / "demo" / METHODS[m],
+            [f"output_dir={out / m}", f"model.path={out / 'base' / 'model'}", f"rollout.backend={backend}"],
+        )
         for m in methods
     }
     template = base_cfg.prompt.template
@@ -93,19 +119,35 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
 
     def evaluate_model(name: str, model_dir: Path, **kwargs) -> None:
         """The row `name` (thinking mode), and with both_modes the row "name (thinking-free)" after it."""
-        rows[name] = timed(f"eval {name}", evaluate_row, model_dir, eval_cfg, out / "eval" / name,
-                           template=template, **kwargs)
+        rows[name] = timed(
+            f"eval {name}", evaluate_row, model_dir, eval_cfg, out / "eval" / name, template=template, **kwargs
+        )
         if both_modes and (name == "base" or name in BOTH_MODES):
-            rows[f"{name} (thinking-free)"] = timed(f"eval {name} (thinking-free)", evaluate_row, model_dir, eval_cfg,
-                                                    out / "eval" / f"{name}_thinking_free", template=template,
-                                                    thinking_free=True, **kwargs)
+            rows[f"{name} (thinking-free)"] = timed(
+                f"eval {name} (thinking-free)",
+                evaluate_row,
+                model_dir,
+                eval_cfg,
+                out / "eval" / f"{name}_thinking_free",
+                template=template,
+                thinking_free=True,
+                **kwargs,
+            )
 
     rows: dict[str, dict] = {}
     evaluate_model("base", base_dir, instruction=None, backend=backend)
     for preset in PROMPT_ONLY:
         name = f"prompt_only_{preset}"
-        rows[name] = timed(f"eval {name}", evaluate_row, base_dir, eval_cfg, out / "eval" / name,
-                           instruction=resolve_instruction(preset), template=template, backend=backend)
+        rows[name] = timed(
+            f"eval {name}",
+            evaluate_row,
+            base_dir,
+            eval_cfg,
+            out / "eval" / name,
+            instruction=resolve_instruction(preset),
+            template=template,
+            backend=backend,
+        )
     for method, cfg in method_cfgs.items():
         model_dir = timed(f"train {method}", train, cfg)
         evaluate_model(method, model_dir, instruction=None, backend=backend)
@@ -116,8 +158,10 @@ def run_demo(out: str | Path, *, methods: list[str], configs_dir: str | Path | N
     notes += "\n".join(f"- {k}: {v}" for k, v in timings.items())
     notes += "\n\n`prompt_only_v1` and `prompt_only_v2` are the base model with that instruction in its prompt."
     if both_modes:
-        notes += ("\n\nRows marked (thinking-free) are evaluated on thinking-free prompts (an empty closed "
-                  "`<think>` block after the generation prompt); every other row in thinking mode.")
+        notes += (
+            "\n\nRows marked (thinking-free) are evaluated on thinking-free prompts (an empty closed "
+            "`<think>` block after the generation prompt); every other row in thinking mode."
+        )
     report = write_report(out, rows, baseline="base", title="crisp demo: synthetic reasoning task", notes=notes)
     print()
     print(format_table(rows, baseline="base"))

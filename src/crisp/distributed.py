@@ -29,7 +29,7 @@ import contextlib
 import gc
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -50,8 +50,10 @@ def make_accelerator(mixed_precision: str = "no", report_to: Sequence[str] = (),
     in run_dir/trackers; they are started by crisp.tracking.start_trackers."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher != "no" and launcher != mixed_precision:
-        raise ConfigError(f"mixed_precision: the config says {mixed_precision!r} but accelerate launch asks for "
-                          f"{launcher!r}; set mixed_precision={launcher} in the crisp config or change the launcher's")
+        raise ConfigError(
+            f"mixed_precision: the config says {mixed_precision!r} but accelerate launch asks for "
+            f"{launcher!r}; set mixed_precision={launcher} in the crisp config or change the launcher's"
+        )
     require_installed(report_to)
     trackers = dict(log_with=list(report_to), project_dir=tracker_dir(run_dir)) if report_to else {}
     # Without a GPU, accelerate runs several launched processes as one group only when told cpu=True
@@ -82,13 +84,15 @@ def reduce_sum(values: dict[str, float], accelerator: Accelerator | None) -> dic
     """The sum over ranks of each value (every rank passes the same keys)."""
     if accelerator is None or accelerator.num_processes == 1:
         return dict(values)
-    summed = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device),
-                                reduction="sum")
+    summed = accelerator.reduce(
+        torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device), reduction="sum"
+    )
     return dict(zip(values, summed.tolist()))
 
 
-def micro_batches(count: int, size: int, accelerator: Accelerator | None,
-                  length: Callable[[int], int] | None = None) -> list[tuple[list[int], bool]]:
+def micro_batches(
+    count: int, size: int, accelerator: Accelerator | None, length: Callable[[int], int] | None = None
+) -> list[tuple[list[int], bool]]:
     """This rank's share of `count` training items as micro-batches of at most `size` indices.
 
     Every rank gets the same number of micro-batches; past the end of its share a rank gets
@@ -99,8 +103,7 @@ def micro_batches(count: int, size: int, accelerator: Accelerator | None,
     if length is not None and len(mine) > size:
         mine.sort(key=length)
     largest_share = -(-count // (accelerator.num_processes if accelerator is not None else 1))
-    return [(mine[i : i + size], True) if mine[i : i + size] else ([0], False)
-            for i in range(0, largest_share, size)]
+    return [(mine[i : i + size], True) if mine[i : i + size] else ([0], False) for i in range(0, largest_share, size)]
 
 
 def grad_sync(accelerator: Accelerator | None, model: torch.nn.Module, last: bool):
@@ -117,8 +120,10 @@ def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer, *, chec
         if is_peft(model):
             raise ConfigError("model.lora: LoRA runs data-parallel with DDP (configs/accelerate/ddp.yaml), not FSDP")
         if checkpoints:
-            raise ConfigError("save_every, resume: checkpoints are not written under FSDP yet; set save_every=0 "
-                              "resume=none (the final model is saved), or use DDP")
+            raise ConfigError(
+                "save_every, resume: checkpoints are not written under FSDP yet; set save_every=0 "
+                "resume=none (the final model is saved), or use DDP"
+            )
     return accelerator.prepare(model, optimizer)
 
 

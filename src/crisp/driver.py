@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, Protocol, Sequence, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -113,15 +114,23 @@ class Evaluation(Protocol):
 
     def due(self, step: int) -> bool: ...
 
-    def __call__(self, trainer: "Trainer") -> dict[str, float]: ...
+    def __call__(self, trainer: Trainer) -> dict[str, float]: ...
 
 
 class BenchmarkEvaluation:
     """eval.benchmark at eval.every steps and at the end, sampled as `crisp eval` would (each rank a
     share of the problems), with the run's prompt mode and, when there is one, its vLLM engine."""
 
-    def __init__(self, cfg: EvalConfig, problems: Sequence[Problem], *, max_steps: int, seed: int,
-                 builder: PromptBuilder, generator=None):
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        problems: Sequence[Problem],
+        *,
+        max_steps: int,
+        seed: int,
+        builder: PromptBuilder,
+        generator=None,
+    ):
         self.cfg, self.problems, self.max_steps, self.seed, self.builder = cfg, problems, max_steps, seed, builder
         self.task = get_task(cfg.benchmark)
         self.generator = generator  # None: HF generate
@@ -129,11 +138,21 @@ class BenchmarkEvaluation:
     def due(self, step: int) -> bool:
         return step == self.max_steps or bool(self.cfg.every and step % self.cfg.every == 0)
 
-    def __call__(self, trainer: "Trainer") -> dict[str, float]:
-        _, summary = evaluate(trainer.unwrapped, self.builder.tokenizer, self.problems, builder=self.builder,
-                              task=self.task, sampling=self.cfg.sampling, k=self.cfg.k, seed=self.seed,
-                              batch_size=self.cfg.batch_size, progress=False, accelerator=trainer.accelerator,
-                              generator=self.generator)
+    def __call__(self, trainer: Trainer) -> dict[str, float]:
+        _, summary = evaluate(
+            trainer.unwrapped,
+            self.builder.tokenizer,
+            self.problems,
+            builder=self.builder,
+            task=self.task,
+            sampling=self.cfg.sampling,
+            k=self.cfg.k,
+            seed=self.seed,
+            batch_size=self.cfg.batch_size,
+            progress=False,
+            accelerator=trainer.accelerator,
+            generator=self.generator,
+        )
         return eval_metrics(summary)
 
 
@@ -152,7 +171,7 @@ class Method:
     generator: object = None  # a rollout engine holding its own copy of the weights, or None
     updates_per_step: int = 1  # optimizer steps per training step (the LR schedule's length)
 
-    def step(self, step: int, trainer: "Trainer") -> StepResult:
+    def step(self, step: int, trainer: Trainer) -> StepResult:
         """Training step `step` (0-based), its optimizer update(s) included (`trainer.update`)."""
         raise NotImplementedError
 
@@ -214,8 +233,9 @@ def open_run(cfg: RunConfig) -> tuple[Accelerator, Path]:
     if accelerator.is_main_process:
         dump_config(cfg, out / "config.yaml")
     # Continues an earlier run (a cheap look: a broken newest checkpoint is found out at resume).
-    resuming = cfg.resume != "none" and (cfg.resume != "auto"
-                                         or bool(checkpoint.complete_checkpoints(out / "checkpoints")))
+    resuming = cfg.resume != "none" and (
+        cfg.resume != "auto" or bool(checkpoint.complete_checkpoints(out / "checkpoints"))
+    )
     start_trackers(accelerator, cfg, out, resuming=resuming)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -259,8 +279,16 @@ class Training:
         model = self.method.model
         optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps * self.method.updates_per_step)
         wrapped, optimizer = prepare(self.accelerator, model, optimizer, checkpoints=cfg.uses_checkpoints)
-        self.trainer = Trainer(self.accelerator, wrapped, model, optimizer, scheduler, cfg.optim.grad_clip,
-                               cfg.mixed_precision, generator=self.method.generator)
+        self.trainer = Trainer(
+            self.accelerator,
+            wrapped,
+            model,
+            optimizer,
+            scheduler,
+            cfg.optim.grad_clip,
+            cfg.mixed_precision,
+            generator=self.method.generator,
+        )
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.accelerator)  # also to the trackers
         self.rollouts = MetricsLog(self.out / "rollouts.jsonl")
         self.step = 0
@@ -275,8 +303,9 @@ class Training:
         """Resume as cfg.resume says, then run the steps up to cfg.max_steps."""
         cfg, method, trainer = self.cfg, self.method, self.trainer
         self.resume()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=method.label, dynamic_ncols=True,
-                   disable=not trainer.main)
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc=method.label, dynamic_ncols=True, disable=not trainer.main
+        )
         while self.step < cfg.max_steps:
             start = time.perf_counter()
             result = method.step(self.step, trainer)
@@ -325,8 +354,11 @@ class Training:
         at the last step (so that extending a finished run with resume=auto redoes nothing)."""
         cfg, step, trainer, evaluation = self.cfg, self.step, self.trainer, self.method.evaluation
         stop = trainer.consecutive_skips >= cfg.max_skipped_steps
-        metrics = {**result.metrics, "train/lr": trainer.scheduler.get_last_lr()[0],
-                   "train/skipped_steps": trainer.skipped}
+        metrics = {
+            **result.metrics,
+            "train/lr": trainer.scheduler.get_last_lr()[0],
+            "train/skipped_steps": trainer.skipped,
+        }
         evaluated = evaluation is not None and not stop and evaluation.due(step)
         if evaluated:
             with trainer.timer("eval"), trainer.precision():  # every rank evaluates (a share of the problems)
@@ -351,16 +383,26 @@ class Training:
 
     def save(self) -> None:
         trainer, method = self.trainer, self.method
-        models = {name: (model, method.tokenizer if name == "model" else None)
-                  for name, model in method.checkpointed.items()}
-        save_checkpoint(self.accelerator, self.out / "checkpoints", self.step, models=models,
-                        keep=self.cfg.keep_checkpoints, state={
-                            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-                            "data": method.stream.state_dict(), "skipped": trainer.skipped,
-                            "consecutive_skips": trainer.consecutive_skips, "method": method.state_dict()})
+        models = {
+            name: (model, method.tokenizer if name == "model" else None) for name, model in method.checkpointed.items()
+        }
+        save_checkpoint(
+            self.accelerator,
+            self.out / "checkpoints",
+            self.step,
+            models=models,
+            keep=self.cfg.keep_checkpoints,
+            state={
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "data": method.stream.state_dict(),
+                "skipped": trainer.skipped,
+                "consecutive_skips": trainer.consecutive_skips,
+                "method": method.state_dict(),
+            },
+        )
 
 
 def train(cfg: RunConfig, **options) -> Path:
     """Run `cfg` to the end; returns the directory of the final model (output_dir/model)."""
     return Training(cfg, **options).run()
-

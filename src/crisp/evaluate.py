@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -45,14 +45,24 @@ class GradedRollout:
         return self.grade.correct
 
     def record(self) -> dict:
-        return {"id": self.problem.id, "difficulty": self.problem.difficulty, "gold": self.problem.answer,
-                "response": self.rollout.text, "tokens": self.rollout.num_tokens,
-                "finish_reason": self.rollout.finish_reason, "correct": self.grade.correct,
-                "extracted": self.grade.extracted, "timed_out": self.grade.timed_out, **self.audit, **self.anatomy}
+        return {
+            "id": self.problem.id,
+            "difficulty": self.problem.difficulty,
+            "gold": self.problem.answer,
+            "response": self.rollout.text,
+            "tokens": self.rollout.num_tokens,
+            "finish_reason": self.rollout.finish_reason,
+            "correct": self.grade.correct,
+            "extracted": self.grade.extracted,
+            "timed_out": self.grade.timed_out,
+            **self.audit,
+            **self.anatomy,
+        }
 
 
-def score_rollouts(problems: Sequence[Problem], rollouts: Sequence[Rollout], grader_name: str,
-                   task: Task | None = None) -> list[GradedRollout]:
+def score_rollouts(
+    problems: Sequence[Problem], rollouts: Sequence[Rollout], grader_name: str, task: Task | None = None
+) -> list[GradedRollout]:
     """Each rollout graded against its problem's answer, with the task's audit when a task is given."""
     grader = get_grader(grader_name)
     graded = []
@@ -96,9 +106,7 @@ def summarize(records: Sequence[dict], task: Task | None = None) -> dict:
 
     summary = figures(records)
     levels = sorted({r["difficulty"] for r in records if r["difficulty"] is not None}, key=_level_key)
-    summary["by_difficulty"] = {
-        level: figures([r for r in records if r["difficulty"] == level]) for level in levels
-    }
+    summary["by_difficulty"] = {level: figures([r for r in records if r["difficulty"] == level]) for level in levels}
     return summary
 
 
@@ -115,11 +123,19 @@ def add_anatomy(graded: Sequence[GradedRollout], tokenizer, anatomy: AnatomyConf
         rollout = g.rollout
         if rollout.prompt_ids not in prompt_open:  # decoded with the tags even where they are special tokens
             prompt_open[rollout.prompt_ids] = prompt_leaves_thinking_open(tokenizer.decode(list(rollout.prompt_ids)))
-        g.anatomy = dict(response_anatomy(
-            rollout.token_ids, rollout.text, close_ids=close_ids, open_ids=open_ids,
-            prompt_open=prompt_open[rollout.prompt_ids],
-            markers=anatomy.markers, loop_ngram=anatomy.loop_ngram, loop_repeats=anatomy.loop_repeats,
-            decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)))
+        g.anatomy = dict(
+            response_anatomy(
+                rollout.token_ids,
+                rollout.text,
+                close_ids=close_ids,
+                open_ids=open_ids,
+                prompt_open=prompt_open[rollout.prompt_ids],
+                markers=anatomy.markers,
+                loop_ngram=anatomy.loop_ngram,
+                loop_repeats=anatomy.loop_repeats,
+                decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+            )
+        )
 
 
 def _std_over_sample_index(rows: Sequence[dict]) -> float:
@@ -193,8 +209,7 @@ def evaluate(
     mine = shard(len(prompts), accelerator)
     bar = tqdm(total=len(mine) * k, desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
     generator = generator or HFGenerator(model, tokenizer, batch_size=batch_size)
-    rollouts = generator.generate(
-        [prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
+    rollouts = generator.generate([prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
     graded = score_rollouts(problems, rollouts, grader, task)
     add_anatomy(graded, tokenizer, anatomy)
@@ -216,8 +231,9 @@ def evaluate(
     return records, summary
 
 
-def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
-                        baselines: dict[tuple[str, str | None], dict | None]) -> dict[tuple[str, str | None], dict]:
+def evaluate_benchmarks(
+    cfg: EvalRunConfig, outputs: dict[str, Path], baselines: dict[tuple[str, str | None], dict | None]
+) -> dict[tuple[str, str | None], dict]:
     """Evaluate cfg.model on each benchmark in each of cfg.modes (data-parallel under `accelerate
     launch`); rank 0 writes each one's samples.jsonl and summary.json to outputs[benchmark], or to
     its <mode> subfolder when modes are given, and its figures to output_dir/metrics.jsonl and the
@@ -229,10 +245,22 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
     tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     model.to(accelerator.device)
-    builders = {mode: PromptBuilder.from_config(tokenizer, cfg.prompt if mode is None else cfg.prompt.model_copy(
-        update={"thinking_free": mode == "thinking_free"})) for mode in cfg.modes or [None]}
-    generator = build_generator(cfg.backend, cfg.vllm, model, tokenizer, batch_size=cfg.batch_size,
-                                trust_remote_code=cfg.model.trust_remote_code, max_new_tokens=cfg.sampling.max_new_tokens)
+    builders = {
+        mode: PromptBuilder.from_config(
+            tokenizer,
+            cfg.prompt if mode is None else cfg.prompt.model_copy(update={"thinking_free": mode == "thinking_free"}),
+        )
+        for mode in cfg.modes or [None]
+    }
+    generator = build_generator(
+        cfg.backend,
+        cfg.vllm,
+        model,
+        tokenizer,
+        batch_size=cfg.batch_size,
+        trust_remote_code=cfg.model.trust_remote_code,
+        max_new_tokens=cfg.sampling.max_new_tokens,
+    )
     start_trackers(accelerator, cfg, cfg.output_dir, resuming=False)
     log = MetricsLog(Path(cfg.output_dir) / "metrics.jsonl", accelerator)
     if accelerator.is_main_process:
@@ -241,12 +269,23 @@ def evaluate_benchmarks(cfg: EvalRunConfig, outputs: dict[str, Path],
     for name, benchmark in problems.items():
         for mode, builder in builders.items():
             with autocast(cfg.mixed_precision, accelerator.device):
-                records, summary = evaluate(model, tokenizer, benchmark, builder=builder, task=tasks[name],
-                                            sampling=cfg.sampling,
-                                            k=cfg.k, seed=cfg.seed, instruction=resolve_instruction(cfg.instruction),
-                                            grader=cfg.grader, batch_size=cfg.batch_size,
-                                            progress=accelerator.is_main_process, accelerator=accelerator,
-                                            anatomy=cfg.anatomy, generator=generator)
+                records, summary = evaluate(
+                    model,
+                    tokenizer,
+                    benchmark,
+                    builder=builder,
+                    task=tasks[name],
+                    sampling=cfg.sampling,
+                    k=cfg.k,
+                    seed=cfg.seed,
+                    instruction=resolve_instruction(cfg.instruction),
+                    grader=cfg.grader,
+                    batch_size=cfg.batch_size,
+                    progress=accelerator.is_main_process,
+                    accelerator=accelerator,
+                    anatomy=cfg.anatomy,
+                    generator=generator,
+                )
             summary.update({"model": cfg.model.path, "benchmark": name})
             if baselines.get((name, mode)) is not None:
                 summary["vs_baseline"] = compare_to_baseline(summary, baselines[(name, mode)])

@@ -80,11 +80,10 @@ def _answer_line(text: str) -> tuple[int, str] | None:
     said = _FINAL_ANSWER_IS.search(stripped[stripped.rfind("\n") + 1 :])
     if said is not None and _clean_value(said.group(1)):
         return len(stripped), _clean_value(said.group(1))
-    match = None
-    for match in _ANSWER_LINE.finditer(text):
-        pass
-    if match is None:
+    matches = list(_ANSWER_LINE.finditer(text))
+    if not matches:
         return None
+    match = matches[-1]
     value = _clean_value(match.group(1))
     return (match.end(), value) if value else None
 

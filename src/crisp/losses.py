@@ -56,9 +56,7 @@ def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
     return log_p.exp() * (log_p - log_q)  # (N, V)
 
 
-def _divergence_terms(
-    log_s: Tensor, log_t: Tensor, *, kind: str, beta: float, forward_weight: float
-) -> Tensor:
+def _divergence_terms(log_s: Tensor, log_t: Tensor, *, kind: str, beta: float, forward_weight: float) -> Tensor:
     """Per-(token, vocab) terms whose sum over the vocabulary is the requested divergence."""
     if kind == "reverse_kl":
         return _kl_terms(log_s, log_t)  # (N, V)
@@ -72,9 +70,7 @@ def _divergence_terms(
     if beta == 1.0:
         return _kl_terms(log_s, log_t)  # (N, V) reverse KL
     # log M = log(beta * p_T + (1 - beta) * p_S), computed in log space for stability.
-    log_m = torch.logsumexp(
-        torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0
-    )  # (N, V)
+    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)  # (N, V)
     return beta * _kl_terms(log_t, log_m) + (1.0 - beta) * _kl_terms(log_s, log_m)  # (N, V)
 
 
@@ -103,7 +99,9 @@ class DivergenceSpec:
     @property
     def closed_form(self) -> bool:
         """Whether the gradient has a closed form (no per-term clip or top-k support to differentiate)."""
-        return self.kind in ("reverse_kl", "forward_kl", "mixed") and self.term_clip is None and self.teacher_top_k is None
+        return (
+            self.kind in ("reverse_kl", "forward_kl", "mixed") and self.term_clip is None and self.teacher_top_k is None
+        )
 
 
 @dataclass(frozen=True)
@@ -236,14 +234,22 @@ def _analytic_divergence(student_logits: Tensor, teacher_logits: Tensor, *, kind
     return reverse + forward_weight * forward, grad
 
 
-def _autograd_divergence(student_logits: Tensor, teacher_logits: Tensor, *, tokens: Tensor | None,
-                         spec: DivergenceSpec):
+def _autograd_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, *, tokens: Tensor | None, spec: DivergenceSpec
+):
     """Per-token values and the gradient of their sum with respect to the student logits, by autograd."""
     with torch.enable_grad():
         logits = _upcast(student_logits).detach().requires_grad_(True)  # (n, V) fp32, so the gradient is fp32
-        values = per_token_divergence(logits, teacher_logits, tokens=tokens, kind=spec.kind, beta=spec.beta,
-                                      forward_weight=spec.forward_weight, term_clip=spec.term_clip,
-                                      teacher_top_k=spec.teacher_top_k)  # (n,)
+        values = per_token_divergence(
+            logits,
+            teacher_logits,
+            tokens=tokens,
+            kind=spec.kind,
+            beta=spec.beta,
+            forward_weight=spec.forward_weight,
+            term_clip=spec.term_clip,
+            teacher_top_k=spec.teacher_top_k,
+        )  # (n,)
         (grad,) = torch.autograd.grad(values.sum(), logits)  # (n, V)
     return values.detach(), grad
 
@@ -280,8 +286,9 @@ def _divergence_chunks(
     """
     want_hidden, want_weight, want_bias = grads
     n_rows = student_hidden.shape[0]
-    per_token = torch.empty(n_rows, dtype=torch.promote_types(student_hidden.dtype, torch.float32),
-                            device=student_hidden.device)  # (N,)
+    per_token = torch.empty(
+        n_rows, dtype=torch.promote_types(student_hidden.dtype, torch.float32), device=student_hidden.device
+    )  # (N,)
     grad_hidden = torch.empty_like(student_hidden) if want_hidden else None  # (N, H)
     grad_weight = torch.zeros_like(student_weight, dtype=per_token.dtype) if want_weight else None  # (V, H)
     grad_bias = torch.zeros_like(student_bias, dtype=per_token.dtype) if want_bias else None  # (V,)
@@ -296,8 +303,9 @@ def _divergence_chunks(
             )  # (n,), (n, V)
         else:
             token_chunk = None if tokens is None else tokens[start:stop]  # (n,)
-            values, grad_logits = _autograd_divergence(student_logits, teacher_logits, tokens=token_chunk,
-                                                       spec=spec)  # (n,), (n, V)
+            values, grad_logits = _autograd_divergence(
+                student_logits, teacher_logits, tokens=token_chunk, spec=spec
+            )  # (n,), (n, V)
         per_token[start:stop] = values
         del student_logits, teacher_logits
         if want_hidden:
@@ -313,11 +321,29 @@ class _DivergenceSum(torch.autograd.Function):
     """Sum of the chunked per-token divergences; the gradients are computed in forward, scaled in backward."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                tokens, chunk_size, spec):
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        tokens,
+        chunk_size,
+        spec,
+    ):
         per_token, grad_hidden, grad_weight, grad_bias = _divergence_chunks(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, tokens,
-            chunk_size=chunk_size, spec=spec, grads=tuple(ctx.needs_input_grad[:3]),
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            tokens,
+            chunk_size=chunk_size,
+            spec=spec,
+            grads=tuple(ctx.needs_input_grad[:3]),
         )
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
@@ -329,8 +355,17 @@ class _DivergenceSum(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         scale = lambda grad, dtype: None if grad is None else (grad * grad_total).to(dtype)  # noqa: E731
-        return (scale(grad_hidden, hidden_dtype), scale(grad_weight, weight_dtype), scale(grad_bias, weight_dtype),
-                None, None, None, None, None, None)
+        return (
+            scale(grad_hidden, hidden_dtype),
+            scale(grad_weight, weight_dtype),
+            scale(grad_bias, weight_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def divergence_sum(

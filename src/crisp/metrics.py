@@ -56,9 +56,19 @@ class MetricsLog:
 def eval_metrics(summary: dict, prefix: str = "eval/") -> dict:
     """A summary's figures as flat metrics (what metrics.jsonl and the trackers get): accuracy, tokens,
     truncation, the reasoning anatomy with each marker's rate, accuracy and tokens per level."""
-    metrics = {f"{prefix}{key}": summary[key] for key in (
-        "accuracy", "mean_tokens", "truncation_rate", "mean_thinking_tokens", "mean_answer_tokens", "loop_rate",
-        "markers_per_1k_tokens") if key in summary}
+    metrics = {
+        f"{prefix}{key}": summary[key]
+        for key in (
+            "accuracy",
+            "mean_tokens",
+            "truncation_rate",
+            "mean_thinking_tokens",
+            "mean_answer_tokens",
+            "loop_rate",
+            "markers_per_1k_tokens",
+        )
+        if key in summary
+    }
     for marker, rate in summary.get("marker_rates_per_1k_tokens", {}).items():
         metrics[f"{prefix}markers_per_1k_tokens/{marker.replace(' ', '_')}"] = rate
     for level, figures in summary["by_difficulty"].items():

@@ -12,8 +12,8 @@ only for passes through its own forward); `unwrap` reaches the HF model inside f
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -54,10 +54,12 @@ def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     punctuation runs and whitespace runs; byte-level mapping keeps the spaces inside the pieces, so
     decode(encode(x)) == x exactly for any text made of known pieces.
     """
-    pre = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(WORD_PIECES), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(WORD_PIECES), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     pieces: set[str] = set()
     for text in texts:
         pieces.update(piece for piece, _ in pre.pre_tokenize_str(text))
@@ -182,8 +184,13 @@ def prepare_for_training(model: torch.nn.Module, *, gradient_checkpointing: bool
         return model
     from peft import LoraConfig, get_peft_model
 
-    spec = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                      task_type="CAUSAL_LM")
+    spec = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, spec)
 
 
@@ -219,8 +226,9 @@ def _padded(sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> t
     return input_ids, attention
 
 
-def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                    **forward_kwargs) -> torch.Tensor:
+def response_hidden(
+    model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, **forward_kwargs
+) -> torch.Tensor:
     """Final hidden states at the positions that predict each response token, rows concatenated.
 
     Sequence b is prompt_b + response_b, right-padded; response token j sits at position
@@ -239,8 +247,13 @@ def response_hidden(model, prompts: Sequence[Sequence[int]], responses: Sequence
     caught = []
     hook = unwrap(model).get_decoder().register_forward_hook(lambda module, args, output: caught.append(output[0]))
     try:
-        model(input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=1, use_cache=False,
-              **forward_kwargs)
+        model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            logits_to_keep=1,
+            use_cache=False,
+            **forward_kwargs,
+        )
     finally:
         hook.remove()
     hidden = caught[0]  # (B, T, H)

@@ -24,9 +24,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_factor(
-            step, warmup_steps=cfg.warmup_steps, total_steps=total_steps, schedule=cfg.schedule
-        ),
+        lambda step: lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=total_steps, schedule=cfg.schedule),
     )
     return optimizer, scheduler
 

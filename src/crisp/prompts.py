@@ -26,7 +26,7 @@ STUDENT_TEMPLATES = {
     "dapo": (
         "Solve the following math problem step by step. The last line of your response should be of "
         "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem."
-        "\n\n{question}\n\nRemember to put your answer on its own line after \"Answer:\"."
+        '\n\n{question}\n\nRemember to put your answer on its own line after "Answer:".'
     ),
     # The bare question (the built-in synthetic task states its own answer format).
     "plain": "{question}",
@@ -97,10 +97,15 @@ class PromptBuilder:
     thinking_free: bool = False  # end every prompt with an empty closed thinking block (TFPI)
 
     @classmethod
-    def from_config(cls, tokenizer, prompt) -> "PromptBuilder":
+    def from_config(cls, tokenizer, prompt) -> PromptBuilder:
         """The builder a run's `prompt:` config section describes."""
-        return cls(tokenizer, template=prompt.template, system=prompt.system, enable_thinking=prompt.enable_thinking,
-                   thinking_free=prompt.thinking_free)
+        return cls(
+            tokenizer,
+            template=prompt.template,
+            system=prompt.system,
+            enable_thinking=prompt.enable_thinking,
+            thinking_free=prompt.thinking_free,
+        )
 
     @property
     def thinking_mode(self) -> str:
@@ -130,8 +135,10 @@ class PromptBuilder:
             messages.insert(0, {"role": "system", "content": self.system})
         if self.thinking_free and not has_thinking_convention(self.tokenizer.chat_template):
             name = getattr(self.tokenizer, "name_or_path", "") or "this tokenizer"
-            raise ConfigError(f"prompt.thinking_free: the chat template of {name} has no thinking convention (it "
-                             f"never mentions {THINK_OPEN} or {THINK_CLOSE}), so there is no thinking to close")
+            raise ConfigError(
+                f"prompt.thinking_free: the chat template of {name} has no thinking convention (it "
+                f"never mentions {THINK_OPEN} or {THINK_CLOSE}), so there is no thinking to close"
+            )
         extra = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         return close_thinking(text) if self.thinking_free else text

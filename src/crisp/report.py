@@ -45,12 +45,26 @@ def pareto_plot(rows: dict[str, dict], path: str | Path, *, title: str = "Accura
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, s in rows.items():
-        ax.errorbar(s["mean_tokens"], s["accuracy"], yerr=s.get("accuracy_std_over_samples") or 0,
-                    fmt="o", capsize=3, markersize=7, label=name)
+        ax.errorbar(
+            s["mean_tokens"],
+            s["accuracy"],
+            yerr=s.get("accuracy_std_over_samples") or 0,
+            fmt="o",
+            capsize=3,
+            markersize=7,
+            label=name,
+        )
         ax.annotate(name, (s["mean_tokens"], s["accuracy"]), textcoords="offset points", xytext=(6, 6))
     frontier = pareto_front(rows)
-    ax.step([rows[n]["mean_tokens"] for n in frontier], [rows[n]["accuracy"] for n in frontier], where="post",
-            color="gray", linestyle="--", linewidth=1, label="Pareto front")
+    ax.step(
+        [rows[n]["mean_tokens"] for n in frontier],
+        [rows[n]["accuracy"] for n in frontier],
+        where="post",
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label="Pareto front",
+    )
     ax.set_xlabel("mean response tokens")
     ax.set_ylabel("accuracy (avg@k)")
     ax.set_title(title)
@@ -83,8 +97,13 @@ def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -
     left.grid(axis="y", alpha=0.3)
     for name, s in rows.items():
         by = s.get("by_difficulty", {})
-        right.plot([f"L{lv}" for lv in levels if lv in by], [by[lv]["accuracy"] for lv in levels if lv in by],
-                   marker="o", label=name, color=colors[name])
+        right.plot(
+            [f"L{lv}" for lv in levels if lv in by],
+            [by[lv]["accuracy"] for lv in levels if lv in by],
+            marker="o",
+            label=name,
+            color=colors[name],
+        )
     right.set_ylabel("accuracy (avg@k)")
     right.set_xlabel("difficulty")
     right.set_title("Accuracy per difficulty")
@@ -101,16 +120,19 @@ def anatomy_plot(rows: dict[str, dict], path: str | Path) -> None:
     plt = _pyplot()
     measured = {name: s for name, s in rows.items() if "mean_thinking_tokens" in s}
     markers, names = _markers(measured), list(measured)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2 + 0.2 * len(names)),
-                                      gridspec_kw={"width_ratios": [2, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2 + 0.2 * len(names)), gridspec_kw={"width_ratios": [2, 1]})
     colors = {name: f"C{i}" for i, name in enumerate(rows)}  # a run's colour in the other figures too
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         rates = measured[name]["marker_rates_per_1k_tokens"]
-        left.bar([j + i * width for j in range(len(markers))], [rates.get(m, 0) for m in markers], width,
-                 label=name, color=colors[name])
-    left.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(markers))], markers, rotation=30,
-                    ha="right")
+        left.bar(
+            [j + i * width for j in range(len(markers))],
+            [rates.get(m, 0) for m in markers],
+            width,
+            label=name,
+            color=colors[name],
+        )
+    left.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(markers))], markers, rotation=30, ha="right")
     left.set_ylabel("per 1,000 response tokens")
     left.set_title("Hesitation and self-verification markers")
     left.grid(axis="y", alpha=0.3)
@@ -120,16 +142,28 @@ def anatomy_plot(rows: dict[str, dict], path: str | Path) -> None:
     right.barh(rows_at, thinking, color=[colors[n] for n in names])
     right.barh(rows_at, answer, left=thinking, color=[colors[n] for n in names], alpha=0.4, hatch="//")
     for y, n, t, a in zip(rows_at, names, thinking, answer):
-        right.annotate(f"loops {measured[n]['loop_rate']:.0%}", (t + a, y), va="center", fontsize=8,
-                       textcoords="offset points", xytext=(3, 0))
+        right.annotate(
+            f"loops {measured[n]['loop_rate']:.0%}",
+            (t + a, y),
+            va="center",
+            fontsize=8,
+            textcoords="offset points",
+            xytext=(3, 0),
+        )
     right.set_yticks(rows_at, [f"run {i + 1}" for i in range(len(names))])
     right.set_xlabel("mean tokens per response")
     right.set_title("Thinking (solid) and answer (hatched)")
     right.margins(x=0.25)
     right.grid(axis="x", alpha=0.3)
     handles, _ = left.get_legend_handles_labels()
-    fig.legend(handles, [f"run {i + 1}: {n}" for i, n in enumerate(names)], loc="upper center",
-               ncol=min(len(names), 3), fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        [f"run {i + 1}: {n}" for i, n in enumerate(names)],
+        loc="upper center",
+        ncol=min(len(names), 3),
+        fontsize=8,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 * -(-len(names) // 3)))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -164,8 +198,9 @@ def comparison_lines(rows: dict[str, dict], *, baseline: str) -> list[list[str]]
             own = name == baseline or ratio is None
             reduction = "-" if own or ratio["token_reduction"] is None else f"{ratio['token_reduction']:.1%}"
             dacc_cr = "-" if own or ratio["dacc_over_cr"] is None else f"{ratio['dacc_over_cr']:.3f}"
-            lines.append([name if level == "all" else "", level, accuracy, f"{figures['mean_tokens']:.1f}",
-                          reduction, dacc_cr])
+            lines.append(
+                [name if level == "all" else "", level, accuracy, f"{figures['mean_tokens']:.1f}", reduction, dacc_cr]
+            )
             if with_mode:
                 lines[-1].insert(1, thinking_mode(s) if level == "all" else "")
     if with_mode:
@@ -188,9 +223,13 @@ def anatomy_lines(rows: dict[str, dict]) -> list[list[str]]:
                 cells = ["-"] * (5 + len(markers))
             else:
                 rates = figures["marker_rates_per_1k_tokens"]
-                cells = [f"{figures['mean_thinking_tokens']:.1f}", f"{figures['mean_answer_tokens']:.1f}",
-                         f"{figures['loop_rate']:.1%}", f"{figures.get('truncation_rate', 0):.1%}",
-                         f"{figures['markers_per_1k_tokens']:.2f}"]
+                cells = [
+                    f"{figures['mean_thinking_tokens']:.1f}",
+                    f"{figures['mean_answer_tokens']:.1f}",
+                    f"{figures['loop_rate']:.1%}",
+                    f"{figures.get('truncation_rate', 0):.1%}",
+                    f"{figures['markers_per_1k_tokens']:.2f}",
+                ]
                 cells += [f"{rates[m]:.2f}" if m in rates else "-" for m in markers]
             lines.append([name if level == "all" else "", level] + cells)
     return lines
@@ -243,18 +282,24 @@ def mode_gaps(rows: dict[str, dict]) -> list[str]:
     by_model: dict[str, set[str]] = {}
     for name, s in rows.items():
         by_model.setdefault(s.get("model") or name, set()).add(thinking_mode(s))
-    return [f"thinking_mode: {model} has no {', '.join(sorted(modes - have))} row"
-            for model, have in by_model.items() if modes - have]
+    return [
+        f"thinking_mode: {model} has no {', '.join(sorted(modes - have))} row"
+        for model, have in by_model.items()
+        if modes - have
+    ]
 
 
-ANATOMY_NOTE = ("Thinking and answer are mean tokens per response (the thinking section runs to the end of "
-                "the first `</think>`); loops: the share of responses in which some span of n words occurs k "
-                "times (see `anatomy` in summary.json); markers: matches per 1,000 response tokens, "
-                "case-insensitive, whole words.")
+ANATOMY_NOTE = (
+    "Thinking and answer are mean tokens per response (the thinking section runs to the end of "
+    "the first `</think>`); loops: the share of responses in which some span of n words occurs k "
+    "times (see `anatomy` in summary.json); markers: matches per 1,000 response tokens, "
+    "case-insensitive, whole words."
+)
 
 
-def write_report(out: str | Path, rows: dict[str, dict], *, baseline: str = "base", title: str = "crisp report",
-                 notes: str = "") -> Path:
+def write_report(
+    out: str | Path, rows: dict[str, dict], *, baseline: str = "base", title: str = "crisp report", notes: str = ""
+) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pareto_plot(rows, out / "pareto.png")
@@ -262,22 +307,31 @@ def write_report(out: str | Path, rows: dict[str, dict], *, baseline: str = "bas
     anatomy = []  # the report's anatomy section, where the runs measured it
     if has_anatomy(rows):
         anatomy_plot(rows, out / "anatomy.png")
-        anatomy = ["## Reasoning anatomy\n\n" + anatomy_table(rows, markdown=True), ANATOMY_NOTE,
-                   "![reasoning anatomy](anatomy.png)"]
+        anatomy = [
+            "## Reasoning anatomy\n\n" + anatomy_table(rows, markdown=True),
+            ANATOMY_NOTE,
+            "![reasoning anatomy](anatomy.png)",
+        ]
     any_row = next(iter(rows.values()))
-    settings = (f"k = {any_row.get('k')} samples per problem, sampling {json.dumps(any_row.get('sampling'))}, "
-                f"grader `{any_row.get('grader')}`, {any_row.get('num_problems')} problems.")
-    text = "\n\n".join(part for part in [
-        f"# {title}",
-        comparison_table(rows, baseline=baseline, markdown=True),
-        f"Reduction and dAcc/CR (dAcc = max(acc/acc_base - 1, 0), CR = tokens/tokens_base) are against "
-        f"`{baseline}`. {settings}",
-        "\n".join(f"**Not evaluated alike**: {note}" for note in setting_differences(rows)),
-        "![accuracy vs tokens](pareto.png)",
-        "![per difficulty](per_difficulty.png)",
-        *anatomy,
-        notes,
-    ] if part)
+    settings = (
+        f"k = {any_row.get('k')} samples per problem, sampling {json.dumps(any_row.get('sampling'))}, "
+        f"grader `{any_row.get('grader')}`, {any_row.get('num_problems')} problems."
+    )
+    text = "\n\n".join(
+        part
+        for part in [
+            f"# {title}",
+            comparison_table(rows, baseline=baseline, markdown=True),
+            f"Reduction and dAcc/CR (dAcc = max(acc/acc_base - 1, 0), CR = tokens/tokens_base) are against "
+            f"`{baseline}`. {settings}",
+            "\n".join(f"**Not evaluated alike**: {note}" for note in setting_differences(rows)),
+            "![accuracy vs tokens](pareto.png)",
+            "![per difficulty](per_difficulty.png)",
+            *anatomy,
+            notes,
+        ]
+        if part
+    )
     (out / "report.md").write_text(text.strip() + "\n")
     return out / "report.md"
 
@@ -317,8 +371,9 @@ def load_rows(paths: list[str]) -> dict[str, dict]:
             if "accuracy" in data:
                 entries.append((None, file, data))
             else:
-                entries += [(name, file, row) for name, row in data.items()
-                            if isinstance(row, dict) and "accuracy" in row]
+                entries += [
+                    (name, file, row) for name, row in data.items() if isinstance(row, dict) and "accuracy" in row
+                ]
     by_directory = iter(_run_names([file.resolve().parent for name, file, _ in entries if name is None]))
     rows: dict[str, dict] = {}
     for name, file, summary in entries:

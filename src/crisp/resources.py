@@ -46,8 +46,9 @@ def find_config(name: str) -> Path:
     names = _names(configs_dir())
     key = name.removesuffix(SUFFIX).removeprefix("recipes/")
     if key not in names:
-        raise ConfigError(f"{name}: no such config file, and no packaged config of that name "
-                          f"(known: {', '.join(names)})")
+        raise ConfigError(
+            f"{name}: no such config file, and no packaged config of that name (known: {', '.join(names)})"
+        )
     return names[key]
 
 

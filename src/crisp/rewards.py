@@ -13,9 +13,7 @@ from torch import Tensor
 __all__ = ["group_advantages", "length_capped_reward", "dynamic_sampling_mask"]
 
 
-def group_advantages(
-    rewards: Tensor, group_size: int, *, scale_by_std: bool = True, eps: float = 1e-6
-) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, *, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
     """GRPO advantages: each reward minus the mean of its group, optionally over the group's std.
 
     ``A_i = (R_i - mean_g(R)) / (std_g(R) + eps)`` with the *population* standard deviation

@@ -14,12 +14,18 @@ prompts sample what 1 rank x B prompts sample (up to ties broken differently by 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
-
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from crisp.config import SamplingConfig
 from crisp.modeling import eval_mode, left_padded
@@ -209,8 +215,9 @@ class BatchedGenerator:
             reason = "length"
         return tuple(row), self.tokenizer.decode(row, skip_special_tokens=True), reason
 
-    def _new_tokens(self, prompts: list[list[int]], keys: torch.Tensor, sampling: SamplingConfig,
-                    limit: int) -> list[list[int]]:
+    def _new_tokens(
+        self, prompts: list[list[int]], keys: torch.Tensor, sampling: SamplingConfig, limit: int
+    ) -> list[list[int]]:
         """The tokens generated after each prompt, row i sampled with keys[i] (anything after an EOS
         is ignored)."""
         raise NotImplementedError
@@ -219,8 +226,9 @@ class BatchedGenerator:
 class HFGenerator(BatchedGenerator):
     """Hugging Face `generate`: batched, left-padded, KV-cached, sampled with per-request seeds."""
 
-    def _new_tokens(self, prompts: list[list[int]], keys: torch.Tensor, sampling: SamplingConfig,
-                    limit: int) -> list[list[int]]:
+    def _new_tokens(
+        self, prompts: list[list[int]], keys: torch.Tensor, sampling: SamplingConfig, limit: int
+    ) -> list[list[int]]:
         input_ids, attention = self._left_padded(prompts)  # (B, P), (B, P)
         # Temperature 0 is greedy; otherwise the sampler picks each token and greedy decoding emits it.
         sampler = [SeededSampler(keys, input_ids.shape[1], sampling)] if sampling.temperature > 0 else []
@@ -251,14 +259,16 @@ class KVCacheGenerator(BatchedGenerator):
     causal LMs do). Under FSDP it runs all `limit` steps, so every rank makes the same forwards.
     """
 
-    def _new_tokens(self, prompts: list[list[int]], keys: torch.Tensor, sampling: SamplingConfig,
-                    limit: int) -> list[list[int]]:
+    def _new_tokens(
+        self, prompts: list[list[int]], keys: torch.Tensor, sampling: SamplingConfig, limit: int
+    ) -> list[list[int]]:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         input_ids, attention = self._left_padded(prompts)  # (B, P), (B, P)
         sampler = SeededSampler(keys, input_ids.shape[1], sampling) if sampling.temperature > 0 else None
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (B, P)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=input_ids.device)  # (B,)
         stop_early = not self.sharded  # a sharded model's ranks must keep making forwards together
         tokens = []
@@ -272,6 +282,11 @@ class KVCacheGenerator(BatchedGenerator):
                 break
             attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)  # (B, P + t)
             positions = positions[:, -1:] + 1  # (B, 1)
-            out = self.model(input_ids=next_ids[:, None], attention_mask=attention, position_ids=positions,
-                             past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(
+                input_ids=next_ids[:, None],
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
         return torch.stack(tokens, dim=1).tolist()  # (B, <= limit)

@@ -32,7 +32,7 @@ import os
 import random
 import tempfile
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -52,8 +52,9 @@ def import_vllm():
     try:
         import vllm
     except ImportError as error:
-        raise ConfigError(f"backend: vllm: the vLLM engine cannot be imported ({error}); install it with "
-                          f"{VLLM_INSTALL}") from error
+        raise ConfigError(
+            f"backend: vllm: the vLLM engine cannot be imported ({error}); install it with {VLLM_INSTALL}"
+        ) from error
     return vllm
 
 
@@ -95,8 +96,20 @@ def reset_stale_engine_groups() -> None:
     from vllm.distributed import parallel_state
 
     if parallel_state._WORLD is not None and not torch.distributed.is_initialized():
-        for name in ("_TP", "_ETP", "_ENGRAM_DP", "_DCP", "_PCP", "_PP", "_DP", "_EP", "_EPLB", "_WORLD",
-                     "_INNER_DP_WORLD", "_NODE_COUNT"):
+        for name in (
+            "_TP",
+            "_ETP",
+            "_ENGRAM_DP",
+            "_DCP",
+            "_PCP",
+            "_PP",
+            "_DP",
+            "_EP",
+            "_EPLB",
+            "_WORLD",
+            "_INNER_DP_WORLD",
+            "_NODE_COUNT",
+        ):
             if hasattr(parallel_state, name):
                 setattr(parallel_state, name, None)
 
@@ -107,8 +120,10 @@ def engine_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     model = unwrap(model)
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        raise ConfigError("rollout.backend: vllm under FSDP needs FSDP2 (fsdp_version: 2 in the accelerate config), "
-                          "whose full weights crisp gathers for the engine")
+        raise ConfigError(
+            "rollout.backend: vllm under FSDP needs FSDP2 (fsdp_version: 2 in the accelerate config), "
+            "whose full weights crisp gathers for the engine"
+        )
     if is_peft(model):
         return merged_lora_weights(model)
     from crisp.distributed import full_state_dict
@@ -123,8 +138,11 @@ def merged_lora_weights(model) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    weights = {key.replace(".base_layer.", "."): value.detach() for key, value in base.state_dict().items()
-               if "lora_" not in key}
+    weights = {
+        key.replace(".base_layer.", "."): value.detach()
+        for key, value in base.state_dict().items()
+        if "lora_" not in key
+    }
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
             key = f"{name}.weight"
@@ -135,8 +153,15 @@ def merged_lora_weights(model) -> dict[str, torch.Tensor]:
 class VLLMGenerator:
     """A vLLM engine for one model; `generate` as the other backends, `load_weights` to sync."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, settings: VLLMSettings, *, trust_remote_code: bool = False,
-                 max_new_tokens: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        settings: VLLMSettings,
+        *,
+        trust_remote_code: bool = False,
+        max_new_tokens: int = 0,
+    ):
         """Build the engine for `model`'s architecture and load its weights. `max_new_tokens`: the
         longest response the run will ask for (checked against max_model_len before any compute)."""
         vllm = import_vllm()
@@ -149,18 +174,26 @@ class VLLMGenerator:
         config.architectures = [type(causal_lm).__name__]  # which vLLM model class runs it
         self.max_model_len = settings.max_model_len or config.max_position_embeddings
         if self.max_model_len <= max_new_tokens:
-            raise ConfigError(f"vllm.max_model_len ({self.max_model_len}) must exceed the prompt plus max_new_tokens "
-                              f"({max_new_tokens})")
+            raise ConfigError(
+                f"vllm.max_model_len ({self.max_model_len}) must exceed the prompt plus max_new_tokens "
+                f"({max_new_tokens})"
+            )
         if settings.enable_sleep_mode and not self.on_gpu:
             raise ConfigError("vllm.enable_sleep_mode: sleep mode needs a GPU (vLLM's CPU backend ignores it)")
-        self.chunked_prefill = settings.enable_chunked_prefill if settings.enable_chunked_prefill is not None else (
-            None if self.on_gpu else False)
+        self.chunked_prefill = (
+            settings.enable_chunked_prefill
+            if settings.enable_chunked_prefill is not None
+            else (None if self.on_gpu else False)
+        )
         if not self.on_gpu and self.chunked_prefill and settings.max_num_batched_tokens is None:
-            raise ConfigError("vllm.enable_chunked_prefill: on CPU, seeded sampling fails on a split prefill; "
-                              "set vllm.max_num_batched_tokens above every call's prompt tokens, or leave "
-                              "enable_chunked_prefill unset (off on CPU)")
-        dtype = settings.dtype if settings.dtype != "auto" else str(next(inner.parameters()).dtype).removeprefix(
-            "torch.")
+            raise ConfigError(
+                "vllm.enable_chunked_prefill: on CPU, seeded sampling fails on a split prefill; "
+                "set vllm.max_num_batched_tokens above every call's prompt tokens, or leave "
+                "enable_chunked_prefill unset (off on CPU)"
+            )
+        dtype = (
+            settings.dtype if settings.dtype != "auto" else str(next(inner.parameters()).dtype).removeprefix("torch.")
+        )
         kv_gib = settings.kv_cache_gib or (None if self.on_gpu else CPU_KV_CACHE_GIB)
         options = dict(
             load_format="dummy",  # crisp pushes the weights; the engine never loads any of its own
@@ -211,20 +244,36 @@ class VLLMGenerator:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed: int | None = None,
-                 max_new_tokens: int | None = None, first_index: int = 0, progress=None) -> list[Rollout]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        first_index: int = 0,
+        progress=None,
+    ) -> list[Rollout]:
         """`sampling.n` rollouts per prompt, in prompt order (as crisp.rollout.BatchedGenerator.generate)."""
         return self._run(prompts, sampling, seed, max_new_tokens, first_index, progress, logprobs=False)[0]
 
-    def generate_with_logprobs(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-                               seed: int | None = None, max_new_tokens: int | None = None, first_index: int = 0,
-                               progress=None) -> tuple[list[Rollout], list[list[float]]]:
+    def generate_with_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        *,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        first_index: int = 0,
+        progress=None,
+    ) -> tuple[list[Rollout], list[list[float]]]:
         """The rollouts and, for each, the engine's log-probability of every sampled token (of the
         model's raw distribution, before temperature, top-k and top-p)."""
         return self._run(prompts, sampling, seed, max_new_tokens, first_index, progress, logprobs=True)
 
-    def _run(self, prompts, sampling: SamplingConfig, seed, max_new_tokens, first_index: int, progress, *,
-             logprobs: bool) -> tuple[list[Rollout], list[list[float]] | None]:
+    def _run(
+        self, prompts, sampling: SamplingConfig, seed, max_new_tokens, first_index: int, progress, *, logprobs: bool
+    ) -> tuple[list[Rollout], list[list[float]] | None]:
         from vllm import SamplingParams
 
         if seed is None:
@@ -234,17 +283,27 @@ class VLLMGenerator:
         self._check(requests, limit, seeded=sampling.temperature > 0)
         keys = request_keys(seed, [index for index, _, _ in requests], [j for _, j, _ in requests]).tolist()
         eos = self.tokenizer.eos_token_id
-        params = [SamplingParams(
-            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, max_tokens=limit,
-            seed=key if sampling.temperature > 0 else None, stop_token_ids=[eos], detokenize=False,
-            logprobs=0 if logprobs else None,
-        ) for key in keys]
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=limit,
+                seed=key if sampling.temperature > 0 else None,
+                stop_token_ids=[eos],
+                detokenize=False,
+                logprobs=0 if logprobs else None,
+            )
+            for key in keys
+        ]
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
         with kept_global_state():
-            outputs = self.llm.generate([{"prompt_token_ids": prompt} for _, _, prompt in requests], params,
-                                        use_tqdm=False)
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": prompt} for _, _, prompt in requests], params, use_tqdm=False
+            )
         if self.settings.enable_sleep_mode:  # level 1: the weights go to host memory, the KV cache is freed
             self.llm.sleep(level=1)
             self.asleep = True
@@ -253,8 +312,11 @@ class VLLMGenerator:
             completion = output.outputs[0]
             tokens = tuple(completion.token_ids)
             reason = "stop" if tokens and tokens[-1] == eos else "length"
-            rollouts.append(Rollout(index, tuple(prompt), tokens,
-                                    self.tokenizer.decode(list(tokens), skip_special_tokens=True), reason))
+            rollouts.append(
+                Rollout(
+                    index, tuple(prompt), tokens, self.tokenizer.decode(list(tokens), skip_special_tokens=True), reason
+                )
+            )
             if logprobs:
                 values.append([step[token].logprob for step, token in zip(completion.logprobs, tokens)])
         if progress is not None:
@@ -265,22 +327,35 @@ class VLLMGenerator:
         """Bad lengths are errors naming the key, before the engine computes anything."""
         longest = max((len(prompt) for _, _, prompt in requests), default=0)
         if longest + limit > self.max_model_len:
-            raise ConfigError(f"vllm.max_model_len ({self.max_model_len}) is below a prompt of {longest} tokens "
-                              f"plus max_new_tokens ({limit}); raise vllm.max_model_len")
+            raise ConfigError(
+                f"vllm.max_model_len ({self.max_model_len}) is below a prompt of {longest} tokens "
+                f"plus max_new_tokens ({limit}); raise vllm.max_model_len"
+            )
         total = sum(len(prompt) for _, _, prompt in requests)
         if seeded and not self.on_gpu and self.chunked_prefill and total > self.max_num_batched_tokens:
-            raise ConfigError(f"vllm.max_num_batched_tokens ({self.max_num_batched_tokens}) is below this call's "
-                              f"{total} prompt tokens: on CPU, vLLM would split a prefill, which its seeded sampler "
-                              "cannot do; raise it or leave vllm.enable_chunked_prefill unset (off on CPU)")
+            raise ConfigError(
+                f"vllm.max_num_batched_tokens ({self.max_num_batched_tokens}) is below this call's "
+                f"{total} prompt tokens: on CPU, vLLM would split a prefill, which its seeded sampler "
+                "cannot do; raise it or leave vllm.enable_chunked_prefill unset (off on CPU)"
+            )
 
 
-def build_generator(backend: str, settings: VLLMSettings, model: torch.nn.Module, tokenizer, *, batch_size: int = 256,
-                    trust_remote_code: bool = False, max_new_tokens: int = 0):
+def build_generator(
+    backend: str,
+    settings: VLLMSettings,
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    batch_size: int = 256,
+    trust_remote_code: bool = False,
+    max_new_tokens: int = 0,
+):
     """The generator that `backend` names: HFGenerator (batch_size sequences per generate call) or a
     VLLMGenerator with `settings` and the model's weights loaded."""
     if backend == "vllm":
-        return VLLMGenerator(model, tokenizer, settings, trust_remote_code=trust_remote_code,
-                             max_new_tokens=max_new_tokens)
+        return VLLMGenerator(
+            model, tokenizer, settings, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens
+        )
     return HFGenerator(model, tokenizer, batch_size=batch_size)
 
 

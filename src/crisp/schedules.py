@@ -32,8 +32,7 @@ The regions are decided with exact integer arithmetic on ``t mod T`` (``phi < pi
 from __future__ import annotations
 
 import math
-
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["KINDS", "max_length_at", "stage_at", "stage_starts"]
 

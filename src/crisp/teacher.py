@@ -18,7 +18,7 @@ The teacher always runs in eval mode and without gradients.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -86,10 +86,13 @@ def start_trackers(accelerator, config, run_dir: str | Path, *, resuming: bool) 
     directory = tracker_dir(run_dir)
     init_kwargs = {}
     if "wandb" in config.report_to:
-        init_kwargs["wandb"] = {"id": _wandb_run_id(directory, resuming), "resume": "allow",
-                                "name": Path(run_dir).resolve().name, "dir": str(directory)}
-    accelerator.init_trackers(PROJECT, config=hyperparameters(config.model_dump(mode="json")),
-                              init_kwargs=init_kwargs)
+        init_kwargs["wandb"] = {
+            "id": _wandb_run_id(directory, resuming),
+            "resume": "allow",
+            "name": Path(run_dir).resolve().name,
+            "dir": str(directory),
+        }
+    accelerator.init_trackers(PROJECT, config=hyperparameters(config.model_dump(mode="json")), init_kwargs=init_kwargs)
 
 
 def rewind_trackers(accelerator, step: int) -> None:

@@ -88,8 +88,7 @@ def _load_hub(name: str, split: str | None) -> list[Problem]:
         import datasets
     except ImportError as exc:
         raise MissingDependency(
-            f"loading {name!r} from the Hugging Face Hub needs the `datasets` package: "
-            "pip install 'crisp[hub]'"
+            f"loading {name!r} from the Hugging Face Hub needs the `datasets` package: pip install 'crisp[hub]'"
         ) from exc
     split = split or benchmark.split
     rows = datasets.load_dataset(benchmark.hub_id, benchmark.config, split=split)
@@ -192,9 +191,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_problems(
-    records: Iterable[tuple[str, Any]], origin: str, *, source: str, schema: str | None
-) -> list[Problem]:
+def _to_problems(records: Iterable[tuple[str, Any]], origin: str, *, source: str, schema: str | None) -> list[Problem]:
     problems: list[Problem] = []
     first_seen: dict[str, str] = {}
     for index, (where, record) in enumerate(records):

@@ -49,9 +49,9 @@ import random
 import re
 from dataclasses import dataclass
 
+from crisp.anatomy import THINK_CLOSE, THINK_OPEN
 from crisp.data.problems import Problem
 from crisp.data.tasks import SFTExample, Task
-from crisp.anatomy import THINK_CLOSE, THINK_OPEN
 
 LEVELS = (1, 2, 3, 4)
 ORDINALS = ("First", "Second", "Third", "Fourth")
@@ -86,7 +86,7 @@ class Style:
         risky = self.check_risky if step >= FIRST_RISKY_STEP else self.check_safe
         return max(risky, self.check_last) if step == level else risky
 
-    def at_temperature(self, temperature: float) -> "Style":
+    def at_temperature(self, temperature: float) -> Style:
         """The style a model that learned it exactly samples at `temperature`: every decision is a
         choice between two tokens, p -> p^(1/T) / (p^(1/T) + (1-p)^(1/T))."""
 
@@ -98,14 +98,46 @@ class Style:
         return dataclasses.replace(self, **numbers)
 
 
-VERBOSE = Style(restate=0.9, think=0.9, check_safe=0.85, check_risky=0.85, check_last=0.85, second_guess=0.5,
-                flip_right=FLIP_RIGHT_TO_WRONG, flip_wrong=FLIP_WRONG_TO_RIGHT, reread=0.9, reread_again=0.5,
-                summary=0.9, slip=0.3)
-CONCISE_V1 = dataclasses.replace(VERBOSE, restate=0.03, think=0.03, check_safe=0.03, check_risky=0.03, check_last=0.97,
-                                 second_guess=0.02, reread=0.03, reread_again=0.0, summary=0.05)
+VERBOSE = Style(
+    restate=0.9,
+    think=0.9,
+    check_safe=0.85,
+    check_risky=0.85,
+    check_last=0.85,
+    second_guess=0.5,
+    flip_right=FLIP_RIGHT_TO_WRONG,
+    flip_wrong=FLIP_WRONG_TO_RIGHT,
+    reread=0.9,
+    reread_again=0.5,
+    summary=0.9,
+    slip=0.3,
+)
+CONCISE_V1 = dataclasses.replace(
+    VERBOSE,
+    restate=0.03,
+    think=0.03,
+    check_safe=0.03,
+    check_risky=0.03,
+    check_last=0.97,
+    second_guess=0.02,
+    reread=0.03,
+    reread_again=0.0,
+    summary=0.05,
+)
 CONCISE_V2 = dataclasses.replace(CONCISE_V1, check_risky=0.97)
-REFERENCE = dataclasses.replace(VERBOSE, restate=0.0, think=0.0, check_safe=0.0, check_risky=0.0, check_last=0.0,
-                                second_guess=0.0, reread=0.0, reread_again=0.0, summary=0.0, slip=0.0)
+REFERENCE = dataclasses.replace(
+    VERBOSE,
+    restate=0.0,
+    think=0.0,
+    check_safe=0.0,
+    check_risky=0.0,
+    check_last=0.0,
+    second_guess=0.0,
+    reread=0.0,
+    reread_again=0.0,
+    summary=0.0,
+    slip=0.0,
+)
 # a direct answer rarely verifies: thinking-free is worse than thinking on long chains, as for real hybrid models
 THINKING_FREE = dataclasses.replace(REFERENCE, check_safe=0.03, check_risky=0.2, slip=0.3, thinking=False)
 IDEAL = dataclasses.replace(REFERENCE, check_risky=1.0, slip=0.3)  # checks exactly the risky steps
@@ -228,8 +260,10 @@ def sample_response(rng: random.Random, chain: Chain, style: Style, *, switch_at
         return Response("\n".join(lines + [answer]))
     head = f"{THINK_OPEN}\n"
     prefix_chars = len(head) + sum(len(line) + 1 for line in lines[:prefix_lines])
-    return Response(head + "".join(line + "\n" for line in lines) + f"{THINK_CLOSE}\n\n{answer}",
-                    prefix_chars if prefix_lines else 0)
+    return Response(
+        head + "".join(line + "\n" for line in lines) + f"{THINK_CLOSE}\n\n{answer}",
+        prefix_chars if prefix_lines else 0,
+    )
 
 
 def switch_lines(chain: Chain) -> int:
@@ -334,8 +368,15 @@ def audit_steps(question: str, response: str) -> dict[str, int]:
     return audit
 
 
-def expected_figures(style: Style, *, temperature: float, per_level: int = 2000, seed: int = 0,
-                     count_tokens=None, max_tokens: int | None = None) -> dict[int, dict[str, float]]:
+def expected_figures(
+    style: Style,
+    *,
+    temperature: float,
+    per_level: int = 2000,
+    seed: int = 0,
+    count_tokens=None,
+    max_tokens: int | None = None,
+) -> dict[int, dict[str, float]]:
     """Accuracy (and with `count_tokens`, mean tokens and the truncated share under `max_tokens`) per
     level of a writer that follows `style` exactly at `temperature`: the task's own figures, before any
     model's errors. A truncated response counts as wrong."""
@@ -352,8 +393,11 @@ def expected_figures(style: Style, *, temperature: float, per_level: int = 2000,
             right += not cut and text.endswith(f"Answer: {chain.answer}")
             tokens += min(length, max_tokens) if max_tokens else length
             truncated += cut
-        figures[level] = {"accuracy": right / per_level, "mean_tokens": tokens / per_level,
-                          "truncation_rate": truncated / per_level}
+        figures[level] = {
+            "accuracy": right / per_level,
+            "mean_tokens": tokens / per_level,
+            "truncation_rate": truncated / per_level,
+        }
     return figures
 
 
@@ -388,8 +432,7 @@ def sft_prompt(builder, problem: Problem, kind: str) -> str:
     return builder.render(builder.student_text(problem))
 
 
-def sft_corpus(builder, chains: list[Chain], mix: dict[str, float], verbose_prefix_fraction: float,
-               rng: random.Random):
+def sft_corpus(builder, chains: list[Chain], mix: dict[str, float], verbose_prefix_fraction: float, rng: random.Random):
     """(kind, rendered prompt, Response) for each chain: the prompt kind drawn with the `mix` weights."""
     kinds, weights = zip(*mix.items())
     corpus = []
@@ -424,16 +467,19 @@ class SyntheticTask(Task):
         steps = sum(r.get("steps", 0) for r in records)
         if not steps:
             return {}
-        return {"operand_accuracy": sum(r.get("operands_right", 0) for r in records) / steps,
-                "result_accuracy": sum(r.get("results_right", 0) for r in records) / steps}
+        return {
+            "operand_accuracy": sum(r.get("operands_right", 0) for r in records) / steps,
+            "result_accuracy": sum(r.get("results_right", 0) for r in records) / steps,
+        }
 
     def sft_examples(self, cfg, builder):
         """The base model's corpus: every prompt kind of cfg.mix answered in its style; the verbose prefix
         of a switching trace is in the response but not in the loss."""
         tokenizer = builder.tokenizer
         chains = train_chains(cfg.seed, cfg.data.size, tuple(cfg.data.levels))
-        corpus = sft_corpus(builder, chains, cfg.mix.weights(), cfg.mix.verbose_prefix_fraction,
-                            random.Random(cfg.seed))
+        corpus = sft_corpus(
+            builder, chains, cfg.mix.weights(), cfg.mix.verbose_prefix_fraction, random.Random(cfg.seed)
+        )
         # One batched call to the Rust tokenizer: per-call wrapper overhead dominates here.
         encode = tokenizer.backend_tokenizer.encode_batch
         prompts = encode([prompt for _, prompt, _ in corpus], add_special_tokens=False)
@@ -470,8 +516,9 @@ def probe_traces(builder) -> list[ProbeTrace]:
     rng = random.Random(0)
     traces = []
     for chain in test_chains():
-        prompt = tokenizer(builder.render(builder.student_text(to_problem(chain, 0, "test"))),
-                           add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(
+            builder.render(builder.student_text(to_problem(chain, 0, "test"))), add_special_tokens=False
+        )["input_ids"]
         text = sample_response(rng, chain, PROBE_STYLE).text
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         targets, line_start = [], 0

@@ -11,8 +11,8 @@ A new task is one new file with a `Task` subclass, and one line in `get_task`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
@@ -50,8 +50,9 @@ class Task:
         """The SFT corpus of a config.SFTConfig: each training problem's reference solution."""
         tokenizer = builder.tokenizer
         examples = []
-        for problem in self.train_problems(seed=cfg.seed, size=cfg.data.size, levels=cfg.data.levels,
-                                           limit=cfg.data.limit):
+        for problem in self.train_problems(
+            seed=cfg.seed, size=cfg.data.size, levels=cfg.data.levels, limit=cfg.data.limit
+        ):
             if not problem.solution:
                 raise ValueError(f"{self.name}: problem {problem.id} has no solution to train on")
             response = tokenizer(problem.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Callable, Literal, Protocol, Sequence
+from typing import Annotated, Literal, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -42,8 +43,15 @@ from tqdm.auto import tqdm
 from crisp.config import PositiveInt, RolloutConfig, RunConfig, Strict, training_engine_lengths
 from crisp.data.problems import Problem
 from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum, shard
-from crisp.driver import (BenchmarkEvaluation, Method, StepResult, Trainer, problem_stream, trainable_model,
-                          training_problems)
+from crisp.driver import (
+    BenchmarkEvaluation,
+    Method,
+    StepResult,
+    Trainer,
+    problem_stream,
+    trainable_model,
+    training_problems,
+)
 from crisp.evaluate import GradedRollout, rollout_metrics, score_rollouts
 from crisp.grading import get_grader, grade
 from crisp.losses import SurrogateSpec, clipped_surrogate_loss
@@ -87,7 +95,7 @@ class LengthSchedule(Strict):
         return l_max
 
     @model_validator(mode="after")
-    def _stages_fill_the_bounds(self) -> "LengthSchedule":
+    def _stages_fill_the_bounds(self) -> LengthSchedule:
         if self.kind != "stages":
             if self.stages is not None:
                 raise ValueError("schedule.stages: only with schedule.kind: stages")
@@ -98,8 +106,10 @@ class LengthSchedule(Strict):
         derived = {"l_min": min(lengths), "l_max": max(lengths)}
         for key, value in derived.items():
             if key in self.model_fields_set and getattr(self, key) != value:
-                raise ValueError(f"schedule.{key} ({getattr(self, key)}) must equal the stages' "
-                                 f"{'smallest' if key == 'l_min' else 'largest'} max_length ({value}) or be left out")
+                raise ValueError(
+                    f"schedule.{key} ({getattr(self, key)}) must equal the stages' "
+                    f"{'smallest' if key == 'l_min' else 'largest'} max_length ({value}) or be left out"
+                )
         if "period" in self.model_fields_set:
             raise ValueError("schedule.period: not used by kind stages")
         for key, value in derived.items():
@@ -160,29 +170,34 @@ class GRPOConfig(RunConfig):
         return eps_high
 
     @model_validator(mode="after")
-    def _max_steps_within_the_stages(self) -> "GRPOConfig":
+    def _max_steps_within_the_stages(self) -> GRPOConfig:
         if self.schedule.kind == "stages" and self.max_steps > sum(self.schedule.stage_steps):
-            raise ValueError(f"max_steps ({self.max_steps}) runs past the schedule's stages "
-                             f"({sum(self.schedule.stage_steps)} steps in all): lengthen a stage or lower max_steps")
+            raise ValueError(
+                f"max_steps ({self.max_steps}) runs past the schedule's stages "
+                f"({sum(self.schedule.stage_steps)} steps in all): lengthen a stage or lower max_steps"
+            )
         return self
 
     @model_validator(mode="after")
-    def _rollout_follows_group_and_schedule(self) -> "GRPOConfig":
+    def _rollout_follows_group_and_schedule(self) -> GRPOConfig:
         """rollout.n is group_size and rollout.max_new_tokens is schedule.l_max: filled in here so
         that the dumped config shows them; an explicit different value is an error, not ignored."""
         wanted = {"n": ("group_size", self.group_size), "max_new_tokens": ("schedule.l_max", self.schedule.l_max)}
         for key, (owner, value) in wanted.items():
             if key in self.rollout.model_fields_set and getattr(self.rollout, key) != value:
-                raise ValueError(f"rollout.{key} ({getattr(self.rollout, key)}) must equal {owner} ({value}) "
-                                 f"or be left out: grpo takes it from {owner}")
+                raise ValueError(
+                    f"rollout.{key} ({getattr(self.rollout, key)}) must equal {owner} ({value}) "
+                    f"or be left out: grpo takes it from {owner}"
+                )
         filled = self.rollout.model_copy(update={key: value for key, (_, value) in wanted.items()})
         object.__setattr__(self, "rollout", filled)  # plain assignment would re-run this validator
         training_engine_lengths(self)
         return self
 
     def surrogate(self) -> SurrogateSpec:
-        return SurrogateSpec(eps_low=self.eps_low, eps_high=self.eps_high, aggregation=self.aggregation,
-                             kl_coef=self.kl_coef)
+        return SurrogateSpec(
+            eps_low=self.eps_low, eps_high=self.eps_high, aggregation=self.aggregation, kl_coef=self.kl_coef
+        )
 
     @field_serializer("rollout")
     def _rollout_without_derived(self, rollout: RolloutConfig) -> dict:
@@ -195,8 +210,13 @@ def _sampled_logprobs(head, hidden, tokens):
     return torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (n,)
 
 
-def token_logprobs(model: torch.nn.Module | Teacher, prompts: Sequence[Sequence[int]],
-                   responses: Sequence[Sequence[int]], pad_id: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    model: torch.nn.Module | Teacher,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the response tokens under `model` (or a frozen reference: with LoRA, the
     policy with its adapters off), computed at the response positions only.
 
@@ -221,11 +241,11 @@ def token_logprobs(model: torch.nn.Module | Teacher, prompts: Sequence[Sequence[
     return logprobs, mask
 
 
-def rollout_logprobs(model: torch.nn.Module | Teacher, rollouts: Sequence[Rollout], pad_id: int,
-                     chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rollout_logprobs(
+    model: torch.nn.Module | Teacher, rollouts: Sequence[Rollout], pad_id: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """token_logprobs of the rollouts' responses after their prompts: (b, T) log-probs and mask."""
-    return token_logprobs(model, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts], pad_id,
-                          chunk_size)
+    return token_logprobs(model, [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts], pad_id, chunk_size)
 
 
 class Reward(Protocol):
@@ -248,10 +268,17 @@ class LengthCappedReward:
             verdict = verdicts.get((text, gold))
             return verdict if verdict is not None else grade(text, gold, grader=self.grader).correct
 
-        return [length_capped_reward(g.rollout.token_ids, g.problem.answer, cap=cap, eos_id=self.tokenizer.eos_token_id,
-                                     decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-                                     grade=is_correct)
-                for g in graded]
+        return [
+            length_capped_reward(
+                g.rollout.token_ids,
+                g.problem.answer,
+                cap=cap,
+                eos_id=self.tokenizer.eos_token_id,
+                decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                grade=is_correct,
+            )
+            for g in graded
+        ]
 
 
 @dataclass(frozen=True)
@@ -269,14 +296,16 @@ def step_plan(cfg: GRPOConfig, step: int) -> StepPlan:
     so a resumed run follows the same plan."""
     schedule = cfg.schedule
     if schedule.kind != "stages":
-        cap = max_length_at(step, kind=schedule.kind, l_min=schedule.l_min, l_max=schedule.l_max,
-                            period=schedule.period)
+        cap = max_length_at(
+            step, kind=schedule.kind, l_min=schedule.l_min, l_max=schedule.l_max, period=schedule.period
+        )
         return StepPlan(cap, cfg.prompt.thinking_free)
     index = stage_at(step, schedule.stage_steps)
     stage = schedule.stages[index]
     thinking_free = cfg.prompt.thinking_free if stage.thinking_free is None else stage.thinking_free
-    return StepPlan(stage.max_length, thinking_free, stage=index + 1,
-                    stage_start=step == stage_starts(schedule.stage_steps)[index])
+    return StepPlan(
+        stage.max_length, thinking_free, stage=index + 1, stage_start=step == stage_starts(schedule.stage_steps)[index]
+    )
 
 
 @dataclass
@@ -313,10 +342,22 @@ def loss_normaliser(cfg: GRPOConfig, num_tokens: int) -> float | None:
     return float(max(num_tokens, 1))
 
 
-def surrogate_backward(model, update: Sequence[Rollout], advantages: torch.Tensor, spec: SurrogateSpec, *,
-                       pad_id: int, chunk_size: int, normaliser: float | None, num_train: int, micro: list,
-                       old: list | None = None, ref: list | None = None, accelerator: Accelerator | None = None,
-                       precision=contextlib.nullcontext) -> tuple[float, dict[str, float]]:
+def surrogate_backward(
+    model,
+    update: Sequence[Rollout],
+    advantages: torch.Tensor,
+    spec: SurrogateSpec,
+    *,
+    pad_id: int,
+    chunk_size: int,
+    normaliser: float | None,
+    num_train: int,
+    micro: list,
+    old: list | None = None,
+    ref: list | None = None,
+    accelerator: Accelerator | None = None,
+    precision=contextlib.nullcontext,
+) -> tuple[float, dict[str, float]]:
     """One pass of DAPO's clipped surrogate over this rank's share of `update`, with backward.
 
     `advantages` is (len(update),); `micro` is crisp.distributed.micro_batches of `update`; `old`/`ref`
@@ -334,9 +375,16 @@ def surrogate_backward(model, update: Sequence[Rollout], advantages: torch.Tenso
             with precision():
                 logprobs, mask = rollout_logprobs(model, [update[i] for i in indices], pad_id, chunk_size)  # (b, T)
                 micro_loss, micro_stats = clipped_surrogate_loss(
-                    logprobs, old[m] if old else logprobs.detach(), advantages[indices], mask,
-                    eps_low=spec.eps_low, eps_high=spec.eps_high, aggregation=spec.aggregation,
-                    normaliser=normaliser, kl_coef=spec.kl_coef, ref_logprobs=ref[m] if ref else None,
+                    logprobs,
+                    old[m] if old else logprobs.detach(),
+                    advantages[indices],
+                    mask,
+                    eps_low=spec.eps_low,
+                    eps_high=spec.eps_high,
+                    aggregation=spec.aggregation,
+                    normaliser=normaliser,
+                    kl_coef=spec.kl_coef,
+                    ref_logprobs=ref[m] if ref else None,
                 )
             if spec.aggregation == "sequence":  # a mean over this micro-batch's sequences
                 micro_loss = micro_loss * len(indices) / num_train
@@ -360,16 +408,31 @@ class PolicyUpdate:
     passes: list[dict[str, float]]  # each pass's clip fractions, ratio mean (and kl)
 
 
-def policy_update(model, train: Groups, spec: SurrogateSpec, update: Callable[[float | None], float], *,
-                  reference: Teacher | None, normaliser: float | None, group_size: int, scale_by_std: bool,
-                  ppo_epochs: int, micro_batch_size: int, chunk_size: int, pad_id: int, accelerator: Accelerator | None = None,
-                  precision=contextlib.nullcontext, timer=None) -> PolicyUpdate:
+def policy_update(
+    model,
+    train: Groups,
+    spec: SurrogateSpec,
+    update: Callable[[float | None], float],
+    *,
+    reference: Teacher | None,
+    normaliser: float | None,
+    group_size: int,
+    scale_by_std: bool,
+    ppo_epochs: int,
+    micro_batch_size: int,
+    chunk_size: int,
+    pad_id: int,
+    accelerator: Accelerator | None = None,
+    precision=contextlib.nullcontext,
+    timer=None,
+) -> PolicyUpdate:
     """The update of one step on the groups that train: advantages, old (and reference) log-probs
     once, then `ppo_epochs` passes, each a backward over this rank's micro-batches followed by
     `update(loss)` (the optimizer step; `update(None)` when there is nothing to learn from)."""
     timer = timer or (lambda name: contextlib.nullcontext())
-    advantages = group_advantages(torch.tensor(train.rewards), group_size, scale_by_std=scale_by_std) \
-        if train.graded else None
+    advantages = (
+        group_advantages(torch.tensor(train.rewards), group_size, scale_by_std=scale_by_std) if train.graded else None
+    )
     rollouts = train.rollouts
     # A rollout with a zero advantage (its group's rewards all agree) adds nothing to the surrogate:
     # without a KL term it is left out of the forward and backward passes.
@@ -383,10 +446,16 @@ def policy_update(model, train: Groups, spec: SurrogateSpec, update: Callable[[f
 
     # Old (and reference) log-probs once, on the same micro-batches the update will use.
     with timer("old_logprobs"), torch.no_grad(), precision():
-        old = [rollout_logprobs(model, [chosen[i] for i in indices], pad_id, chunk_size)[0]
-               for indices, _ in micro] if ppo_epochs > 1 else None
-        ref = [rollout_logprobs(reference, [chosen[i] for i in indices], pad_id, chunk_size)[0]
-               for indices, _ in micro] if reference else None
+        old = (
+            [rollout_logprobs(model, [chosen[i] for i in indices], pad_id, chunk_size)[0] for indices, _ in micro]
+            if ppo_epochs > 1
+            else None
+        )
+        ref = (
+            [rollout_logprobs(reference, [chosen[i] for i in indices], pad_id, chunk_size)[0] for indices, _ in micro]
+            if reference
+            else None
+        )
 
     loss, grad_norm, passes = float("nan"), float("nan"), []
     for _ in range(ppo_epochs):
@@ -394,10 +463,21 @@ def policy_update(model, train: Groups, spec: SurrogateSpec, update: Callable[[f
             update(None)
             continue
         with timer("loss_backward"):
-            loss, stats = surrogate_backward(model, chosen, chosen_advantages, spec, pad_id=pad_id,
-                                             chunk_size=chunk_size, normaliser=normaliser, num_train=len(rollouts),
-                                             micro=micro, old=old, ref=ref, accelerator=accelerator,
-                                             precision=precision)
+            loss, stats = surrogate_backward(
+                model,
+                chosen,
+                chosen_advantages,
+                spec,
+                pad_id=pad_id,
+                chunk_size=chunk_size,
+                normaliser=normaliser,
+                num_train=len(rollouts),
+                micro=micro,
+                old=old,
+                ref=ref,
+                accelerator=accelerator,
+                precision=precision,
+            )
         grad_norm = update(loss)
         passes.append(stats)
     return PolicyUpdate(loss, grad_norm, len(chosen), passes)
@@ -419,32 +499,59 @@ class GRPO(Method):
         self.updates_per_step = cfg.ppo_epochs
         self.reward = reward or LengthCappedReward(self.tokenizer, self.task.grader)
         builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)  # in-training evaluation uses the run's mode
-        self.builders = {mode: PromptBuilder.from_config(self.tokenizer, cfg.prompt.model_copy(
-            update={"thinking_free": mode})) for mode in (False, True)}  # the rollouts use their stage's mode
+        self.builders = {
+            mode: PromptBuilder.from_config(self.tokenizer, cfg.prompt.model_copy(update={"thinking_free": mode}))
+            for mode in (False, True)
+        }  # the rollouts use their stage's mode
         max_new_tokens = max(cfg.schedule.l_max, cfg.eval.sampling.max_new_tokens if cfg.eval else 0)
-        self.generator = build_generator(cfg.rollout.backend, cfg.rollout.vllm, self.model, self.tokenizer,
-                                         batch_size=cfg.generation_batch_size,
-                                         trust_remote_code=cfg.model.trust_remote_code, max_new_tokens=max_new_tokens)
+        self.generator = build_generator(
+            cfg.rollout.backend,
+            cfg.rollout.vllm,
+            self.model,
+            self.tokenizer,
+            batch_size=cfg.generation_batch_size,
+            trust_remote_code=cfg.model.trust_remote_code,
+            max_new_tokens=max_new_tokens,
+        )
         self.stream = problem_stream(problems, cfg.seed)
         if cfg.eval:
             self.evaluation = BenchmarkEvaluation(
-                cfg.eval, eval_problems, max_steps=cfg.max_steps, seed=cfg.seed, builder=builder,
-                generator=self.generator if cfg.rollout.backend == "vllm" else None)
+                cfg.eval,
+                eval_problems,
+                max_steps=cfg.max_steps,
+                seed=cfg.seed,
+                builder=builder,
+                generator=self.generator if cfg.rollout.backend == "vllm" else None,
+            )
 
     def step(self, step: int, trainer: Trainer) -> StepResult:
         cfg, G = self.cfg, self.cfg.group_size
         plan = step_plan(cfg, step)
         if plan.stage_start and trainer.main:
             mode = "thinking-free" if plan.thinking_free else "thinking"
-            tqdm.write(f"stage {plan.stage} of {len(cfg.schedule.stages)} starts at step {step + 1}: "
-                       f"max length {plan.cap}, {mode} prompts")
+            tqdm.write(
+                f"stage {plan.stage} of {len(cfg.schedule.stages)} starts at step {step + 1}: "
+                f"max length {plan.cap}, {mode} prompts"
+            )
         sampled, train, rounds = self.sample(plan, step, trainer)
         normaliser = loss_normaliser(cfg, sum(r.num_tokens for r in train.rollouts))  # whatever is skipped below
         update = policy_update(
-            trainer.model, train, cfg.surrogate(), trainer.update, reference=self.reference, normaliser=normaliser,
-            group_size=G, scale_by_std=cfg.scale_by_std, ppo_epochs=cfg.ppo_epochs,
-            micro_batch_size=cfg.micro_batch_size, chunk_size=cfg.chunk_size, pad_id=self.tokenizer.pad_token_id,
-            accelerator=trainer.accelerator, precision=trainer.precision, timer=trainer.timer)
+            trainer.model,
+            train,
+            cfg.surrogate(),
+            trainer.update,
+            reference=self.reference,
+            normaliser=normaliser,
+            group_size=G,
+            scale_by_std=cfg.scale_by_std,
+            ppo_epochs=cfg.ppo_epochs,
+            micro_batch_size=cfg.micro_batch_size,
+            chunk_size=cfg.chunk_size,
+            pad_id=self.tokenizer.pad_token_id,
+            accelerator=trainer.accelerator,
+            precision=trainer.precision,
+            timer=trainer.timer,
+        )
 
         mixed = dynamic_sampling_mask(torch.tensor(sampled.rewards).view(-1, G))  # (groups,)
         metrics = {
@@ -464,8 +571,12 @@ class GRPO(Method):
             "rollout/sampling_rounds": rounds,
         }
         samples = [{"cap": plan.cap, "reward": w, **g.record()} for g, w in zip(sampled.graded[:2], sampled.rewards)]
-        progress = {"loss": f"{update.loss:.4g}", "reward": f"{metrics['rollout/reward_mean']:.2f}",
-                    "len": f"{metrics['rollout/mean_tokens']:.0f}", "L": str(plan.cap)}
+        progress = {
+            "loss": f"{update.loss:.4g}",
+            "reward": f"{metrics['rollout/reward_mean']:.2f}",
+            "len": f"{metrics['rollout/mean_tokens']:.0f}",
+            "L": str(plan.cap),
+        }
         return StepResult(metrics, samples=samples, progress=progress, always_log=plan.stage_start)
 
     def sample(self, plan: StepPlan, step: int, trainer: Trainer) -> tuple[Groups, Groups, int]:
@@ -476,19 +587,29 @@ class GRPO(Method):
         cfg, G = self.cfg, self.cfg.group_size
         builder = self.builders[plan.thinking_free]
         sampled, train, rounds = Groups(), Groups(), 0
-        while rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1) and len(train.graded) < cfg.batch_size * G:
+        while (
+            rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1) and len(train.graded) < cfg.batch_size * G
+        ):
             batch: list[Problem] = self.stream.take(cfg.batch_size)
             mine = shard(len(batch), trainer.accelerator)
-            with trainer.timer("generate"), trainer.precision():  # the generator keeps prompt order: groups stay contiguous
-                rollouts = self.generator.generate([builder.student_ids(batch[i]) for i in mine], cfg.rollout,
-                                                   seed=rollout_seed(cfg.seed, step, rounds), max_new_tokens=plan.cap,
-                                                   first_index=mine.start)
+            with (
+                trainer.timer("generate"),
+                trainer.precision(),
+            ):  # the generator keeps prompt order: groups stay contiguous
+                rollouts = self.generator.generate(
+                    [builder.student_ids(batch[i]) for i in mine],
+                    cfg.rollout,
+                    seed=rollout_seed(cfg.seed, step, rounds),
+                    max_new_tokens=plan.cap,
+                    first_index=mine.start,
+                )
             with trainer.timer("grade"):
                 graded = score_rollouts(batch, rollouts, self.task.grader)
                 rewards = self.reward(graded, plan.cap)
             graded, rewards = map(list, zip(*gather(list(zip(graded, rewards)), trainer.accelerator)))
-            for g in select_groups(rewards, G, dynamic_sampling=cfg.dynamic_sampling,
-                                   wanted=cfg.batch_size - len(train.graded) // G):
+            for g in select_groups(
+                rewards, G, dynamic_sampling=cfg.dynamic_sampling, wanted=cfg.batch_size - len(train.graded) // G
+            ):
                 train.extend(graded[g * G : (g + 1) * G], rewards[g * G : (g + 1) * G])
             sampled.extend(graded, rewards)
             rounds += 1

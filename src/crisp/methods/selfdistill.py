@@ -19,19 +19,34 @@ the kept rollouts with the loss divided by the response tokens of the whole batc
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal, Sequence
+from typing import Annotated, Literal
 
 import torch
 from accelerate import Accelerator
 from pydantic import Field, model_validator
 
-from crisp.config import (PositiveFloat, PositiveInt, Probability, RolloutConfig, RunConfig, Strict,
-                          training_engine_lengths)
+from crisp.config import (
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    RolloutConfig,
+    RunConfig,
+    Strict,
+    training_engine_lengths,
+)
 from crisp.data.problems import Problem
 from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum, shard
-from crisp.driver import (BenchmarkEvaluation, Method, StepResult, Trainer, problem_stream, trainable_model,
-                          training_problems)
+from crisp.driver import (
+    BenchmarkEvaluation,
+    Method,
+    StepResult,
+    Trainer,
+    problem_stream,
+    trainable_model,
+    training_problems,
+)
 from crisp.evaluate import GradedRollout, rollout_metrics, score_rollouts
 from crisp.losses import DivergenceSpec, divergence_sum
 from crisp.modeling import output_head, response_hidden
@@ -51,7 +66,7 @@ class TeacherConfig(Strict):
     words: PositiveInt = 100  # for the "word_limit" preset
 
     @model_validator(mode="after")
-    def _has_context(self) -> "TeacherConfig":
+    def _has_context(self) -> TeacherConfig:
         if not self.instruction and not self.reference_solution:
             raise ValueError("the teacher needs an instruction, a reference solution, or both")
         return self
@@ -66,8 +81,13 @@ class LossConfig(Strict):
     chunk_size: PositiveInt = 128
 
     def spec(self) -> DivergenceSpec:
-        return DivergenceSpec(kind=self.divergence, beta=self.beta, forward_weight=self.forward_weight,
-                              term_clip=self.term_clip, teacher_top_k=self.teacher_top_k)
+        return DivergenceSpec(
+            kind=self.divergence,
+            beta=self.beta,
+            forward_weight=self.forward_weight,
+            term_clip=self.term_clip,
+            teacher_top_k=self.teacher_top_k,
+        )
 
 
 class SelfDistillConfig(RunConfig):
@@ -80,7 +100,7 @@ class SelfDistillConfig(RunConfig):
     loss: LossConfig = LossConfig()
 
     @model_validator(mode="after")
-    def _micro_divides(self) -> "SelfDistillConfig":
+    def _micro_divides(self) -> SelfDistillConfig:
         if (self.batch_size * self.rollout.n) % self.micro_batch_size:
             raise ValueError("micro_batch_size must divide batch_size * rollout.n")
         training_engine_lengths(self)
@@ -95,8 +115,9 @@ def keep_rollouts(correct: Sequence[bool], rule: str) -> list[int]:
     return [i for i, c in enumerate(correct) if c == wanted]
 
 
-def distill_loss_sum(student, teacher: Teacher, student_prompts, teacher_prompts, responses, loss: LossConfig,
-                     pad_id: int) -> torch.Tensor:
+def distill_loss_sum(
+    student, teacher: Teacher, student_prompts, teacher_prompts, responses, loss: LossConfig, pad_id: int
+) -> torch.Tensor:
     """Sum over the response tokens of the per-token divergence (the caller divides by the count).
 
     The teacher runs under inference mode and only its hidden states at the response positions
@@ -107,9 +128,17 @@ def distill_loss_sum(student, teacher: Teacher, student_prompts, teacher_prompts
     student_hidden = response_hidden(student, student_prompts, responses, pad_id)  # (N, H)
     tokens = torch.tensor([t for r in responses for t in r], device=student_hidden.device)  # (N,)
     student_head, teacher_head = output_head(student), teacher.head
-    total, _ = divergence_sum(student_hidden, student_head.weight, teacher_hidden, teacher_head.weight, loss.spec(),
-                              student_bias=student_head.bias, teacher_bias=teacher_head.bias,
-                              chunk_size=loss.chunk_size, tokens=tokens)
+    total, _ = divergence_sum(
+        student_hidden,
+        student_head.weight,
+        teacher_hidden,
+        teacher_head.weight,
+        loss.spec(),
+        student_bias=student_head.bias,
+        teacher_bias=teacher_head.bias,
+        chunk_size=loss.chunk_size,
+        tokens=tokens,
+    )
     return total
 
 
@@ -122,8 +151,17 @@ class DistillBatch:
     teacher_prompts: Sequence[Sequence[int]]
 
 
-def distill_backward(model, teacher: Teacher, batch: DistillBatch, loss: LossConfig, *, pad_id: int,
-                     micro_batch_size: int, accelerator: Accelerator | None = None, precision=contextlib.nullcontext) -> float:
+def distill_backward(
+    model,
+    teacher: Teacher,
+    batch: DistillBatch,
+    loss: LossConfig,
+    *,
+    pad_id: int,
+    micro_batch_size: int,
+    accelerator: Accelerator | None = None,
+    precision=contextlib.nullcontext,
+) -> float:
     """Loss and backward of one step: the mean divergence per response token (nan if there is none).
 
     This rank trains on its share of the batch (crisp.distributed.micro_batches; all of it without an
@@ -139,16 +177,26 @@ def distill_backward(model, teacher: Teacher, batch: DistillBatch, loss: LossCon
     if not num_tokens:
         return float("nan")
     world = accelerator.num_processes if accelerator is not None else 1
-    micro = micro_batches(len(rollouts), micro_batch_size, accelerator,
-                          length=lambda i: len(rollouts[i].prompt_ids) + rollouts[i].num_tokens)
+    micro = micro_batches(
+        len(rollouts),
+        micro_batch_size,
+        accelerator,
+        length=lambda i: len(rollouts[i].prompt_ids) + rollouts[i].num_tokens,
+    )
     loss_total = 0.0
     for m, (indices, real) in enumerate(micro):
         chosen = [rollouts[i] for i in indices]
         with grad_sync(accelerator, model, last=m == len(micro) - 1):
             with precision():
-                loss_sum = distill_loss_sum(model, teacher, [r.prompt_ids for r in chosen],
-                                            [batch.teacher_prompts[i] for i in indices],
-                                            [r.token_ids for r in chosen], loss, pad_id)
+                loss_sum = distill_loss_sum(
+                    model,
+                    teacher,
+                    [r.prompt_ids for r in chosen],
+                    [batch.teacher_prompts[i] for i in indices],
+                    [r.token_ids for r in chosen],
+                    loss,
+                    pad_id,
+                )
             # DDP averages gradients over ranks; a placeholder micro-batch weighs nothing
             (loss_sum * (world if real else 0) / num_tokens).backward()
         if real:
@@ -162,23 +210,41 @@ class SelfDistill(Method):
         self.label = cfg.teacher.update + " selfdistill"
         self.task, problems, eval_problems = training_problems(cfg)  # bad data fails before any model is loaded
         self.model, self.tokenizer = trainable_model(cfg)
-        self.teacher = Teacher(self.model, update=cfg.teacher.update, refresh_every=cfg.teacher.refresh_every,
-                               ema_decay=cfg.teacher.ema_decay)
+        self.teacher = Teacher(
+            self.model,
+            update=cfg.teacher.update,
+            refresh_every=cfg.teacher.refresh_every,
+            ema_decay=cfg.teacher.ema_decay,
+        )
         self.teacher.model.to(accelerator.device)
         # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
-        self.checkpointed = {"model": self.model, **({"teacher": self.teacher.model} if self.teacher.owns_weights
-                                                     else {})}
+        self.checkpointed = {
+            "model": self.model,
+            **({"teacher": self.teacher.model} if self.teacher.owns_weights else {}),
+        }
         self.builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
-        self.instruction = resolve_instruction(cfg.teacher.instruction, percent=cfg.teacher.percent,
-                                               words=cfg.teacher.words)
+        self.instruction = resolve_instruction(
+            cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words
+        )
         max_new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.sampling.max_new_tokens if cfg.eval else 0)
-        self.generator = build_generator(cfg.rollout.backend, cfg.rollout.vllm, self.model, self.tokenizer,
-                                         trust_remote_code=cfg.model.trust_remote_code, max_new_tokens=max_new_tokens)
+        self.generator = build_generator(
+            cfg.rollout.backend,
+            cfg.rollout.vllm,
+            self.model,
+            self.tokenizer,
+            trust_remote_code=cfg.model.trust_remote_code,
+            max_new_tokens=max_new_tokens,
+        )
         self.stream = problem_stream(problems, cfg.seed)
         if cfg.eval:
             self.evaluation = BenchmarkEvaluation(
-                cfg.eval, eval_problems, max_steps=cfg.max_steps, seed=cfg.seed, builder=self.builder,
-                generator=self.generator if cfg.rollout.backend == "vllm" else None)
+                cfg.eval,
+                eval_problems,
+                max_steps=cfg.max_steps,
+                seed=cfg.seed,
+                builder=self.builder,
+                generator=self.generator if cfg.rollout.backend == "vllm" else None,
+            )
 
     def step(self, step: int, trainer: Trainer) -> StepResult:
         cfg, timer = self.cfg, trainer.timer
@@ -191,22 +257,37 @@ class SelfDistill(Method):
                 index = graded[i].rollout.prompt_index
                 if index not in teacher_prompts:
                     teacher_prompts[index] = self.builder.teacher_ids(
-                        batch[index], instruction=self.instruction, reference=cfg.teacher.reference_solution)
+                        batch[index], instruction=self.instruction, reference=cfg.teacher.reference_solution
+                    )
         with timer("loss_backward"):
             rollouts = [graded[i].rollout for i in kept]
-            loss = distill_backward(trainer.model, self.teacher,
-                                    DistillBatch(rollouts, [teacher_prompts[r.prompt_index] for r in rollouts]),
-                                    cfg.loss, pad_id=self.tokenizer.pad_token_id, micro_batch_size=cfg.micro_batch_size,
-                                    accelerator=trainer.accelerator, precision=trainer.precision)
+            loss = distill_backward(
+                trainer.model,
+                self.teacher,
+                DistillBatch(rollouts, [teacher_prompts[r.prompt_index] for r in rollouts]),
+                cfg.loss,
+                pad_id=self.tokenizer.pad_token_id,
+                micro_batch_size=cfg.micro_batch_size,
+                accelerator=trainer.accelerator,
+                precision=trainer.precision,
+            )
         # the rollout filter kept nothing: no update, but not a failed step either
         grad_norm = trainer.update(loss if kept else None)
         with timer("teacher_update"):
             refreshed = self.teacher.after_step(step + 1, self.model)
-        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, **rollout_metrics(graded),
-                   "rollout/kept": len(kept), "teacher/refreshes": self.teacher.refreshes,
-                   "teacher/refreshed": refreshed}
-        progress = {"loss": f"{loss:.4f}", "len": f"{metrics['rollout/mean_tokens']:.0f}",
-                    "acc": f"{metrics['rollout/accuracy']:.2f}"}
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": grad_norm,
+            **rollout_metrics(graded),
+            "rollout/kept": len(kept),
+            "teacher/refreshes": self.teacher.refreshes,
+            "teacher/refreshed": refreshed,
+        }
+        progress = {
+            "loss": f"{loss:.4f}",
+            "len": f"{metrics['rollout/mean_tokens']:.0f}",
+            "acc": f"{metrics['rollout/accuracy']:.2f}",
+        }
         return StepResult(metrics, samples=[g.record() for g in graded[:2]], progress=progress)
 
     def rollouts(self, batch: list[Problem], step: int, trainer: Trainer) -> list[GradedRollout]:
@@ -214,8 +295,12 @@ class SelfDistill(Method):
         then every rank holds the whole batch."""
         mine = shard(len(batch), trainer.accelerator)
         with trainer.timer("generate"), trainer.precision():
-            rollouts = self.generator.generate([self.builder.student_ids(batch[i]) for i in mine], self.cfg.rollout,
-                                               seed=rollout_seed(self.cfg.seed, step), first_index=mine.start)
+            rollouts = self.generator.generate(
+                [self.builder.student_ids(batch[i]) for i in mine],
+                self.cfg.rollout,
+                seed=rollout_seed(self.cfg.seed, step),
+                first_index=mine.start,
+            )
         with trainer.timer("grade"):
             graded = score_rollouts(batch, rollouts, self.task.grader)
         return gather(graded, trainer.accelerator)

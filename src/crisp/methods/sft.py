@@ -14,16 +14,23 @@ import random
 from typing import Annotated, Literal
 
 import torch
-from accelerate import Accelerator
 import torch.nn.functional as F
+from accelerate import Accelerator
 from pydantic import Field, model_validator
 
 from crisp.config import PositiveInt, Probability, RunConfig, Strict
 from crisp.data.tasks import Probe, SFTExample, get_task
 from crisp.distributed import reduce_sum, shard
 from crisp.driver import EpochStream, Method, StepResult, Trainer
-from crisp.modeling import (build_tiny_model, build_word_tokenizer, eval_mode, load_model, load_tokenizer,
-                            prepare_for_training, right_padded)
+from crisp.modeling import (
+    build_tiny_model,
+    build_word_tokenizer,
+    eval_mode,
+    load_model,
+    load_tokenizer,
+    prepare_for_training,
+    right_padded,
+)
 from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, PromptBuilder
 
 
@@ -43,7 +50,7 @@ class SFTMix(Strict):
         return {kind: getattr(self, kind) for kind in ("plain", "v1", "v2", "reference", "thinking_free")}
 
     @model_validator(mode="after")
-    def _fractions_add_up(self) -> "SFTMix":
+    def _fractions_add_up(self) -> SFTMix:
         total = sum(self.weights().values())
         if abs(total - 1) > 1e-6:
             raise ValueError(f"plain + v1 + v2 + reference + thinking_free must add up to 1 (got {total:g})")
@@ -59,7 +66,7 @@ class SFTConfig(RunConfig):
     probe_every: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
-    def _probe_needs_the_synthetic_task(self) -> "SFTConfig":
+    def _probe_needs_the_synthetic_task(self) -> SFTConfig:
         if self.probe_every and self.data.source != "synthetic":
             raise ValueError("probe_every: the lookup probe needs data.source: synthetic")
         return self
@@ -165,8 +172,9 @@ class SFT(Method):
     def __init__(self, cfg: SFTConfig, accelerator: Accelerator):
         self.cfg = cfg
         model, self.tokenizer = build_model_and_tokenizer(cfg)
-        self.model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                          lora=cfg.model.lora)
+        self.model = prepare_for_training(
+            model, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora
+        )
         self.model.train()
         self.checkpointed = {"model": self.model}
         builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
@@ -175,15 +183,20 @@ class SFT(Method):
         probe = task.probe(builder) if cfg.probe_every else None
         self.evaluation = LookupProbe(probe, cfg.probe_every, cfg.max_steps) if probe else None
         # length-bucketed batches of examples, in a fresh order every epoch
-        self.stream = EpochStream(lambda rng: [[examples[i] for i in batch] for batch in
-                                               length_bucketed_batches(examples, cfg.batch_tokens, rng)], cfg.seed)
+        self.stream = EpochStream(
+            lambda rng: [
+                [examples[i] for i in batch] for batch in length_bucketed_batches(examples, cfg.batch_tokens, rng)
+            ],
+            cfg.seed,
+        )
 
     def step(self, step: int, trainer: Trainer) -> StepResult:
         (rows,) = self.stream.take(1)
         loss, tokens = sft_step(trainer.model, rows, self.tokenizer.pad_token_id, trainer=trainer)
         grad_norm = trainer.update(loss)
-        return StepResult({"train/loss": loss, "train/grad_norm": grad_norm}, progress={"loss": f"{loss:.3f}"},
-                          tokens=tokens)
+        return StepResult(
+            {"train/loss": loss, "train/grad_norm": grad_norm}, progress={"loss": f"{loss:.3f}"}, tokens=tokens
+        )
 
 
 CONFIG, METHOD = SFTConfig, SFT
