@@ -47,6 +47,28 @@ def level_prompts(tokenizer) -> list[list[int]]:
     return ids
 
 
+def tiny_run(method: str, model_dir, out, settings: dict, overrides: dict):
+    """A validated config of `method` for a short run of the tiny model: 2 steps on 64 synthetic
+    problems with plain prompts, logged every step; then `settings`, then `overrides` (dotted keys)."""
+    from crisp.config import set_path, validate
+
+    data = {
+        "method": method,
+        "output_dir": str(out),
+        "max_steps": 2,
+        "seed": 0,
+        "model": {"path": str(model_dir)},
+        "prompt": {"template": "plain"},
+        "data": {"source": "synthetic", "size": 64},
+        "optim": {"lr": 1e-2, "grad_clip": 1.0},
+        "log_every": 1,
+        **settings,
+    }
+    for key, value in overrides.items():
+        set_path(data, key.split("."), value)
+    return validate(data)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from crisp.modeling import build_word_tokenizer

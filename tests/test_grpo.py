@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import alternating_reward, recorded_run
+from conftest import alternating_reward, recorded_run, tiny_run
 
-from crisp.config import ConfigError, SamplingConfig, dump_config, load_config, set_path, validate
+from crisp.config import ConfigError, SamplingConfig, dump_config, load_config, validate
 from crisp.data import synthetic
 from crisp.driver import train
 from crisp.evaluate import score_rollouts
@@ -29,26 +29,15 @@ from crisp.teacher import Teacher
 
 
 def make_cfg(model_dir, out, **overrides) -> GRPOConfig:
-    data = {
-        "method": "grpo",
-        "output_dir": str(out),
-        "max_steps": 2,
-        "seed": 0,
-        "model": {"path": str(model_dir)},
-        "prompt": {"template": "plain"},
-        "data": {"source": "synthetic", "size": 64},
+    settings = {
         "batch_size": 2,
         "group_size": 4,
         "micro_batch_size": 3,
+        "chunk_size": 5,
         "rollout": {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
         "schedule": {"kind": "constant", "l_min": 6, "l_max": 12, "period": 2},
-        "chunk_size": 5,
-        "optim": {"lr": 1e-2, "grad_clip": 1.0},
-        "log_every": 1,
     }
-    for key, value in overrides.items():
-        set_path(data, key.split("."), value)
-    return validate(data)
+    return tiny_run("grpo", model_dir, out, settings, overrides)
 
 
 def read_metrics(out: Path) -> list[dict]:

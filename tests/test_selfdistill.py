@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_run
 
-from crisp.config import ConfigError, set_path
+from crisp.config import ConfigError
 from crisp.data import synthetic
 from crisp.driver import Training, train
 from crisp.losses import per_token_divergence
@@ -380,24 +381,14 @@ def test_distill_backward_buckets_micro_batches_by_length_without_changing_the_s
 
 
 def make_cfg(model_dir, out, **overrides) -> SelfDistillConfig:
-    data = {
-        "output_dir": str(out),
-        "max_steps": 2,
-        "seed": 0,
-        "model": {"path": str(model_dir)},
-        "prompt": {"template": "plain"},
-        "data": {"source": "synthetic", "size": 64},
+    settings = {
         "batch_size": 4,
         "micro_batch_size": 2,
         "rollout": {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 16},
         "teacher": {"instruction": "v1", "update": "frozen"},
         "loss": {"divergence": "reverse_kl", "chunk_size": 16},
-        "optim": {"lr": 1e-2, "grad_clip": 1.0},
-        "log_every": 1,
     }
-    for key, value in overrides.items():
-        set_path(data, key.split("."), value)
-    return SelfDistillConfig.model_validate(data)
+    return tiny_run("selfdistill", model_dir, out, settings, overrides)
 
 
 def read_metrics(out: Path) -> list[dict]:

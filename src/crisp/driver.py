@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from crisp import checkpoint
-from crisp.config import EvalConfig, RunConfig, dump_config
+from crisp.config import EvalConfig, RolloutConfig, RunConfig, dump_config
 from crisp.data.problems import Problem
 from crisp.data.tasks import Task, get_task
 from crisp.distributed import autocast, load_rng, make_accelerator, prepare, save_checkpoint, save_final
@@ -45,7 +45,7 @@ from crisp.metrics import MetricsLog, Timer, eval_metrics
 from crisp.modeling import load_model, load_tokenizer, load_weights, prepare_for_training
 from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder
-from crisp.rollout_vllm import sync_weights
+from crisp.rollout_vllm import build_generator, sync_weights
 from crisp.tracking import finish_trackers, start_trackers
 
 T = TypeVar("T")
@@ -262,6 +262,47 @@ def training_problems(cfg: RunConfig) -> tuple[Task, list[Problem], list[Problem
     task = get_task(cfg.data.source)
     problems = task.train_problems(seed=cfg.seed, size=cfg.data.size, levels=cfg.data.levels, limit=cfg.data.limit)
     return task, problems, get_task(cfg.eval.benchmark).eval_problems(cfg.eval.limit) if cfg.eval else []
+
+
+class RolloutMethod(Method):
+    """What the methods that train on their own rollouts (selfdistill, grpo) build alike: the task and
+    its problems in a stream, the model at model.path, the prompt builder of the run's prompt mode,
+    the rollout engine (long enough for the rollouts and the evaluation), and eval.benchmark's
+    evaluation on the same engine."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        accelerator: Accelerator,
+        *,
+        rollout: RolloutConfig,
+        max_new_tokens: int,
+        generation_batch_size: int = 256,
+    ):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.task, problems, eval_problems = training_problems(cfg)  # bad data fails before any model is loaded
+        self.model, self.tokenizer = trainable_model(cfg)
+        self.checkpointed = {"model": self.model}
+        self.builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
+        self.generator = build_generator(
+            rollout.backend,
+            rollout.vllm,
+            self.model,
+            self.tokenizer,
+            batch_size=generation_batch_size,
+            trust_remote_code=cfg.model.trust_remote_code,
+            max_new_tokens=max(max_new_tokens, cfg.eval.sampling.max_new_tokens if cfg.eval else 0),
+        )
+        self.stream = problem_stream(problems, cfg.seed)
+        if cfg.eval:
+            self.evaluation = BenchmarkEvaluation(
+                cfg.eval,
+                eval_problems,
+                max_steps=cfg.max_steps,
+                seed=cfg.seed,
+                builder=self.builder,
+                generator=self.generator if rollout.backend == "vllm" else None,
+            )
 
 
 class Training:

@@ -43,15 +43,7 @@ from tqdm.auto import tqdm
 from crisp.config import PositiveInt, RolloutConfig, RunConfig, Strict, training_engine_lengths
 from crisp.data.problems import Problem
 from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum, shard
-from crisp.driver import (
-    BenchmarkEvaluation,
-    Method,
-    StepResult,
-    Trainer,
-    problem_stream,
-    trainable_model,
-    training_problems,
-)
+from crisp.driver import RolloutMethod, StepResult, Trainer
 from crisp.evaluate import GradedRollout, rollout_metrics, score_rollouts
 from crisp.grading import get_grader, grade
 from crisp.losses import SurrogateSpec, clipped_surrogate_loss
@@ -59,7 +51,6 @@ from crisp.modeling import output_head, response_hidden
 from crisp.prompts import PromptBuilder
 from crisp.rewards import dynamic_sampling_mask, group_advantages, length_capped_reward
 from crisp.rollout import Rollout, rollout_seed
-from crisp.rollout_vllm import build_generator
 from crisp.schedules import max_length_at, stage_at, stage_starts
 from crisp.teacher import Teacher
 
@@ -483,46 +474,29 @@ def policy_update(
     return PolicyUpdate(loss, grad_norm, len(chosen), passes)
 
 
-class GRPO(Method):
+class GRPO(RolloutMethod):
     label = "siri grpo"
 
     def __init__(self, cfg: GRPOConfig, accelerator: Accelerator, *, reward: Reward | None = None):
-        self.cfg, self.accelerator = cfg, accelerator
-        self.task, problems, eval_problems = training_problems(cfg)  # bad data fails before any model is loaded
-        self.model, self.tokenizer = trainable_model(cfg)
-        # The initial weights, frozen (taken before a resume loads later weights); with LoRA, the adapters off.
+        super().__init__(
+            cfg,
+            accelerator,
+            rollout=cfg.rollout,
+            max_new_tokens=cfg.schedule.l_max,
+            generation_batch_size=cfg.generation_batch_size,
+        )
+        # The initial weights, frozen (taken before a resume loads later weights); with LoRA, the adapters
+        # off. Rebuilt from model.path, so a checkpoint need not hold them.
         self.reference = Teacher(self.model, update="frozen") if cfg.kl_coef else None
         if self.reference:
             self.reference.model.to(accelerator.device)
-        # the reference model is the initial weights, rebuilt from model.path: a checkpoint need not hold it
-        self.checkpointed = {"model": self.model}
         self.updates_per_step = cfg.ppo_epochs
         self.reward = reward or LengthCappedReward(self.tokenizer, self.task.grader)
-        builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)  # in-training evaluation uses the run's mode
+        # the rollouts use the prompt mode of their step's stage (the evaluation, the run's: self.builder)
         self.builders = {
             mode: PromptBuilder.from_config(self.tokenizer, cfg.prompt.model_copy(update={"thinking_free": mode}))
             for mode in (False, True)
-        }  # the rollouts use their stage's mode
-        max_new_tokens = max(cfg.schedule.l_max, cfg.eval.sampling.max_new_tokens if cfg.eval else 0)
-        self.generator = build_generator(
-            cfg.rollout.backend,
-            cfg.rollout.vllm,
-            self.model,
-            self.tokenizer,
-            batch_size=cfg.generation_batch_size,
-            trust_remote_code=cfg.model.trust_remote_code,
-            max_new_tokens=max_new_tokens,
-        )
-        self.stream = problem_stream(problems, cfg.seed)
-        if cfg.eval:
-            self.evaluation = BenchmarkEvaluation(
-                cfg.eval,
-                eval_problems,
-                max_steps=cfg.max_steps,
-                seed=cfg.seed,
-                builder=builder,
-                generator=self.generator if cfg.rollout.backend == "vllm" else None,
-            )
+        }
 
     def step(self, step: int, trainer: Trainer) -> StepResult:
         cfg, G = self.cfg, self.cfg.group_size

@@ -38,21 +38,12 @@ from crisp.config import (
 )
 from crisp.data.problems import Problem
 from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum, shard
-from crisp.driver import (
-    BenchmarkEvaluation,
-    Method,
-    StepResult,
-    Trainer,
-    problem_stream,
-    trainable_model,
-    training_problems,
-)
+from crisp.driver import RolloutMethod, StepResult, Trainer
 from crisp.evaluate import GradedRollout, rollout_metrics, score_rollouts
 from crisp.losses import DivergenceSpec, divergence_sum
 from crisp.modeling import output_head, response_hidden
-from crisp.prompts import PromptBuilder, resolve_instruction
+from crisp.prompts import resolve_instruction
 from crisp.rollout import Rollout, rollout_seed
-from crisp.rollout_vllm import build_generator
 from crisp.teacher import Teacher
 
 
@@ -204,12 +195,10 @@ def distill_backward(
     return reduce_sum({"loss": loss_total}, accelerator)["loss"] / num_tokens
 
 
-class SelfDistill(Method):
+class SelfDistill(RolloutMethod):
     def __init__(self, cfg: SelfDistillConfig, accelerator: Accelerator):
-        self.cfg, self.accelerator = cfg, accelerator
+        super().__init__(cfg, accelerator, rollout=cfg.rollout, max_new_tokens=cfg.rollout.max_new_tokens)
         self.label = cfg.teacher.update + " selfdistill"
-        self.task, problems, eval_problems = training_problems(cfg)  # bad data fails before any model is loaded
-        self.model, self.tokenizer = trainable_model(cfg)
         self.teacher = Teacher(
             self.model,
             update=cfg.teacher.update,
@@ -217,34 +206,11 @@ class SelfDistill(Method):
             ema_decay=cfg.teacher.ema_decay,
         )
         self.teacher.model.to(accelerator.device)
-        # the teacher's weights go into checkpoints unless it is the student itself (live) or an adapter on it
-        self.checkpointed = {
-            "model": self.model,
-            **({"teacher": self.teacher.model} if self.teacher.owns_weights else {}),
-        }
-        self.builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
+        if self.teacher.owns_weights:  # not the student itself (live) nor an adapter on it: checkpoints hold it
+            self.checkpointed["teacher"] = self.teacher.model
         self.instruction = resolve_instruction(
             cfg.teacher.instruction, percent=cfg.teacher.percent, words=cfg.teacher.words
         )
-        max_new_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.sampling.max_new_tokens if cfg.eval else 0)
-        self.generator = build_generator(
-            cfg.rollout.backend,
-            cfg.rollout.vllm,
-            self.model,
-            self.tokenizer,
-            trust_remote_code=cfg.model.trust_remote_code,
-            max_new_tokens=max_new_tokens,
-        )
-        self.stream = problem_stream(problems, cfg.seed)
-        if cfg.eval:
-            self.evaluation = BenchmarkEvaluation(
-                cfg.eval,
-                eval_problems,
-                max_steps=cfg.max_steps,
-                seed=cfg.seed,
-                builder=self.builder,
-                generator=self.generator if cfg.rollout.backend == "vllm" else None,
-            )
 
     def step(self, step: int, trainer: Trainer) -> StepResult:
         cfg, timer = self.cfg, trainer.timer
