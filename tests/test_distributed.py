@@ -23,7 +23,7 @@ import torch
 import yaml
 from conftest import TINY
 from distributed_driver import run_command
-from test_resume import assert_bitwise_equal, weights
+from test_resume import assert_bitwise_equal, read_jsonl, weights, without_times
 
 import crisp
 from crisp import checkpoint, cli
@@ -240,8 +240,7 @@ def assert_no_gloo_threads_left(folder: Path) -> None:
 
 def metrics(run: Path) -> list[dict]:
     """metrics.jsonl without the timings."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.startswith("time/") and k != "train/tokens_per_s"} for row in rows]
+    return without_times(read_jsonl(run / "metrics.jsonl"))
 
 
 @pytest.mark.slow
