@@ -133,7 +133,7 @@ def build_model_and_tokenizer(cfg: SFTConfig):
 
 
 def sft_step(model: torch.nn.Module, rows: list[SFTExample], pad_id: int, *, trainer: Trainer) -> tuple[float, int]:
-    """Cross-entropy on the batch `rows` and its optimizer update: (the batch's loss over all ranks,
+    """Cross-entropy on the batch `rows`, with backward: (the batch's loss over all ranks,
     the batch's tokens). This rank trains on its contiguous slice of the rows."""
     accelerator, device = trainer.accelerator, trainer.accelerator.device
     with trainer.timer("data"):
