@@ -172,7 +172,7 @@ def check_engine_lengths(backend: str, settings: VLLMSettings, lengths: dict[str
             )
 
 
-def training_engine_lengths(cfg) -> None:
+def training_engine_lengths(cfg: RunConfig) -> None:
     """The rollouts, and the evaluations that run on the same engine during training."""
     lengths = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens}
     if cfg.eval is not None:

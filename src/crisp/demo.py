@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -26,12 +27,15 @@ from crisp.report import write_report
 from crisp.resources import configs_dir as packaged_configs_dir
 from crisp.rollout_vllm import build_generator
 
+if TYPE_CHECKING:
+    from crisp.methods.sft import SFTConfig
+
 METHODS = {"crisp": "crisp.yaml", "opsd": "opsd.yaml", "siri": "siri.yaml", "tfpi": "tfpi.yaml"}
 PROMPT_ONLY = ("v1", "v2")  # the instructions the base model is also evaluated with
 BOTH_MODES = ("tfpi",)  # the methods whose rows (and the base's) are evaluated in thinking-free mode too
 
 
-def ensure_base_model(cfg) -> Path:
+def ensure_base_model(cfg: SFTConfig) -> Path:
     """Train the base model unless output_dir already holds one built from the same config."""
     out = Path(cfg.output_dir)
     resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -9,15 +9,19 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crisp.tracking import rewind_trackers
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class MetricsLog:
     """A JSONL log. Given an accelerator, every record also goes to its experiment trackers
     (crisp.tracking), at the record's step."""
 
-    def __init__(self, path: str | Path, accelerator=None):
+    def __init__(self, path: str | Path, accelerator: Accelerator | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.accelerator = accelerator

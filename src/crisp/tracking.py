@@ -25,6 +25,11 @@ import json
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (imported by crisp.config, which must stay light)
+    from accelerate import Accelerator
+    from pydantic import BaseModel
 
 # tracker name (accelerate's) -> the package to install for it
 PIP_PACKAGES = {
@@ -78,7 +83,7 @@ def _wandb_run_id(directory: Path, resuming: bool) -> str:
     return run_id
 
 
-def start_trackers(accelerator, config, run_dir: str | Path, *, resuming: bool) -> None:
+def start_trackers(accelerator: Accelerator, config: BaseModel, run_dir: str | Path, *, resuming: bool) -> None:
     """Start the accelerator's trackers (rank 0; nothing without report_to) for the run in `run_dir`,
     with `config` (a pydantic config) as the hyperparameters."""
     if not accelerator.is_main_process or not config.report_to:
@@ -95,7 +100,7 @@ def start_trackers(accelerator, config, run_dir: str | Path, *, resuming: bool) 
     accelerator.init_trackers(PROJECT, config=hyperparameters(config.model_dump(mode="json")), init_kwargs=init_kwargs)
 
 
-def rewind_trackers(accelerator, step: int) -> None:
+def rewind_trackers(accelerator: Accelerator, step: int) -> None:
     """The steps after `step` are about to be logged again (a resumed run, or a fresh one at 0)."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -106,7 +111,7 @@ def rewind_trackers(accelerator, step: int) -> None:
             tracker.writer.flush()
 
 
-def finish_trackers(accelerator) -> None:
+def finish_trackers(accelerator: Accelerator) -> None:
     """Close the trackers (accelerate's end_training would also end the process group, which crisp
     ends itself: crisp.distributed.end_processes)."""
     for tracker in accelerator.trackers:

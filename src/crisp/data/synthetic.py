@@ -48,10 +48,15 @@ import dataclasses
 import random
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from crisp.anatomy import THINK_CLOSE, THINK_OPEN
 from crisp.data.problems import Problem
 from crisp.data.tasks import SFTExample, Task
+
+if TYPE_CHECKING:  # (crisp.methods imports the tasks)
+    from crisp.methods.sft import SFTConfig
+    from crisp.prompts import PromptBuilder
 
 LEVELS = (1, 2, 3, 4)
 ORDINALS = ("First", "Second", "Third", "Fourth")
@@ -472,7 +477,7 @@ class SyntheticTask(Task):
             "result_accuracy": sum(r.get("results_right", 0) for r in records) / steps,
         }
 
-    def sft_examples(self, cfg, builder):
+    def sft_examples(self, cfg: SFTConfig, builder: PromptBuilder) -> list[SFTExample]:
         """The base model's corpus: every prompt kind of cfg.mix answered in its style; the verbose prefix
         of a switching trace is in the response but not in the loss."""
         tokenizer = builder.tokenizer

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from crisp.data.loaders import load_problems
 from crisp.data.problems import Problem
+
+if TYPE_CHECKING:  # (crisp.methods imports the tasks)
+    from crisp.methods.sft import SFTConfig
+    from crisp.prompts import PromptBuilder
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class Task:
         """Figures the task adds to a summary, from records that went through `audit`."""
         return {}
 
-    def sft_examples(self, cfg, builder) -> list[SFTExample]:
+    def sft_examples(self, cfg: SFTConfig, builder: PromptBuilder) -> list[SFTExample]:
         """The SFT corpus of a config.SFTConfig: each training problem's reference solution."""
         tokenizer = builder.tokenizer
         examples = []
