@@ -3,12 +3,12 @@
 `crisp.driver.train` itself, on the demo's CRISP settings (configs/demo/crisp.yaml:
 32 prompts per step, one rollout each at temperature 1 and up to 256 tokens, a frozen teacher with
 the v1 instruction, the mixed divergence, one thread), once with `rollout.backend: hf` and once with
-`rollout.backend: vllm`. A step is everything the loop times (metrics.jsonl's time/*): generate,
+`rollout.backend: vllm`. A step is everything the driver times (metrics.jsonl's time/*): generate,
 grade, teacher prompts, teacher forward + loss + backward, the optimizer step (for vLLM with the
 weight sync after it) and the teacher update. Step 1 is a warm-up; the median of the others is
 reported, and the ratio vLLM / HF of the medians (target <= 0.6). Each run is a fresh process; the
-backends alternate. The engine's start-up (building it and loading the first weights) is reported
-beside, as is the median time of the sync alone.
+backends alternate. The run's set-up (`Training(cfg)`: the model loaded and, for vLLM, the engine
+built) is reported beside, as is the median time of the weight sync after an optimizer step.
 
 The model is the demo's base model when --model names it (e.g. runs/demo/base/model, trained by
 `crisp demo`), otherwise a randomly initialised one of its shape (whose rollouts all run to the cap).
@@ -49,42 +49,31 @@ def demo_config(backend: str, model: str, out: Path, steps: int, threads: int) -
 
 
 def worker(args) -> dict:
-    import crisp.rollout_vllm as engine_module
     from crisp.config import validate
-    from crisp.driver import train
+    from crisp.driver import Training
 
-    syncs = []
-    sync = engine_module.VLLMGenerator.load_weights
-
-    def timed_sync(self, model):
-        wall = time.perf_counter()
-        sync(self, model)
-        syncs.append(time.perf_counter() - wall)
-
-    engine_module.VLLMGenerator.load_weights = timed_sync
-    build = engine_module.build_generator
-    startup = []
-
-    def timed_build(*a, **k):
-        wall = time.perf_counter()
-        generator = build(*a, **k)
-        startup.append(time.perf_counter() - wall)
-        return generator
-
-    import crisp.methods.selfdistill
-
-    crisp.methods.selfdistill.build_generator = timed_build
     with tempfile.TemporaryDirectory() as out:
         cfg = validate(demo_config(args.worker, args.model, Path(out) / "run", args.steps, args.threads))
-        train(cfg)
+        wall = time.perf_counter()
+        training = Training(cfg)  # the model loaded, the optimizer, the generator (vllm: the engine built)
+        setup = time.perf_counter() - wall
+        syncs, sync = [], training.trainer.weights_changed  # after every optimizer step (vllm: the weight sync)
+
+        def timed_sync():
+            wall = time.perf_counter()
+            sync()
+            syncs.append(time.perf_counter() - wall)
+
+        training.trainer.weights_changed = timed_sync
+        training.run()
         rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [sum(v for k, v in row.items() if k.startswith("time/")) for row in rows]
     return {
         "times": steps[1:],
         "generate": [row["time/generate"] for row in rows[1:]],
         "mean_tokens": [row["rollout/mean_tokens"] for row in rows],
-        "startup_s": startup[0],
-        "sync_s": common.median(syncs[1:]) if len(syncs) > 1 else None,
+        "startup_s": setup,
+        "sync_s": common.median(syncs) if syncs else None,
     }
 
 
@@ -125,7 +114,7 @@ def main() -> None:
     print(f"machine: {common.machine()}\n")
     print(
         common.table(
-            ["backend", "step, median (s)", "generate, median (s)", "mean rollout tokens", "generator start-up (s)"],
+            ["backend", "step, median (s)", "generate, median (s)", "mean rollout tokens", "set-up (s)"],
             [
                 [b, f"{f['time']:.3f}", f"{f['generate']:.3f}", f"{f['tokens']:.1f}", f"{f['startup']:.2f}"]
                 for b, f in figures.items()

@@ -59,12 +59,12 @@ def inputs(tokens: int, hidden: int, vocab: int):
 
 
 def loss_and_backward(mode: str, chunk_size: int, student_hidden, student_weight, teacher_hidden, teacher_weight):
-    from crisp.losses import divergence_sum, per_token_divergence
+    from crisp.losses import DivergenceSpec, divergence_sum, per_token_divergence
 
     student_hidden.grad, student_weight.grad = None, None
     if mode == "chunked":
         total, _ = divergence_sum(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, chunk_size=chunk_size, kind="reverse_kl"
+            student_hidden, student_weight, teacher_hidden, teacher_weight, DivergenceSpec(), chunk_size=chunk_size
         )
     else:
         teacher_logits = F.linear(teacher_hidden, teacher_weight)  # (T, V)

@@ -138,5 +138,5 @@ def recorded_run(cfg, **options):
 
     training = Training(cfg, **options)
     recorder = RecordingGenerator(training.method.generator)
-    training.method.generator = training.trainer.generator = recorder
+    training.method.generator = recorder
     return training, recorder

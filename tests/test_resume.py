@@ -23,7 +23,7 @@ from conftest import TINY
 
 import crisp
 from crisp import checkpoint, cli
-from crisp.config import validate
+from crisp.config import ConfigError, validate
 from crisp.data import synthetic
 from crisp.driver import Training, TrainingStopped, train
 from crisp.modeling import load_model, save_model
@@ -232,6 +232,21 @@ def answering_model_and_data(tiny_model_dir, tiny_tokenizer, tmp_path_factory):
 
 def test_selfdistill_killed_and_resumed_equals_uninterrupted(tiny_model_dir, tmp_path):
     kill_and_resume(SELFDISTILL, tiny_model_dir, tmp_path)
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_before_anything_loads(tmp_path):
+    """A checkpoint written before the one driver (no format entry in its state) is an error that
+    names it, not a KeyError half-way through loading."""
+    first = tmp_path / "first"
+    train(validate(config(SFT, None, first, max_steps=1)))
+    written = checkpoint.latest(first / "checkpoints")
+    state = checkpoint.load_state(written)
+    del state["format"], state["step"], state["rng"]
+    old = checkpoint.save(
+        tmp_path / "old" / "checkpoints", 1, models={"model": (load_model(str(written / "model")), None)}, state=state
+    )
+    with pytest.raises(ConfigError, match="format 1, written by an earlier crisp"):
+        train(validate(config(SFT, None, tmp_path / "resumed", resume=str(old))))
 
 
 def test_sft_killed_and_resumed_equals_uninterrupted(tmp_path):

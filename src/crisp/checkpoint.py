@@ -1,8 +1,8 @@
 """Atomic checkpoints: written to a temporary directory, fsynced, then renamed into place.
 
 A checkpoint directory `step-XXXXXXXX/` holds `model/` (save_pretrained, safetensors), optional
-extra models (e.g. `teacher/`), `state.pt` (optimizer, LR schedule, RNG states, loop state; read with
-weights_only=True) and a `COMPLETE` marker written last: the size of every other file. `latest()`
+extra models (e.g. `teacher/`), `state.pt` (optimizer, LR schedule, RNG states, the method's state;
+read with weights_only=True) and a `COMPLETE` marker written last: the size of every other file. `latest()`
 returns the newest checkpoint whose files all have their recorded sizes and whose state loads; a
 truncated or half-written one is skipped with a warning. An exception during `save` leaves the
 earlier checkpoints as they were.

@@ -36,19 +36,25 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from crisp import checkpoint
-from crisp.config import EvalConfig, RolloutConfig, RunConfig, dump_config
+from crisp.config import ConfigError, EvalConfig, RolloutConfig, RunConfig, dump_config
 from crisp.data.problems import Problem
 from crisp.data.tasks import Task, get_task
-from crisp.distributed import autocast, load_rng, make_accelerator, prepare, save_checkpoint, save_final
-from crisp.evaluate import evaluate
+from crisp.distributed import autocast, load_rng, make_accelerator, prepare, save_checkpoint, save_final, shard
+from crisp.evaluate import GradedRollout, evaluate, score_rollouts
 from crisp.metrics import MetricsLog, Timer, eval_metrics
 from crisp.modeling import load_model, load_tokenizer, load_weights, prepare_for_training
 from crisp.optim import build_optimizer, step_if_finite
 from crisp.prompts import PromptBuilder
+from crisp.rollout import Generator
 from crisp.rollout_vllm import build_generator, sync_weights
 from crisp.tracking import finish_trackers, start_trackers
 
 T = TypeVar("T")
+
+
+# What a checkpoint's state.pt holds, by version: 2 is the one driver's (optimizer, scheduler, data,
+# skip counts, the method's own state); 1, the separate loops' before it.
+CHECKPOINT_FORMAT = 2
 
 
 class TrainingStopped(RuntimeError):
@@ -106,7 +112,7 @@ class StepResult:
     samples: list[dict] = field(default_factory=list)  # records for rollouts.jsonl
     progress: dict[str, str] = field(default_factory=dict)  # the progress bar's postfix
     always_log: bool = False  # log this step whatever log_every says (e.g. the first step of a stage)
-    tokens: int | None = None  # tokens trained on, for train/tokens_per_s
+    tokens: int | None = None  # tokens the step processed (prompts and responses), for train/tokens_per_s
 
 
 class Evaluation(Protocol):
@@ -129,7 +135,7 @@ class BenchmarkEvaluation:
         max_steps: int,
         seed: int,
         builder: PromptBuilder,
-        generator=None,
+        generator: Generator | None = None,
     ):
         self.cfg, self.problems, self.max_steps, self.seed, self.builder = cfg, problems, max_steps, seed, builder
         self.task = get_task(cfg.benchmark)
@@ -139,27 +145,30 @@ class BenchmarkEvaluation:
         return step == self.max_steps or bool(self.cfg.every and step % self.cfg.every == 0)
 
     def __call__(self, trainer: Trainer) -> dict[str, float]:
-        _, summary = evaluate(
-            trainer.unwrapped,
-            self.builder.tokenizer,
-            self.problems,
-            builder=self.builder,
-            task=self.task,
-            sampling=self.cfg.sampling,
-            k=self.cfg.k,
-            seed=self.seed,
-            batch_size=self.cfg.batch_size,
-            progress=False,
-            accelerator=trainer.accelerator,
-            generator=self.generator,
-        )
+        with trainer.precision():
+            _, summary = evaluate(
+                trainer.unwrapped,
+                self.builder.tokenizer,
+                self.problems,
+                builder=self.builder,
+                task=self.task,
+                sampling=self.cfg.sampling,
+                k=self.cfg.k,
+                seed=self.seed,
+                batch_size=self.cfg.batch_size,
+                progress=False,
+                accelerator=trainer.accelerator,
+                generator=self.generator,
+            )
         return eval_metrics(summary)
 
 
 class Method:
     """A training method, as the driver sees it. A subclass (one file in crisp.methods, with its
-    config) builds in `__init__` what it trains and sets the attributes below; `step` is its step."""
+    config) builds in `__init__` what it trains and sets the attributes below, may build more in
+    `start` once the model sits on its device, and `step` is its step."""
 
+    cfg: RunConfig
     label: str  # the progress bar's
     model: torch.nn.Module  # the trained model, unwrapped
     tokenizer: object
@@ -168,12 +177,20 @@ class Method:
     # its adapters, a teacher adapter included) and any other whose weights the config cannot rebuild
     checkpointed: dict[str, torch.nn.Module]
     evaluation: Evaluation | None = None
-    generator: object = None  # a rollout engine holding its own copy of the weights, or None
+    generator: Generator | None = None  # what samples the rollouts (a vLLM engine holds its own weights)
     updates_per_step: int = 1  # optimizer steps per training step (the LR schedule's length)
+
+    def start(self, trainer: Trainer) -> None:
+        """Called once the optimizer exists and the model is wrapped and on its device, before resume."""
 
     def step(self, step: int, trainer: Trainer) -> StepResult:
         """Training step `step` (0-based), its optimizer update(s) included (`trainer.update`)."""
         raise NotImplementedError
+
+    def weights_changed(self) -> None:
+        """After an optimizer step and after a resume: a rollout engine with its own copy of the
+        weights gets the new ones."""
+        sync_weights(self.generator, self.model)
 
     def state_dict(self) -> dict:
         """What the method itself must carry across a resume (e.g. the teacher's refresh count)."""
@@ -195,7 +212,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     grad_clip: float | None
     mixed_precision: str
-    generator: object = None
+    weights_changed: Callable[[], None] = lambda: None  # after every optimizer step taken
     timer: Timer = field(default_factory=Timer)
     skipped: int = 0
     consecutive_skips: int = 0
@@ -219,7 +236,7 @@ class Trainer:
                 self.skipped += not stepped
                 self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
                 if stepped:
-                    sync_weights(self.generator, self.unwrapped)  # a vLLM engine gets the new weights
+                    self.weights_changed()
             self.scheduler.step()
         return grad_norm
 
@@ -266,9 +283,10 @@ def training_problems(cfg: RunConfig) -> tuple[Task, list[Problem], list[Problem
 
 class RolloutMethod(Method):
     """What the methods that train on their own rollouts (selfdistill, grpo) build alike: the task and
-    its problems in a stream, the model at model.path, the prompt builder of the run's prompt mode,
-    the rollout engine (long enough for the rollouts and the evaluation), and eval.benchmark's
-    evaluation on the same engine."""
+    its problems in a stream, the model at model.path, the prompt builder of the run's prompt mode;
+    at `start`, the rollout engine (long enough for the rollouts and the evaluation: a vLLM engine
+    sizes its KV cache from the device memory the models leave) and eval.benchmark's evaluation on
+    the same engine. `generate_and_grade` is their shared first half of a step."""
 
     def __init__(
         self,
@@ -279,30 +297,53 @@ class RolloutMethod(Method):
         max_new_tokens: int,
         generation_batch_size: int = 256,
     ):
-        self.cfg, self.accelerator = cfg, accelerator
-        self.task, problems, eval_problems = training_problems(cfg)  # bad data fails before any model is loaded
+        self.cfg, self.rollout = cfg, rollout
+        self.task, problems, self.eval_problems = training_problems(cfg)  # bad data fails before any model loads
         self.model, self.tokenizer = trainable_model(cfg)
         self.checkpointed = {"model": self.model}
         self.builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
+        self.stream = problem_stream(problems, cfg.seed)
+        self.generation_batch_size = generation_batch_size
+        self.max_new_tokens = max(max_new_tokens, cfg.eval.sampling.max_new_tokens if cfg.eval else 0)
+
+    def start(self, trainer: Trainer) -> None:
+        cfg, rollout = self.cfg, self.rollout
         self.generator = build_generator(
             rollout.backend,
             rollout.vllm,
             self.model,
             self.tokenizer,
-            batch_size=generation_batch_size,
+            batch_size=self.generation_batch_size,
             trust_remote_code=cfg.model.trust_remote_code,
-            max_new_tokens=max(max_new_tokens, cfg.eval.sampling.max_new_tokens if cfg.eval else 0),
+            max_new_tokens=self.max_new_tokens,
         )
-        self.stream = problem_stream(problems, cfg.seed)
         if cfg.eval:
             self.evaluation = BenchmarkEvaluation(
                 cfg.eval,
-                eval_problems,
+                self.eval_problems,
                 max_steps=cfg.max_steps,
                 seed=cfg.seed,
                 builder=self.builder,
                 generator=self.generator if rollout.backend == "vllm" else None,
             )
+
+    def generate_and_grade(
+        self, batch: Sequence[Problem], builder: PromptBuilder, seed: int, trainer: Trainer, **sampling
+    ) -> list[GradedRollout]:
+        """This rank's slice of the prompts of `batch`: rollout.n samples of each (`sampling`: e.g.
+        max_new_tokens), graded against the problem's answer. The generator keeps prompt order, so
+        the samples of one prompt are contiguous."""
+        mine = shard(len(batch), trainer.accelerator)
+        with trainer.timer("generate"), trainer.precision():
+            rollouts = self.generator.generate(
+                [builder.student_ids(batch[i]) for i in mine],
+                self.rollout,
+                seed=seed,
+                first_index=mine.start,
+                **sampling,
+            )
+        with trainer.timer("grade"):
+            return score_rollouts(batch, rollouts, self.task.grader)
 
 
 class Training:
@@ -328,8 +369,9 @@ class Training:
             scheduler,
             cfg.optim.grad_clip,
             cfg.mixed_precision,
-            generator=self.method.generator,
+            weights_changed=self.method.weights_changed,
         )
+        self.method.start(self.trainer)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.accelerator)  # also to the trackers
         self.rollouts = MetricsLog(self.out / "rollouts.jsonl")
         self.step = 0
@@ -375,6 +417,12 @@ class Training:
         source = checkpoint.resolve_resume(self.cfg.resume, self.out)
         if source is not None:
             state = checkpoint.load_state(source)
+            if state.get("format", 1) != CHECKPOINT_FORMAT:
+                raise ConfigError(
+                    f"resume: {source} holds a checkpoint of format {state.get('format', 1)}, written by an earlier "
+                    f"crisp; this one reads format {CHECKPOINT_FORMAT}. Start a new run (another output_dir), or "
+                    "finish this one with the crisp that wrote it"
+                )
             for name, model in method.checkpointed.items():
                 load_weights(model, source / name)  # a LoRA model gets its adapters back
             trainer.optimizer.load_state_dict(state["optimizer"])
@@ -384,13 +432,13 @@ class Training:
             load_rng(self.accelerator, state)
             method.load_state_dict(state["method"])
             self.step = state["step"]
-        sync_weights(method.generator, method.model)  # a vLLM engine gets the resumed weights
+        method.weights_changed()
         if trainer.main:
             self.metrics.truncate_after(self.step)
             self.rollouts.truncate_after(self.step)
 
     def end_step(self, result: StepResult) -> None:
-        """After optimizer step `step`: evaluate and log when due, stop after too many consecutive
+        """After training step `self.step`: evaluate and log when due, stop after too many consecutive
         skipped steps (before saving, so the last checkpoint is a good one), checkpoint when due and
         at the last step (so that extending a finished run with resume=auto redoes nothing)."""
         cfg, step, trainer, evaluation = self.cfg, self.step, self.trainer, self.method.evaluation
@@ -402,7 +450,7 @@ class Training:
         }
         evaluated = evaluation is not None and not stop and evaluation.due(step)
         if evaluated:
-            with trainer.timer("eval"), trainer.precision():  # every rank evaluates (a share of the problems)
+            with trainer.timer("eval"):  # every rank evaluates (a share of the problems)
                 metrics.update(evaluation(trainer))
         if result.always_log or stop or evaluated or step % cfg.log_every == 0 or step == cfg.max_steps:
             if self.window_tokens:
@@ -439,6 +487,7 @@ class Training:
                 "data": method.stream.state_dict(),
                 "skipped": trainer.skipped,
                 "consecutive_skips": trainer.consecutive_skips,
+                "format": CHECKPOINT_FORMAT,
                 "method": method.state_dict(),
             },
         )

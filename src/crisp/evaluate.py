@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from crisp.anatomy import THINK_CLOSE, THINK_OPEN, anatomy_figures, prompt_leaves_thinking_open, response_anatomy
@@ -24,7 +25,7 @@ from crisp.grading import GradeResult, get_grader, grade
 from crisp.metrics import MetricsLog, eval_metrics
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
-from crisp.rollout import HFGenerator, Rollout
+from crisp.rollout import Generator, HFGenerator, Rollout
 from crisp.rollout_vllm import build_generator
 from crisp.tracking import finish_trackers, start_trackers
 
@@ -189,9 +190,9 @@ def evaluate(
     grader: str | None = None,
     batch_size: int = 256,
     progress: bool = True,
-    accelerator=None,
+    accelerator: Accelerator | None = None,
     anatomy: AnatomyConfig = AnatomyConfig(),
-    generator=None,
+    generator: Generator | None = None,
 ) -> tuple[list[dict], dict]:
     """Sample k responses per problem (student prompt, or with `instruction` in front) and grade them
     with `grader` (default: the task's).

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule shared by every training loop."""
+"""Optimizer and learning-rate schedule shared by every training method."""
 
 from __future__ import annotations
 

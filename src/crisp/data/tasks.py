@@ -1,5 +1,5 @@
 """A task: where a run's problems come from, how they are graded, and what the task adds to training
-and evaluation. The loops and the evaluation ask the task; they never ask which task it is.
+and evaluation. The training methods and the evaluation ask the task; they never ask which task it is.
 
 - `ProblemSourceTask`: a problem file or a hub benchmark, graded with math-verify; SFT trains on the
   problems' reference solutions.
@@ -52,7 +52,7 @@ class Task:
         return {}
 
     def sft_examples(self, cfg: SFTConfig, builder: PromptBuilder) -> list[SFTExample]:
-        """The SFT corpus of a config.SFTConfig: each training problem's reference solution."""
+        """The SFT corpus of an SFTConfig (crisp.methods.sft): each training problem's reference solution."""
         tokenizer = builder.tokenizer
         examples = []
         for problem in self.train_problems(

@@ -1,6 +1,7 @@
 """The training methods, one module each: its config (a crisp.config.RunConfig whose `method`
 literal names it), its step, and a crisp.driver.Method subclass that builds what it trains. Each
-module ends with `CONFIG, METHOD = ...`; a new method is one new module here, found by name.
+module ends with `CONFIG, METHOD = ...`; a new method is one new module here, found by name (a
+module whose name starts with _ is a helper, not a method).
 
 - sft: supervised fine-tuning (the demo's base model, SFT baselines)
 - selfdistill: CRISP and OPSD (a teacher that is the model itself with more context)
@@ -19,7 +20,11 @@ from types import ModuleType
 def _modules() -> dict[str, ModuleType]:
     modules = {}
     for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):  # a helper shared by methods, not a method
+            continue
         module = importlib.import_module(f"{__name__}.{info.name}")
+        if not hasattr(module, "CONFIG") or not hasattr(module, "METHOD"):
+            raise ImportError(f"{module.__name__} is in crisp.methods but does not end with `CONFIG, METHOD = ...`")
         modules[module.CONFIG.model_fields["method"].default] = module
     return modules
 

@@ -1,7 +1,7 @@
 """SIRI and TFPI (method: grpo): GRPO with DAPO's changes, a length-capped reward and a
 max-length schedule.
 
-TFPI is this loop with thinking-free prompts (prompt.thinking_free) and a staged schedule of growing
+TFPI is this method with thinking-free prompts (prompt.thinking_free) and a staged schedule of growing
 maximum lengths (schedule.kind: stages); a stage may switch back to thinking mode ("TFPI + RL").
 
 One step, top to bottom:
@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 
 from crisp.config import PositiveInt, RolloutConfig, RunConfig, Strict, training_engine_lengths
 from crisp.data.problems import Problem
-from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum, shard
+from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum
 from crisp.driver import RolloutMethod, StepResult, Trainer
-from crisp.evaluate import GradedRollout, rollout_metrics, score_rollouts
+from crisp.evaluate import GradedRollout, rollout_metrics
 from crisp.grading import get_grader, grade
 from crisp.losses import SurrogateSpec, clipped_surrogate_loss
 from crisp.modeling import output_head, response_hidden
@@ -565,20 +565,10 @@ class GRPO(RolloutMethod):
             rounds < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1) and len(train.graded) < cfg.batch_size * G
         ):
             batch: list[Problem] = self.stream.take(cfg.batch_size)
-            mine = shard(len(batch), trainer.accelerator)
-            with (
-                trainer.timer("generate"),
-                trainer.precision(),
-            ):  # the generator keeps prompt order: groups stay contiguous
-                rollouts = self.generator.generate(
-                    [builder.student_ids(batch[i]) for i in mine],
-                    cfg.rollout,
-                    seed=rollout_seed(cfg.seed, step, rounds),
-                    max_new_tokens=plan.cap,
-                    first_index=mine.start,
-                )
+            graded = self.generate_and_grade(
+                batch, builder, rollout_seed(cfg.seed, step, rounds), trainer, max_new_tokens=plan.cap
+            )
             with trainer.timer("grade"):
-                graded = score_rollouts(batch, rollouts, self.task.grader)
                 rewards = self.reward(graded, plan.cap)
             graded, rewards = map(list, zip(*gather(list(zip(graded, rewards)), trainer.accelerator)))
             for g in select_groups(

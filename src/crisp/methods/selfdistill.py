@@ -37,9 +37,9 @@ from crisp.config import (
     training_engine_lengths,
 )
 from crisp.data.problems import Problem
-from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum, shard
+from crisp.distributed import gather, grad_sync, micro_batches, reduce_sum
 from crisp.driver import RolloutMethod, StepResult, Trainer
-from crisp.evaluate import GradedRollout, rollout_metrics, score_rollouts
+from crisp.evaluate import rollout_metrics
 from crisp.losses import DivergenceSpec, divergence_sum
 from crisp.modeling import output_head, response_hidden
 from crisp.prompts import resolve_instruction
@@ -215,7 +215,10 @@ class SelfDistill(RolloutMethod):
     def step(self, step: int, trainer: Trainer) -> StepResult:
         cfg, timer = self.cfg, trainer.timer
         batch: list[Problem] = self.stream.take(cfg.batch_size)
-        graded = self.rollouts(batch, step, trainer)
+        # each rank samples and grades its slice of the prompts; then every rank holds the whole batch
+        graded = gather(
+            self.generate_and_grade(batch, self.builder, rollout_seed(cfg.seed, step), trainer), trainer.accelerator
+        )
         kept = keep_rollouts([g.correct for g in graded], cfg.rollout_filter)
         with timer("prompts"):
             teacher_prompts = {}
@@ -255,21 +258,6 @@ class SelfDistill(RolloutMethod):
             "acc": f"{metrics['rollout/accuracy']:.2f}",
         }
         return StepResult(metrics, samples=[g.record() for g in graded[:2]], progress=progress)
-
-    def rollouts(self, batch: list[Problem], step: int, trainer: Trainer) -> list[GradedRollout]:
-        """n graded rollouts per problem. Each rank generates and grades its slice of the prompts;
-        then every rank holds the whole batch."""
-        mine = shard(len(batch), trainer.accelerator)
-        with trainer.timer("generate"), trainer.precision():
-            rollouts = self.generator.generate(
-                [self.builder.student_ids(batch[i]) for i in mine],
-                self.cfg.rollout,
-                seed=rollout_seed(self.cfg.seed, step),
-                first_index=mine.start,
-            )
-        with trainer.timer("grade"):
-            graded = score_rollouts(batch, rollouts, self.task.grader)
-        return gather(graded, trainer.accelerator)
 
     def state_dict(self) -> dict:
         return {"refreshes": self.teacher.refreshes}

@@ -10,6 +10,7 @@ rows; the loss is divided by the trained tokens of the whole batch (see crisp.di
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Annotated, Literal
 
@@ -132,23 +133,29 @@ def build_model_and_tokenizer(cfg: SFTConfig):
     return model, tokenizer
 
 
-def sft_step(model: torch.nn.Module, rows: list[SFTExample], pad_id: int, *, trainer: Trainer) -> tuple[float, int]:
-    """Cross-entropy on the batch `rows`, with backward: (the batch's loss over all ranks,
-    the batch's tokens). This rank trains on its contiguous slice of the rows."""
-    accelerator, device = trainer.accelerator, trainer.accelerator.device
-    with trainer.timer("data"):
-        mine = [rows[i] for i in shard(len(rows), accelerator)]
-        input_ids, attention, labels = collate(mine or rows[:1], pad_id)  # (B, T) each
-        my_tokens = sum(sum(e.loss_mask) for e in mine)
-        trained_tokens = sum(sum(e.loss_mask) for e in rows)  # the whole batch's, on every rank
-    with trainer.timer("forward_backward"):
-        with trainer.precision():
-            loss = response_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
-        # This rank's mean, reweighted to its share of the batch's tokens, times the ranks that DDP
-        # averages over (exactly 1 in one process); a rank without rows runs one row with weight 0.
-        (loss * (accelerator.num_processes * my_tokens / trained_tokens)).backward()
-    loss = reduce_sum({"loss": loss.item() * my_tokens}, accelerator)["loss"] / trained_tokens
-    return loss, sum(len(e.prompt_ids) + len(e.response_ids) for e in rows)
+def sft_step(
+    model: torch.nn.Module,
+    rows: list[SFTExample],
+    pad_id: int,
+    *,
+    accelerator: Accelerator | None = None,
+    precision=contextlib.nullcontext,
+) -> float:
+    """Cross-entropy on the response tokens of the batch `rows`, with backward; returns the batch's
+    loss (over every rank). This rank trains on its contiguous slice of the rows; the loss is
+    divided by the trained tokens of the whole batch, so the ranks' gradients add up to the batch's."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    mine = [rows[i] for i in shard(len(rows), accelerator)]
+    input_ids, attention, labels = collate(mine or rows[:1], pad_id)  # (B, T) each
+    my_tokens = sum(sum(e.loss_mask) for e in mine)
+    trained_tokens = sum(sum(e.loss_mask) for e in rows)  # the whole batch's, on every rank
+    with precision():
+        loss = response_loss(model, input_ids.to(device), attention.to(device), labels.to(device))
+    # This rank's mean, reweighted to its share of the batch's tokens, times the ranks that DDP
+    # averages over (exactly 1 in one process); a rank without rows runs one row with weight 0.
+    (loss * (world * my_tokens / trained_tokens)).backward()
+    return reduce_sum({"loss": loss.item() * my_tokens}, accelerator)["loss"] / trained_tokens
 
 
 class LookupProbe:
@@ -192,8 +199,16 @@ class SFT(Method):
 
     def step(self, step: int, trainer: Trainer) -> StepResult:
         (rows,) = self.stream.take(1)
-        loss, tokens = sft_step(trainer.model, rows, self.tokenizer.pad_token_id, trainer=trainer)
+        with trainer.timer("forward_backward"):
+            loss = sft_step(
+                trainer.model,
+                rows,
+                self.tokenizer.pad_token_id,
+                accelerator=trainer.accelerator,
+                precision=trainer.precision,
+            )
         grad_norm = trainer.update(loss)
+        tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in rows)
         return StepResult(
             {"train/loss": loss, "train/grad_norm": grad_norm}, progress={"loss": f"{loss:.3f}"}, tokens=tokens
         )
