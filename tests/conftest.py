@@ -69,6 +69,12 @@ def tiny_run(method: str, model_dir, out, settings: dict, overrides: dict):
     return validate(data)
 
 
+def eval_argv(model_dir, out, flags: str, *extra: str) -> list[str]:
+    """`crisp eval` of the model in `model_dir` into `out`, with the space-separated `flags` and then
+    `extra` (arguments that may hold spaces: paths, phrases)."""
+    return ["eval", "--model", str(model_dir), "--out", str(out), *flags.split(), *extra]
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from crisp.modeling import build_word_tokenizer

@@ -10,6 +10,7 @@ import random
 import time
 
 import pytest
+from conftest import eval_argv
 
 from crisp.anatomy import (
     DEFAULT_MARKERS,
@@ -232,23 +233,13 @@ def test_markers_config_rejects_an_empty_or_repeated_phrase():
 def test_cli_eval_reports_the_anatomy_with_its_own_markers(tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
     main(
-        [
-            "eval",
-            "--model",
-            str(tiny_model_dir),
-            "--benchmark",
-            "synthetic",
-            "--limit",
-            "6",
-            "--k",
-            "2",
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "10",
+        eval_argv(
+            tiny_model_dir,
+            out,
+            "--benchmark synthetic --limit 6 --k 2 --max-new-tokens 10",
             "--markers",
             "wait, let me check ,",
-        ]
+        )
     )
     summary = json.loads((out / "summary.json").read_text())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, level_prompts, sharpen
+from conftest import TINY, eval_argv, level_prompts, sharpen
 
 from crisp import cli
 from crisp.config import SamplingConfig
@@ -294,29 +294,12 @@ def test_cli_eval_synthetic(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     limit = synthetic.TEST_PER_LEVEL + 10  # levels 1 and 2
     cli.main(
-        [
-            "eval",
-            "--model",
-            str(tiny_model_dir),
-            "--benchmark",
-            "synthetic",
-            "--limit",
-            str(limit),
-            "--k",
-            "2",
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "12",
-            "--temperature",
-            "0.7",
-            "--top-p",
-            "0.9",
-            "--top-k",
-            "5",
-            "--seed",
-            "3",
-        ]
+        eval_argv(
+            tiny_model_dir,
+            out,
+            f"--benchmark synthetic --limit {limit} --k 2 --max-new-tokens 12 "
+            "--temperature 0.7 --top-p 0.9 --top-k 5 --seed 3",
+        )
     )
     summary, samples = _read(out)
     assert 0 <= summary["accuracy"] <= 1
@@ -358,21 +341,7 @@ def test_cli_eval_with_baseline(tiny_model_dir, tmp_path):
     base.write_text(json.dumps({"accuracy": 0.5, "mean_tokens": 100.0, "by_difficulty": {}}))
     out = tmp_path / "eval"
     cli.main(
-        [
-            "eval",
-            "--model",
-            str(tiny_model_dir),
-            "--benchmark",
-            "synthetic",
-            "--limit",
-            "4",
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "6",
-            "--baseline",
-            str(base),
-        ]
+        eval_argv(tiny_model_dir, out, "--benchmark synthetic --limit 4 --max-new-tokens 6", "--baseline", str(base))
     )
     summary, _ = _read(out)
     assert summary["vs_baseline"]["overall"]["compression_ratio"] == pytest.approx(summary["mean_tokens"] / 100)
@@ -382,21 +351,7 @@ def test_cli_eval_gsm8k_fixture_with_dapo(tiny_model_dir, tmp_path):
     out = tmp_path / "gsm8k"
     fixture = FIXTURES / "gsm8k_sample.jsonl"
     lines = [line for line in fixture.read_text().splitlines() if line.strip()]
-    cli.main(
-        [
-            "eval",
-            "--model",
-            str(tiny_model_dir),
-            "--benchmark",
-            str(fixture),
-            "--template",
-            "dapo",
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "8",
-        ]
-    )
+    cli.main(eval_argv(tiny_model_dir, out, "--template dapo --max-new-tokens 8", "--benchmark", str(fixture)))
     summary, samples = _read(out)
     assert isinstance(summary["accuracy"], float) and 0 <= summary["accuracy"] <= 1
     assert math.isfinite(summary["mean_tokens"])
@@ -408,19 +363,7 @@ def test_cli_eval_gsm8k_fixture_with_dapo(tiny_model_dir, tmp_path):
 
 def test_cli_eval_bad_k_exits_2(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(
-            [
-                "eval",
-                "--model",
-                str(tiny_model_dir),
-                "--benchmark",
-                "synthetic",
-                "--k",
-                "0",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
+        cli.main(eval_argv(tiny_model_dir, tmp_path / "x", "--benchmark synthetic --k 0"))
     assert info.value.code == 2
     assert "--k" in capsys.readouterr().err
 

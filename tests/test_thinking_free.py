@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, alternating_reward, recorded_run
+from conftest import TINY, alternating_reward, eval_argv, recorded_run
 from test_grpo import make_cfg, read_metrics
 from test_sft import make_cfg as make_sft_cfg
 
@@ -147,7 +147,7 @@ def test_grpo_trains_and_counts_the_response_only(tiny_model_dir, tmp_path, tiny
 # evaluation in both modes
 # ---------------------------------------------------------------------------------------------
 
-EVAL_FLAGS = ["--benchmark", "synthetic", "--limit", "6", "--k", "2", "--max-new-tokens", "6", "--seed", "1"]
+EVAL_FLAGS = "--benchmark synthetic --limit 6 --k 2 --max-new-tokens 6 --seed 1"
 
 
 def read_eval(out: Path) -> tuple[dict, list[dict]]:
@@ -159,7 +159,7 @@ def test_eval_thinking_free_counts_the_responses_of_thinking_free_prompts(
     tiny_model_dir, tiny_model, tiny_tokenizer, tmp_path
 ):
     out = tmp_path / "free"
-    cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(out), "--thinking-free"])
+    cli.main(eval_argv(tiny_model_dir, out, EVAL_FLAGS, "--thinking-free"))
     summary, samples = read_eval(out)
     assert summary["thinking_mode"] == "thinking_free"
     # the same sampler on the thinking-free prompts: the records are exactly its responses
@@ -176,16 +176,14 @@ def test_eval_thinking_free_counts_the_responses_of_thinking_free_prompts(
 def test_eval_in_both_modes_side_by_side_each_against_its_own_baseline(tiny_model_dir, tmp_path, capsys):
     single = {}
     for mode, flags in (("thinking", []), ("thinking_free", ["--thinking-free"])):
-        cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(tmp_path / mode), *flags])
+        cli.main(eval_argv(tiny_model_dir, tmp_path / mode, EVAL_FLAGS, *flags))
         single[mode] = read_eval(tmp_path / mode)
     assert single["thinking"][0]["thinking_mode"] == "thinking"
     assert single["thinking"][1] != single["thinking_free"][1]  # the prompt mode changes the samples
     capsys.readouterr()
 
     both = tmp_path / "both"
-    cli.main(
-        ["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(both), "--modes", "thinking,thinking_free"]
-    )
+    cli.main(eval_argv(tiny_model_dir, both, EVAL_FLAGS, "--modes", "thinking,thinking_free"))
     printed = capsys.readouterr().out
     name = tiny_model_dir.name
     assert f"{name} (thinking)" in printed and f"{name} (thinking_free)" in printed
@@ -194,20 +192,7 @@ def test_eval_in_both_modes_side_by_side_each_against_its_own_baseline(tiny_mode
         assert summary["thinking_mode"] == mode and samples == single[mode][1]
 
     again = tmp_path / "again"  # a baseline evaluated in both modes: each mode against the same mode
-    cli.main(
-        [
-            "eval",
-            "--model",
-            str(tiny_model_dir),
-            *EVAL_FLAGS,
-            "--out",
-            str(again),
-            "--modes",
-            "thinking,thinking_free",
-            "--baseline",
-            str(both),
-        ]
-    )
+    cli.main(eval_argv(tiny_model_dir, again, EVAL_FLAGS, "--modes", "thinking,thinking_free", "--baseline", str(both)))
     for mode in ("thinking", "thinking_free"):
         assert read_eval(again / mode)[0]["vs_baseline"]["overall"]["compression_ratio"] == 1.0
     assert "baseline (thinking_free)" in capsys.readouterr().out
@@ -245,7 +230,7 @@ def test_eval_config_modes_write_a_folder_per_benchmark_and_mode(tiny_model_dir,
 )
 def test_eval_mode_flag_errors_exit_2(tiny_model_dir, tmp_path, capsys, flags, named):
     with pytest.raises(SystemExit) as info:
-        cli.main(["eval", "--model", str(tiny_model_dir), *EVAL_FLAGS, "--out", str(tmp_path / "x"), *flags])
+        cli.main(eval_argv(tiny_model_dir, tmp_path / "x", EVAL_FLAGS, *flags))
     assert info.value.code == 2 and named in capsys.readouterr().err
 
 
@@ -255,6 +240,6 @@ def test_eval_thinking_free_of_a_model_without_thinking_exits_2_naming_it(tiny_t
     model_dir = tmp_path / "no-thinking-model"
     save_model(build_tiny_model(tokenizer, seed=0, **TINY), tokenizer, model_dir)
     with pytest.raises(SystemExit) as info:
-        cli.main(["eval", "--model", str(model_dir), *EVAL_FLAGS, "--out", str(tmp_path / "x"), "--thinking-free"])
+        cli.main(eval_argv(model_dir, tmp_path / "x", EVAL_FLAGS, "--thinking-free"))
     assert info.value.code == 2
     assert f"{model_dir}" in (err := capsys.readouterr().err) and "no thinking convention" in err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import eval_argv
 from test_selfdistill import make_cfg as selfdistill_cfg
 from test_selfdistill import read_metrics
 from test_sft import make_cfg as sft_cfg
@@ -77,19 +78,7 @@ def test_a_tracker_not_installed_stops_before_any_compute(tmp_path, monkeypatch,
     assert "report_to: mlflow is not installed; pip install mlflow" in capsys.readouterr().err
     assert not out.exists()  # nothing was written, let alone built
     with pytest.raises(SystemExit):  # crisp eval: the tracker is named before the (missing) model is looked for
-        main(
-            [
-                "eval",
-                "--model",
-                str(tmp_path / "no-model"),
-                "--benchmark",
-                "synthetic",
-                "--out",
-                str(out),
-                "--report-to",
-                "mlflow",
-            ]
-        )
+        main(eval_argv(tmp_path / "no-model", out, "--benchmark synthetic --report-to mlflow"))
     assert "pip install mlflow" in capsys.readouterr().err
 
 
@@ -139,21 +128,7 @@ def test_a_resumed_run_continues_the_same_curves_without_gap_or_duplicate(tmp_pa
 
 def test_cli_eval_logs_each_benchmark_to_tensorboard_and_metrics_jsonl(tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
-    argv = [
-        "eval",
-        "--model",
-        str(tiny_model_dir),
-        "--benchmark",
-        "synthetic",
-        "--limit",
-        "4",
-        "--out",
-        str(out),
-        "--max-new-tokens",
-        "6",
-        "--report-to",
-        "tensorboard",
-    ]
+    argv = eval_argv(tiny_model_dir, out, "--benchmark synthetic --limit 4 --max-new-tokens 6 --report-to tensorboard")
     main(argv)
     main(argv)  # a second evaluation replaces the first one's metrics.jsonl
     summary = json.loads((out / "summary.json").read_text())
