@@ -22,10 +22,9 @@ from pathlib import Path
 import yaml
 
 from crisp.config import EvalConfig, load_config, validate
-from crisp.demo import evaluate_row
+from crisp.demo import evaluate_row, load
 from crisp.driver import train
-from crisp.evaluate import format_table
-from crisp.report import write_report
+from crisp.report import format_table, write_report
 
 VARIANTS = {  # name -> (demo config, overrides)
     "M=1 reverse": ("crisp.yaml", ["teacher.update=refresh", "teacher.refresh_every=1", "loss.divergence=reverse_kl"]),
@@ -64,7 +63,7 @@ def main() -> None:
         summary = directory / "summary.json"
         if summary.is_file():
             return json.loads(summary.read_text())
-        return evaluate_row(model_dir, eval_cfg, directory, instruction=None, template=template)
+        return evaluate_row(model_dir, load(model_dir), eval_cfg, directory, instruction=None, template=template)
 
     rows = {"base": evaluated(out / "base", Path(args.base))}
     for name in names:
@@ -78,7 +77,9 @@ def main() -> None:
             overrides.append(f"max_steps={args.steps}")
         cfg = load_config(configs / "demo" / config, overrides)
         model_dir = train(cfg)
-        rows[name] = evaluate_row(model_dir, eval_cfg, out / slug / "eval", instruction=None, template=template)
+        rows[name] = evaluate_row(
+            model_dir, load(model_dir), eval_cfg, out / slug / "eval", instruction=None, template=template
+        )
         print(format_table(rows, baseline="base"), flush=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     write_report(out, rows, baseline="base", title="CRISP ablations on the synthetic task")

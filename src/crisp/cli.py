@@ -52,7 +52,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> None:
-    from crisp.evaluate import evaluate_benchmarks, format_table
+    from crisp.evaluate import evaluate_benchmarks, result_dir
+    from crisp.report import format_table
 
     cfg, outputs, baseline_paths = _eval_from_config(args) if args.config else _eval_from_flags(args)
     modes = cfg.modes or [None]
@@ -75,7 +76,7 @@ def cmd_eval(args) -> None:
         print(format_table(rows, baseline=baseline))
         if baseline and len(modes) > 1:
             print(f"reduction against {baseline}")
-        folders = [outputs[benchmark] / mode if mode else outputs[benchmark] for mode in modes]
+        folders = [result_dir(outputs[benchmark], mode) for mode in modes]
         print(f"wrote {', '.join(f'{f}/summary.json' for f in folders)} and samples.jsonl")
 
 
@@ -148,10 +149,11 @@ def _eval_from_flags(args):
 def _baseline(path: Path, mode: str | None) -> dict:
     """The baseline summary for one mode: `path` itself if it is a file, else the summary.json in its
     <mode> subfolder (a baseline evaluated in several modes) or in the folder itself."""
+    from crisp.evaluate import result_dir
+
     if path.is_dir():
-        path = (
-            path / mode / "summary.json" if mode and (path / mode / "summary.json").is_file() else path / "summary.json"
-        )
+        in_mode = result_dir(path, mode) / "summary.json"
+        path = in_mode if in_mode.is_file() else path / "summary.json"
     return _summary(path)
 
 

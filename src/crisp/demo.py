@@ -20,10 +20,10 @@ import yaml
 from crisp.config import ConfigError, EvalConfig, VLLMSettings, load_config, validate
 from crisp.data.synthetic import SyntheticTask
 from crisp.driver import train
-from crisp.evaluate import evaluate, format_table, write_results
+from crisp.evaluate import evaluate, write_results
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
-from crisp.report import write_report
+from crisp.report import format_table, write_report
 from crisp.resources import configs_dir as packaged_configs_dir
 from crisp.rollout_vllm import build_generator
 
@@ -46,8 +46,14 @@ def ensure_base_model(cfg: SFTConfig) -> Path:
     return train(cfg)
 
 
+def load(model_dir: Path) -> tuple:
+    """The model saved in `model_dir` and its tokenizer."""
+    return load_model(str(model_dir)), load_tokenizer(str(model_dir))
+
+
 def evaluate_row(
     model_dir: Path,
+    loaded: tuple,
     eval_cfg: EvalConfig,
     out: Path,
     *,
@@ -56,8 +62,9 @@ def evaluate_row(
     thinking_free: bool = False,
     backend: str = "hf",
 ) -> dict:
-    tokenizer = load_tokenizer(str(model_dir))
-    model = load_model(str(model_dir))
+    """One row of the table: the model of `model_dir` (`loaded`: it and its tokenizer) evaluated on the
+    synthetic task's held-out problems; its samples and summary written to `out`."""
+    model, tokenizer = loaded
     task = SyntheticTask()
     generator = build_generator(
         backend,
@@ -120,17 +127,28 @@ def run_demo(
 
     base_dir = timed("train base (sft)", ensure_base_model, base_cfg)
     both_modes = any(m in BOTH_MODES for m in methods)
+    loaded: dict[Path, tuple] = {}  # each model and tokenizer read once, for all of its rows
 
     def evaluate_model(name: str, model_dir: Path, **kwargs) -> None:
         """The row `name` (thinking mode), and with both_modes the row "name (thinking-free)" after it."""
+        if model_dir not in loaded:
+            loaded[model_dir] = load(model_dir)
         rows[name] = timed(
-            f"eval {name}", evaluate_row, model_dir, eval_cfg, out / "eval" / name, template=template, **kwargs
+            f"eval {name}",
+            evaluate_row,
+            model_dir,
+            loaded[model_dir],
+            eval_cfg,
+            out / "eval" / name,
+            template=template,
+            **kwargs,
         )
         if both_modes and (name == "base" or name in BOTH_MODES):
             rows[f"{name} (thinking-free)"] = timed(
                 f"eval {name} (thinking-free)",
                 evaluate_row,
                 model_dir,
+                loaded[model_dir],
                 eval_cfg,
                 out / "eval" / f"{name}_thinking_free",
                 template=template,
@@ -141,17 +159,7 @@ def run_demo(
     rows: dict[str, dict] = {}
     evaluate_model("base", base_dir, instruction=None, backend=backend)
     for preset in PROMPT_ONLY:
-        name = f"prompt_only_{preset}"
-        rows[name] = timed(
-            f"eval {name}",
-            evaluate_row,
-            base_dir,
-            eval_cfg,
-            out / "eval" / name,
-            instruction=resolve_instruction(preset),
-            template=template,
-            backend=backend,
-        )
+        evaluate_model(f"prompt_only_{preset}", base_dir, instruction=resolve_instruction(preset), backend=backend)
     for method, cfg in method_cfgs.items():
         model_dir = timed(f"train {method}", train, cfg)
         evaluate_model(method, model_dir, instruction=None, backend=backend)

@@ -41,6 +41,7 @@ from crisp.data.problems import Problem
 from crisp.data.tasks import Task, get_task
 from crisp.distributed import autocast, load_rng, make_accelerator, prepare, save_checkpoint, save_final, shard
 from crisp.evaluate import GradedRollout, evaluate, score_rollouts
+from crisp.grading import get_grader
 from crisp.metrics import MetricsLog, Timer, eval_metrics
 from crisp.modeling import load_model, load_tokenizer, load_weights, prepare_for_training
 from crisp.optim import build_optimizer, step_if_finite
@@ -299,6 +300,7 @@ class RolloutMethod(Method):
     ):
         self.cfg, self.rollout = cfg, rollout
         self.task, problems, self.eval_problems = training_problems(cfg)  # bad data fails before any model loads
+        self.grader = get_grader(self.task.grader)
         self.model, self.tokenizer = trainable_model(cfg)
         self.checkpointed = {"model": self.model}
         self.builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
@@ -343,7 +345,7 @@ class RolloutMethod(Method):
                 **sampling,
             )
         with trainer.timer("grade"):
-            return score_rollouts(batch, rollouts, self.task.grader)
+            return score_rollouts(batch, rollouts, self.grader)
 
 
 class Training:

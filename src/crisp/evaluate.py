@@ -21,7 +21,7 @@ from crisp.config import AnatomyConfig, EvalRunConfig, SamplingConfig
 from crisp.data.problems import Problem
 from crisp.data.tasks import Task, get_task
 from crisp.distributed import autocast, gather, make_accelerator, shard
-from crisp.grading import GradeResult, get_grader, grade
+from crisp.grading import Grader, GradeResult, get_grader, grade
 from crisp.metrics import MetricsLog, eval_metrics
 from crisp.modeling import load_model, load_tokenizer
 from crisp.prompts import PromptBuilder, resolve_instruction
@@ -62,10 +62,11 @@ class GradedRollout:
 
 
 def score_rollouts(
-    problems: Sequence[Problem], rollouts: Sequence[Rollout], grader_name: str, task: Task | None = None
+    problems: Sequence[Problem], rollouts: Sequence[Rollout], grader: Grader | str, task: Task | None = None
 ) -> list[GradedRollout]:
-    """Each rollout graded against its problem's answer, with the task's audit when a task is given."""
-    grader = get_grader(grader_name)
+    """Each rollout graded against its problem's answer (`grader`: one, or its name), with the
+    task's audit when a task is given."""
+    grader = get_grader(grader) if isinstance(grader, str) else grader
     graded = []
     for rollout in rollouts:
         problem = problems[rollout.prompt_index]
@@ -106,7 +107,7 @@ def summarize(records: Sequence[dict], task: Task | None = None) -> dict:
         }
 
     summary = figures(records)
-    levels = sorted({r["difficulty"] for r in records if r["difficulty"] is not None}, key=_level_key)
+    levels = sorted({r["difficulty"] for r in records if r["difficulty"] is not None}, key=level_key)
     summary["by_difficulty"] = {level: figures([r for r in records if r["difficulty"] == level]) for level in levels}
     return summary
 
@@ -150,7 +151,7 @@ def _std_over_sample_index(rows: Sequence[dict]) -> float:
     return statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0
 
 
-def _level_key(level: str):
+def level_key(level: str):
     digits = "".join(c for c in str(level) if c.isdigit())
     return (int(digits) if digits else 0, str(level))
 
@@ -201,28 +202,28 @@ def evaluate(
     every process returns all the records (the same ones one process would produce). `generator`:
     the backend to sample with (e.g. a crisp.rollout_vllm.VLLMGenerator holding `model`'s weights);
     by default HF generate, `batch_size` sequences per call."""
-    grader = grader or task.grader
+    grader_name = grader or task.grader
+    grader = get_grader(grader_name)
+    mine = shard(len(problems), accelerator)  # this rank's problems
     if instruction:
-        prompts = [builder.teacher_ids(p, instruction=instruction) for p in problems]
+        prompts = [builder.teacher_ids(problems[i], instruction=instruction) for i in mine]
     else:
-        prompts = [builder.student_ids(p) for p in problems]
+        prompts = [builder.student_ids(problems[i]) for i in mine]
     sampling = sampling.model_copy(update={"n": k})
-    mine = shard(len(prompts), accelerator)
     bar = tqdm(total=len(mine) * k, desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
     generator = generator or HFGenerator(model, tokenizer, batch_size=batch_size)
-    rollouts = generator.generate([prompts[i] for i in mine], sampling, seed=seed, first_index=mine.start, progress=bar)
+    rollouts = generator.generate(prompts, sampling, seed=seed, first_index=mine.start, progress=bar)
     bar.close()
     graded = score_rollouts(problems, rollouts, grader, task)
     add_anatomy(graded, tokenizer, anatomy)
     records = gather([g.record() for g in graded], accelerator)
     summary = summarize(records, task)
-    grader_obj = get_grader(grader)
     summary.update(
         {
             "k": k,
             "seed": seed,
             "sampling": sampling.model_dump(),
-            "grader": getattr(grader_obj, "name", grader),
+            "grader": getattr(grader, "name", grader_name),
             "instruction": instruction,
             "prompt_template": builder.template,
             "thinking_mode": builder.thinking_mode,
@@ -291,12 +292,18 @@ def evaluate_benchmarks(
             if baselines.get((name, mode)) is not None:
                 summary["vs_baseline"] = compare_to_baseline(summary, baselines[(name, mode)])
             if accelerator.is_main_process:
-                write_results(outputs[name] / mode if mode else outputs[name], records, summary)
+                write_results(result_dir(outputs[name], mode), records, summary)
                 prefix = f"eval/{Path(name).stem}/" + (f"{mode}/" if mode else "")
                 log.write(0, eval_metrics(summary, prefix=prefix))
             summaries[(name, mode)] = summary
     finish_trackers(accelerator)
     return summaries
+
+
+def result_dir(folder: Path, mode: str | None) -> Path:
+    """Where one benchmark's results in one prompt mode go: its folder, or the <mode> subfolder when
+    several modes are evaluated (`EvalRunConfig.modes`)."""
+    return folder / mode if mode else folder
 
 
 def write_results(out_dir: str | Path, records: Sequence[dict], summary: dict) -> None:
@@ -306,22 +313,3 @@ def write_results(out_dir: str | Path, records: Sequence[dict], summary: dict) -
         for r in records:
             f.write(json.dumps(r) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-
-
-def format_table(rows: dict[str, dict], *, baseline: str | None = None) -> str:
-    """A plain-text table: one row per named summary, accuracy and mean tokens per level."""
-    from crisp.report import format_lines  # crisp.report imports this module
-
-    levels = sorted({lv for s in rows.values() for lv in s.get("by_difficulty", {})}, key=_level_key)
-    header = ["run", "acc", "tokens"] + [f"L{lv} acc/tok" for lv in levels] + (["reduction"] if baseline else [])
-    lines = [header]
-    for name, s in rows.items():
-        cells = [str(name), f"{s['accuracy']:.3f}", f"{s['mean_tokens']:.1f}"]
-        for lv in levels:
-            d = s.get("by_difficulty", {}).get(lv)
-            cells.append(f"{d['accuracy']:.2f}/{d['mean_tokens']:.0f}" if d else "-")
-        if baseline:
-            base = rows[baseline]["mean_tokens"]
-            cells.append(f"{1 - s['mean_tokens'] / base:+.1%}" if name != baseline else "")
-        lines.append(cells)
-    return format_lines(lines, strip=False)  # every cell padded, as this table has always printed

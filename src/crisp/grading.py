@@ -78,8 +78,8 @@ def _answer_line(text: str) -> tuple[int, str] | None:
     saying "the final answer is ..." is the last answer line."""
     stripped = text.rstrip()
     said = _FINAL_ANSWER_IS.search(stripped[stripped.rfind("\n") + 1 :])
-    if said is not None and _clean_value(said.group(1)):
-        return len(stripped), _clean_value(said.group(1))
+    if said is not None and (value := _clean_value(said.group(1))):
+        return len(stripped), value
     matches = list(_ANSWER_LINE.finditer(text))
     if not matches:
         return None

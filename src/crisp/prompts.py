@@ -49,7 +49,7 @@ INSTRUCTIONS = {
     "word_limit": "Solve the following math problem in at most {words} words.",
 }
 
-CLOSED_THINKING = "<think>\n\n</think>\n\n"  # what a thinking-free prompt ends with
+CLOSED_THINKING = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"  # what a thinking-free prompt ends with
 
 
 def has_thinking_convention(chat_template) -> bool:

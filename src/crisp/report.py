@@ -17,12 +17,12 @@ import json
 from pathlib import Path
 
 from crisp.config import ConfigError
-from crisp.evaluate import _level_key, compare_to_baseline
+from crisp.evaluate import compare_to_baseline, level_key
 
 
 def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn (so that
-    crisp.evaluate.format_table, which uses this module's formatter, leaves matplotlib alone)."""
+    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn (printing a
+    table leaves matplotlib alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +78,7 @@ def pareto_plot(rows: dict[str, dict], path: str | Path, *, title: str = "Accura
 def difficulty_plot(rows: dict[str, dict], path: str | Path, *, baseline: str) -> None:
     """Left: token reduction vs the baseline per level. Right: accuracy per level."""
     plt = _pyplot()
-    levels = sorted({lv for s in rows.values() for lv in s.get("by_difficulty", {})}, key=_level_key)
+    levels = levels_of(rows)
     others = [n for n in rows if n != baseline]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / max(1, len(others))
@@ -174,7 +174,12 @@ def has_anatomy(rows: dict[str, dict]) -> bool:
 
 
 def _levels(summary: dict) -> list[str]:
-    return sorted(summary.get("by_difficulty", {}), key=_level_key)
+    return levels_of({"": summary})
+
+
+def levels_of(rows: dict[str, dict]) -> list[str]:
+    """The difficulty levels any of the summaries has, in order."""
+    return sorted({lv for s in rows.values() for lv in s.get("by_difficulty", {})}, key=level_key)
 
 
 def thinking_mode(summary: dict) -> str:
@@ -246,7 +251,7 @@ def anatomy_table(rows: dict[str, dict], *, markdown: bool = False) -> str:
 
 def format_lines(lines: list[list[str]], *, markdown: bool = False, strip: bool = True) -> str:
     """A header line and rows of cells as a Markdown table, or as plain text in columns two spaces
-    apart (every table crisp prints: these, crisp.evaluate.format_table). `strip`: no trailing
+    apart (every table crisp prints). `strip`: no trailing
     spaces on plain-text lines; without it every cell is padded to its column's width."""
     if markdown:
         out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
@@ -254,6 +259,23 @@ def format_lines(lines: list[list[str]], *, markdown: bool = False, strip: bool 
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     aligned = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
     return "\n".join(line.rstrip() if strip else line for line in aligned)
+
+
+def format_table(rows: dict[str, dict], *, baseline: str | None = None) -> str:
+    """A plain-text table: one row per named summary, accuracy and mean tokens per level."""
+    levels = levels_of(rows)
+    header = ["run", "acc", "tokens"] + [f"L{lv} acc/tok" for lv in levels] + (["reduction"] if baseline else [])
+    lines = [header]
+    for name, s in rows.items():
+        cells = [str(name), f"{s['accuracy']:.3f}", f"{s['mean_tokens']:.1f}"]
+        for lv in levels:
+            d = s.get("by_difficulty", {}).get(lv)
+            cells.append(f"{d['accuracy']:.2f}/{d['mean_tokens']:.0f}" if d else "-")
+        if baseline:
+            base = rows[baseline]["mean_tokens"]
+            cells.append(f"{1 - s['mean_tokens'] / base:+.1%}" if name != baseline else "")
+        lines.append(cells)
+    return format_lines(lines, strip=False)  # every cell padded, as this table has always printed
 
 
 SETTINGS = ("benchmark", "k", "sampling", "grader", "prompt_template", "instruction", "anatomy")

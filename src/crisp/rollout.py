@@ -142,6 +142,32 @@ def _most_over_ranks(count: int, device: torch.device) -> int:
     return int(total)
 
 
+def expand_requests(
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    seed: int | None,
+    max_new_tokens: int | None,
+    first_index: int,
+) -> tuple[int, int, list[tuple[int, int, list[int]]]]:
+    """What a generate call samples: its seed (drawn from torch's global generator when None), its
+    token limit (`max_new_tokens` over the config's), and one request (prompt index in the larger
+    batch, sample index, prompt ids) per rollout, `sampling.n` per prompt in prompt order."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    limit = max_new_tokens or sampling.max_new_tokens
+    return seed, limit, [(first_index + i, j, list(p)) for i, p in enumerate(prompts) for j in range(sampling.n)]
+
+
+def finished_rollout(index: int, prompt: Sequence[int], row: Sequence[int], tokenizer) -> Rollout:
+    """A generated row as a Rollout: cut after its first EOS ("stop"), or as it is ("length")."""
+    row = list(row)
+    if tokenizer.eos_token_id in row:
+        row, reason = row[: row.index(tokenizer.eos_token_id) + 1], "stop"
+    else:
+        reason = "length"
+    return Rollout(index, tuple(prompt), tuple(row), tokenizer.decode(row, skip_special_tokens=True), reason)
+
+
 class BatchedGenerator:
     """What every local backend shares: `sampling.n` requests per prompt, each with its own sampling
     key, sorted by prompt length and cut into batches of `batch_size`, run in eval mode without
@@ -169,10 +195,7 @@ class BatchedGenerator:
         slice): that index, not the position in this call, keys its sampling noise and is its
         Rollout.prompt_index. Without a seed, one is drawn from torch's global generator.
         """
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-        limit = max_new_tokens or sampling.max_new_tokens
-        requests = [(first_index + i, j, list(p)) for i, p in enumerate(prompts) for j in range(sampling.n)]
+        seed, limit, requests = expand_requests(prompts, sampling, seed, max_new_tokens, first_index)
         # Similar lengths together: less padding, and each batch stops when its longest one does.
         order = sorted(range(len(requests)), key=lambda r: len(requests[r][2]))
         starts = range(0, len(order), self.batch_size)
@@ -189,7 +212,7 @@ class BatchedGenerator:
                 keys = request_keys(seed, [index for index, _, _ in chunk], [j for _, j, _ in chunk])  # (b,)
                 rows = self._new_tokens([prompt for _, _, prompt in chunk], keys, sampling, limit)
                 for r, (index, _, prompt), row in zip(order[starts[call] :], chunk, rows):
-                    results[r] = Rollout(index, tuple(prompt), *self._finish(row))
+                    results[r] = finished_rollout(index, prompt, row, self.tokenizer)
                 if progress is not None:
                     progress.update(len(chunk))
         return results  # type: ignore[return-value]
@@ -206,14 +229,6 @@ class BatchedGenerator:
         input_ids, attention = left_padded(prompts, self.tokenizer.pad_token_id)  # (B, P), (B, P)
         device = next(self.model.parameters()).device
         return input_ids.to(device), attention.to(device)
-
-    def _finish(self, row: list[int]) -> tuple[tuple[int, ...], str, str]:
-        eos = self.tokenizer.eos_token_id
-        if eos in row:
-            row, reason = row[: row.index(eos) + 1], "stop"
-        else:
-            reason = "length"
-        return tuple(row), self.tokenizer.decode(row, skip_special_tokens=True), reason
 
     def _new_tokens(
         self, prompts: list[list[int]], keys: torch.Tensor, sampling: SamplingConfig, limit: int

@@ -39,7 +39,7 @@ import torch
 
 from crisp.config import VLLM_INSTALL, ConfigError, SamplingConfig, VLLMSettings
 from crisp.modeling import is_peft, unwrap
-from crisp.rollout import HFGenerator, Rollout, request_keys
+from crisp.rollout import HFGenerator, Rollout, expand_requests, finished_rollout, request_keys
 
 CPU_KV_CACHE_GIB = 1.0
 
@@ -276,10 +276,7 @@ class VLLMGenerator:
     ) -> tuple[list[Rollout], list[list[float]] | None]:
         from vllm import SamplingParams
 
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-        limit = max_new_tokens or sampling.max_new_tokens
-        requests = [(first_index + i, j, list(p)) for i, p in enumerate(prompts) for j in range(sampling.n)]
+        seed, limit, requests = expand_requests(prompts, sampling, seed, max_new_tokens, first_index)
         self._check(requests, limit, seeded=sampling.temperature > 0)
         keys = request_keys(seed, [index for index, _, _ in requests], [j for _, j, _ in requests]).tolist()
         eos = self.tokenizer.eos_token_id
@@ -310,15 +307,9 @@ class VLLMGenerator:
         rollouts, values = [], []
         for (index, _, prompt), output in zip(requests, outputs):
             completion = output.outputs[0]
-            tokens = tuple(completion.token_ids)
-            reason = "stop" if tokens and tokens[-1] == eos else "length"
-            rollouts.append(
-                Rollout(
-                    index, tuple(prompt), tokens, self.tokenizer.decode(list(tokens), skip_special_tokens=True), reason
-                )
-            )
+            rollouts.append(finished_rollout(index, prompt, completion.token_ids, self.tokenizer))  # ends at its EOS
             if logprobs:
-                values.append([step[token].logprob for step, token in zip(completion.logprobs, tokens)])
+                values.append([step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)])
         if progress is not None:
             progress.update(len(requests))
         return rollouts, values if logprobs else None
