@@ -57,14 +57,14 @@ def worker(args) -> dict:
         wall = time.perf_counter()
         training = Training(cfg)  # the model loaded, the optimizer, the generator (vllm: the engine built)
         setup = time.perf_counter() - wall
-        syncs, sync = [], training.trainer.weights_changed  # after every optimizer step (vllm: the weight sync)
+        syncs, sync = [], training.method.weights_changed  # after every step that stepped (vllm: the weight sync)
 
         def timed_sync():
             wall = time.perf_counter()
             sync()
             syncs.append(time.perf_counter() - wall)
 
-        training.trainer.weights_changed = timed_sync
+        training.method.weights_changed = timed_sync
         training.run()
         rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [sum(v for k, v in row.items() if k.startswith("time/")) for row in rows]

@@ -13,7 +13,7 @@ import argparse
 
 from crisp.data import synthetic
 from crisp.modeling import build_word_tokenizer
-from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES
+from crisp.prompts import prompt_texts
 
 STYLES = {
     "base (plain prompt)": synthetic.VERBOSE,
@@ -31,8 +31,7 @@ def main() -> None:
     parser.add_argument("--per-level", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args()
-    texts = synthetic.vocabulary_texts(0) + list(INSTRUCTIONS.values()) + list(STUDENT_TEMPLATES.values())
-    tokenizer = build_word_tokenizer(texts + [REFERENCE_TEMPLATE])
+    tokenizer = build_word_tokenizer(synthetic.vocabulary_texts(0) + prompt_texts())
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     print(f"T = {args.temperature}, cap {args.max_tokens} tokens, {args.per_level} chains per level")
     print("| policy | acc | tokens | " + " | ".join(f"L{lv}" for lv in synthetic.LEVELS) + " |")

@@ -15,10 +15,9 @@ TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 def vocabulary() -> list[str]:
     """The synthetic task's word pieces plus every prompt preset (raw and resolved)."""
     from crisp.data import synthetic
-    from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, resolve_instruction
+    from crisp.prompts import INSTRUCTIONS, prompt_texts, resolve_instruction
 
-    texts = synthetic.vocabulary_texts(traces=300)
-    texts += list(INSTRUCTIONS.values()) + list(STUDENT_TEMPLATES.values()) + [REFERENCE_TEMPLATE]
+    texts = synthetic.vocabulary_texts(traces=300) + prompt_texts()
     texts += [resolve_instruction(name) for name in INSTRUCTIONS]
     return texts
 
@@ -67,6 +66,22 @@ def tiny_run(method: str, model_dir, out, settings: dict, overrides: dict):
     for key, value in overrides.items():
         set_path(data, key.split("."), value)
     return validate(data)
+
+
+def read_metrics(out) -> list[dict]:
+    """A run directory's metrics.jsonl, one dict per record."""
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def snapshot(model) -> dict:
+    """A copy of every tensor of the model's state."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def eval_argv(model_dir, out, flags: str, *extra: str) -> list[str]:

@@ -5,7 +5,6 @@ unless the config turns it on, no data text evaluated as code."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 from pathlib import Path
 
@@ -69,7 +68,7 @@ GOOD = {"id": "p1", "question": "Start with 1.\nFirst + 1\nWhat is the result?",
     ids=["invalid-json", "empty-field", "wrong-type", "duplicate-id", "missing-field", "non-utf8"],
 )
 def test_bad_data_file_stops_the_run_before_any_model_naming_file_line_and_field(
-    method, content, line, field, tmp_path, tiny_model_dir, no_model_loading, capsys
+    method, content, line, field, tmp_path, no_model_loading, capsys
 ):
     data_file = tmp_path / "problems.jsonl"
     data_file.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -89,7 +88,7 @@ def test_missing_model_path_is_a_clear_error(method, tmp_path, capsys):
         load_tokenizer(str(missing))
 
 
-VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None  # CI installs it (make setup-vllm)
+VLLM_INSTALLED = crisp.config.vllm_installed()  # CI installs it (make setup-vllm)
 
 
 @pytest.mark.skipif(VLLM_INSTALLED, reason="vLLM is installed: the test below checks that the backend is accepted")
@@ -97,7 +96,7 @@ VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None  # CI installs it 
 def test_the_vllm_backend_without_the_engine_names_the_install_command(
     method, tmp_path, tiny_model_dir, no_model_loading, monkeypatch, capsys
 ):
-    data = run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run")
+    data = run_config(method, "synthetic", no_model_loading, tmp_path / "run")
     data["rollout"] = {"backend": "vllm"}
     err = cli_error(tmp_path, data, capsys)
     assert "rollout: " in err and "backend: vllm" in err
@@ -144,10 +143,10 @@ def test_the_vllm_backend_with_the_engine_installed_is_accepted(method, tmp_path
     ],
 )
 def test_a_vllm_max_model_len_below_the_responses_is_an_error_naming_the_key(
-    method, lengths, key, tmp_path, tiny_model_dir, no_model_loading, capsys
+    method, lengths, key, tmp_path, no_model_loading, capsys
 ):
     err = cli_error(
-        tmp_path, {**run_config(method, "synthetic", str(tiny_model_dir), tmp_path / "run"), **lengths}, capsys
+        tmp_path, {**run_config(method, "synthetic", no_model_loading, tmp_path / "run"), **lengths}, capsys
     )
     assert "rollout.vllm.max_model_len" in err and key in err
 

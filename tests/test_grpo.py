@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import alternating_reward, recorded_run, tiny_run
+from conftest import alternating_reward, read_metrics, recorded_run, same_weights, snapshot, tiny_run
 
 from crisp.config import ConfigError, SamplingConfig, dump_config, load_config, validate
 from crisp.data import synthetic
@@ -38,18 +38,6 @@ def make_cfg(model_dir, out, **overrides) -> GRPOConfig:
         "schedule": {"kind": "constant", "l_min": 6, "l_max": 12, "period": 2},
     }
     return tiny_run("grpo", model_dir, out, settings, overrides)
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-
-
-def _state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture()
@@ -205,7 +193,7 @@ def test_two_step_run_changes_the_parameters(tiny_model_dir, tmp_path):
         reward=alternating_reward,
     )
     assert final == out / "model"
-    assert not _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
+    assert not same_weights(snapshot(load_model(str(final))), snapshot(load_model(str(tiny_model_dir))))
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -255,7 +243,7 @@ def test_a_step_without_mixed_groups_makes_no_update_and_is_not_a_failure(tiny_m
         make_cfg(tiny_model_dir, tmp_path / "run", dynamic_sampling=True, max_skipped_steps=1),
         reward=lambda graded, cap: [0.0] * len(graded),
     )
-    assert _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
+    assert same_weights(snapshot(load_model(str(final))), snapshot(load_model(str(tiny_model_dir))))
     for m in read_metrics(tmp_path / "run"):
         assert m["rollout/train_groups"] == 0 and m["train/skipped_steps"] == 0
 
@@ -269,8 +257,8 @@ def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path):
     assert [m["step"] for m in resumed] == [1, 2, 3]
     assert resumed[:2] == first  # the last step was checkpointed: not redone, timings included
     straight = train(make_cfg(tiny_model_dir, tmp_path / "straight", max_steps=3), reward=alternating_reward)
-    a, b = _state(load_model(str(final))), _state(load_model(str(straight)))
-    assert _same(a, b)
+    a, b = snapshot(load_model(str(final))), snapshot(load_model(str(straight)))
+    assert same_weights(a, b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import parity_reward
+from conftest import parity_reward, read_metrics
 from test_grpo import make_cfg as grpo_cfg
 from test_resume import assert_bitwise_equal, weights
-from test_selfdistill import make_cfg, read_metrics
+from test_selfdistill import make_cfg
 
 from crisp.config import LoraSpec
 from crisp.data import synthetic

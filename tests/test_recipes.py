@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, parity_reward
-from test_selfdistill import read_metrics
+from conftest import TINY, parity_reward, read_metrics
 
 from crisp import cli
 from crisp.config import EvalRunConfig, load_config

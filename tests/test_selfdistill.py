@@ -5,14 +5,12 @@ and short end-to-end runs (including an empty rollout filter and resume)."""
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run
+from conftest import read_metrics, same_weights, snapshot, tiny_run
 
 from crisp.config import ConfigError
 from crisp.data import synthetic
@@ -211,14 +209,6 @@ def test_keep_rollouts():
 # ---------------------------------------------------------------------------------------------
 
 
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _nudge(model, step):
     with torch.no_grad():
         for p in model.parameters():
@@ -226,15 +216,15 @@ def _nudge(model, step):
 
 
 def test_frozen_teacher_never_changes(tiny_model):
-    initial = _state(tiny_model)
+    initial = snapshot(tiny_model)
     teacher = Teacher(tiny_model, update="frozen", refresh_every=2)
     assert teacher.model is not tiny_model and teacher.owns_weights
     assert not any(p.requires_grad for p in teacher.model.parameters())
     for step in range(1, 6):
         _nudge(tiny_model, step)
         assert teacher.after_step(step, tiny_model) is False
-    assert _same(_state(teacher.model), initial)
-    assert not _same(_state(tiny_model), initial)
+    assert same_weights(snapshot(teacher.model), initial)
+    assert not same_weights(snapshot(tiny_model), initial)
     assert teacher.refreshes == 0
 
 
@@ -243,24 +233,24 @@ def test_refresh_teacher_changes_exactly_every_m_steps(tiny_model):
     changed_at = []
     for step in range(1, 8):
         _nudge(tiny_model, step)
-        before = _state(teacher.model)
+        before = snapshot(teacher.model)
         refreshed = teacher.after_step(step, tiny_model)
-        after = _state(teacher.model)
-        assert refreshed == (not _same(before, after))
+        after = snapshot(teacher.model)
+        assert refreshed == (not same_weights(before, after))
         if refreshed:
             changed_at.append(step)
-            assert _same(after, _state(tiny_model))
+            assert same_weights(after, snapshot(tiny_model))
     assert changed_at == [3, 6]
     assert teacher.refreshes == 2
 
 
 def test_refresh_every_zero_never_refreshes(tiny_model):
-    initial = _state(tiny_model)
+    initial = snapshot(tiny_model)
     teacher = Teacher(tiny_model, update="refresh", refresh_every=0)
     for step in range(1, 5):
         _nudge(tiny_model, step)
         assert teacher.after_step(step, tiny_model) is False
-    assert _same(_state(teacher.model), initial) and teacher.refreshes == 0
+    assert same_weights(snapshot(teacher.model), initial) and teacher.refreshes == 0
 
 
 def test_ema_teacher_moves_by_the_decay(tiny_model):
@@ -391,10 +381,6 @@ def make_cfg(model_dir, out, **overrides) -> SelfDistillConfig:
     return tiny_run("selfdistill", model_dir, out, settings, overrides)
 
 
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def test_two_step_run_trains_the_student_and_keeps_the_frozen_teacher(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     cfg = make_cfg(
@@ -403,12 +389,12 @@ def test_two_step_run_trains_the_student_and_keeps_the_frozen_teacher(tiny_model
     training = Training(cfg)
     final = training.run()
     assert final == out / "model"
-    initial = _state(load_model(str(tiny_model_dir)))
-    trained = _state(load_model(str(final)))
-    assert not _same(trained, initial)
+    initial = snapshot(load_model(str(tiny_model_dir)))
+    trained = snapshot(load_model(str(final)))
+    assert not same_weights(trained, initial)
     teacher = training.method.teacher
     assert teacher.update == "frozen"
-    assert _same(_state(teacher.model), initial)
+    assert same_weights(snapshot(teacher.model), initial)
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -428,7 +414,7 @@ def test_correct_only_filter_with_no_correct_rollouts_does_not_update(tiny_model
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, out, rollout_filter="correct", max_steps=3, max_skipped_steps=1)
     final = train(cfg)
-    assert _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
+    assert same_weights(snapshot(load_model(str(final))), snapshot(load_model(str(tiny_model_dir))))
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -439,7 +425,7 @@ def test_correct_only_filter_with_no_correct_rollouts_does_not_update(tiny_model
 def test_incorrect_only_filter_trains(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     final = train(make_cfg(tiny_model_dir, out, rollout_filter="incorrect", max_steps=1))
-    assert not _same(_state(load_model(str(final))), _state(load_model(str(tiny_model_dir))))
+    assert not same_weights(snapshot(load_model(str(final))), snapshot(load_model(str(tiny_model_dir))))
     assert read_metrics(out)[0]["rollout/kept"] == 4
 
 
@@ -469,6 +455,6 @@ def test_extending_a_finished_run_redoes_nothing(tiny_model_dir, tmp_path):
 
     straight = tmp_path / "straight"
     final_straight = train(make_cfg(tiny_model_dir, straight, max_steps=3, **common))
-    a, b = _state(load_model(str(final))), _state(load_model(str(final_straight)))
+    a, b = snapshot(load_model(str(final))), snapshot(load_model(str(final_straight)))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [_comparable(m) for m in read_metrics(straight)] == [_comparable(m) for m in resumed]

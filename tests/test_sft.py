@@ -6,15 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, read_metrics
 from test_resume import assert_bitwise_equal, weights
-from test_selfdistill import read_metrics
 
 from crisp.config import validate
 from crisp.data import synthetic
 from crisp.data.tasks import get_task
 from crisp.driver import train
-from crisp.methods.sft import SFTConfig, build_model_and_tokenizer, collate, response_loss
+from crisp.methods.sft import SFTConfig, collate, new_tiny_model, response_loss
 from crisp.modeling import load_model
 from crisp.prompts import CLOSED_THINKING, REFERENCE_TEMPLATE, PromptBuilder, resolve_instruction
 
@@ -44,7 +43,7 @@ def make_cfg(out, **overrides):
 @pytest.fixture(scope="module")
 def mix(tmp_path_factory):
     cfg = make_cfg(tmp_path_factory.mktemp("sft"))
-    _, tokenizer = build_model_and_tokenizer(cfg)
+    _, tokenizer = new_tiny_model(cfg)
     return cfg, tokenizer, get_task("synthetic").sft_examples(cfg, PromptBuilder(tokenizer, template="plain"))
 
 
@@ -123,7 +122,7 @@ def test_short_run_lowers_the_loss_and_saves_a_loadable_model(mix, tmp_path):
     cfg = make_cfg(tmp_path / "run", max_steps=40)
     batch = collate(examples[:16], tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
-    untrained, _ = build_model_and_tokenizer(cfg)
+    untrained, _ = new_tiny_model(cfg)
     final = train(cfg)
     trained = load_model(str(final))
     with torch.no_grad():

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, alternating_reward, eval_argv, recorded_run
-from test_grpo import make_cfg, read_metrics
+from conftest import TINY, alternating_reward, eval_argv, read_metrics, recorded_run
+from test_grpo import make_cfg
 from test_sft import make_cfg as make_sft_cfg
 
 from crisp import cli

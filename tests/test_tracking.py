@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import eval_argv
+from conftest import eval_argv, read_metrics
 from test_selfdistill import make_cfg as selfdistill_cfg
-from test_selfdistill import read_metrics
 from test_sft import make_cfg as sft_cfg
 
 from crisp.cli import main

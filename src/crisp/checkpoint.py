@@ -127,8 +127,9 @@ def load_state(checkpoint: str | Path) -> dict:
     return torch.load(Path(checkpoint) / "state.pt", weights_only=True)
 
 
-def verify(checkpoint: str | Path) -> None:
-    """Raise ValueError unless every file the marker lists has its recorded size and the state loads."""
+def verify(checkpoint: str | Path) -> dict:
+    """The checkpoint's state; ValueError unless every file the marker lists has its recorded size
+    and the state loads."""
     checkpoint = Path(checkpoint)
     try:
         files = json.loads((checkpoint / MARKER).read_text())["files"]
@@ -141,24 +142,35 @@ def verify(checkpoint: str | Path) -> None:
         if path.stat().st_size != size:
             raise ValueError(f"{name} has {path.stat().st_size} bytes, {size} were written")
     try:
-        load_state(checkpoint)
+        return load_state(checkpoint)
     except Exception as error:
         raise ValueError(f"state.pt does not load ({error})") from None
 
 
-def latest(directory: str | Path) -> Path | None:
-    """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+def _latest_with_state(directory: str | Path) -> tuple[Path, dict] | None:
     for checkpoint in reversed(complete_checkpoints(directory)):
         try:
-            verify(checkpoint)
-            return checkpoint
+            return checkpoint, verify(checkpoint)
         except ValueError as error:  # a truncated or corrupt file: fall back to the previous one
-            warnings.warn(f"skipping unreadable checkpoint {checkpoint}: {error}", stacklevel=2)
+            warnings.warn(f"skipping unreadable checkpoint {checkpoint}: {error}", stacklevel=3)
     return None
 
 
+def latest(directory: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+    found = _latest_with_state(directory)
+    return found[0] if found else None
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """`none` -> None; `auto` -> newest complete checkpoint under output_dir (or None); else a path.
+    """The checkpoint resume_point names, or None."""
+    point = resume_point(resume, output_dir)
+    return point[0] if point else None
+
+
+def resume_point(resume: str, output_dir: str | Path) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its state (read once, while verifying it): `none` -> None;
+    `auto` -> the newest complete one under output_dir (or None); else the one at that path.
 
     `none` where output_dir already holds checkpoints is an error: a fresh run would wipe that
     run's logs and, as it saves, its checkpoints (relaunching after a crash without resume=auto).
@@ -172,12 +184,11 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
             )
         return None
     if resume == "auto":
-        return latest(Path(output_dir) / "checkpoints")
+        return _latest_with_state(Path(output_dir) / "checkpoints")
     path = Path(resume)
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"resume={resume}: not a complete checkpoint directory")
     try:
-        verify(path)
+        return path, verify(path)
     except ValueError as error:
         raise FileNotFoundError(f"resume={resume}: broken checkpoint: {error}") from None
-    return path

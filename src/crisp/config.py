@@ -131,6 +131,12 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def require_engine(backend: str) -> None:
+    """backend: vllm is an error naming the install command when the engine is not installed."""
+    if backend == "vllm" and not vllm_installed():
+        raise ValueError(f"backend: vllm needs the vLLM engine, which is not installed ({VLLM_INSTALL})")
+
+
 class VLLMSettings(Strict):
     """The colocated vLLM engine (`backend: vllm`); every default works on CPU and on a GPU."""
 
@@ -154,8 +160,7 @@ class RolloutConfig(SamplingConfig):
 
     @model_validator(mode="after")
     def _engine_installed(self) -> RolloutConfig:
-        if self.backend == "vllm" and not vllm_installed():
-            raise ValueError(f"backend: vllm needs the vLLM engine, which is not installed ({VLLM_INSTALL})")
+        require_engine(self.backend)
         return self
 
 
@@ -173,7 +178,8 @@ def check_engine_lengths(backend: str, settings: VLLMSettings, lengths: dict[str
 
 
 def training_engine_lengths(cfg: RunConfig) -> None:
-    """The rollouts, and the evaluations that run on the same engine during training."""
+    """The rollouts, and the evaluations that run on the same engine during training (`cfg`: a
+    method's config with a `rollout` section)."""
     lengths = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens}
     if cfg.eval is not None:
         lengths["eval.sampling.max_new_tokens"] = cfg.eval.sampling.max_new_tokens
@@ -229,6 +235,11 @@ class RunConfig(Strict):
     mixed_precision: Literal["no", "bf16"] = "no"
     report_to: Trackers = []
     max_skipped_steps: PositiveInt = 10  # stop after this many consecutive non-finite steps
+
+    @property
+    def optimizer_steps(self) -> int:
+        """The optimizer steps of the whole run (the LR schedule's length)."""
+        return self.max_steps
 
     @property
     def uses_checkpoints(self) -> bool:
@@ -299,8 +310,7 @@ class EvalRunConfig(Strict):
 
     @model_validator(mode="after")
     def _engine_fits(self) -> EvalRunConfig:
-        if self.backend == "vllm" and not vllm_installed():
-            raise ValueError(f"backend: vllm needs the vLLM engine, which is not installed ({VLLM_INSTALL})")
+        require_engine(self.backend)
         check_engine_lengths(self.backend, self.vllm, {"sampling.max_new_tokens": self.sampling.max_new_tokens})
         return self
 

@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from crisp import checkpoint
-from crisp.config import ConfigError, EvalConfig, RolloutConfig, RunConfig, dump_config
+from crisp.config import ConfigError, EvalConfig, RunConfig, dump_config
 from crisp.data.problems import Problem
 from crisp.data.tasks import Task, get_task
 from crisp.distributed import autocast, load_rng, make_accelerator, prepare, save_checkpoint, save_final, shard
@@ -117,9 +117,10 @@ class StepResult:
 
 
 class Evaluation(Protocol):
-    """An in-training evaluation: whether it is due after optimizer step `step`, and its metrics."""
+    """An in-training evaluation: its metrics, every `every` training steps (0: only at the end) and
+    after the last one."""
 
-    def due(self, step: int) -> bool: ...
+    every: int
 
     def __call__(self, trainer: Trainer) -> dict[str, float]: ...
 
@@ -133,17 +134,14 @@ class BenchmarkEvaluation:
         cfg: EvalConfig,
         problems: Sequence[Problem],
         *,
-        max_steps: int,
         seed: int,
         builder: PromptBuilder,
         generator: Generator | None = None,
     ):
-        self.cfg, self.problems, self.max_steps, self.seed, self.builder = cfg, problems, max_steps, seed, builder
+        self.cfg, self.problems, self.seed, self.builder = cfg, problems, seed, builder
+        self.every = cfg.every
         self.task = get_task(cfg.benchmark)
         self.generator = generator  # None: HF generate
-
-    def due(self, step: int) -> bool:
-        return step == self.max_steps or bool(self.cfg.every and step % self.cfg.every == 0)
 
     def __call__(self, trainer: Trainer) -> dict[str, float]:
         with trainer.precision():
@@ -179,7 +177,6 @@ class Method:
     checkpointed: dict[str, torch.nn.Module]
     evaluation: Evaluation | None = None
     generator: Generator | None = None  # what samples the rollouts (a vLLM engine holds its own weights)
-    updates_per_step: int = 1  # optimizer steps per training step (the LR schedule's length)
 
     def start(self, trainer: Trainer) -> None:
         """Called once the optimizer exists and the model is wrapped and on its device, before resume."""
@@ -213,7 +210,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     grad_clip: float | None
     mixed_precision: str
-    weights_changed: Callable[[], None] = lambda: None  # after every optimizer step taken
+    stepped: bool = False  # whether an optimizer step was taken since the driver last looked
     timer: Timer = field(default_factory=Timer)
     skipped: int = 0
     consecutive_skips: int = 0
@@ -236,39 +233,46 @@ class Trainer:
                 grad_norm, stepped = step_if_finite(self.unwrapped, self.optimizer, loss, self.grad_clip)
                 self.skipped += not stepped
                 self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
-                if stepped:
-                    self.weights_changed()
+                self.stepped |= stepped
             self.scheduler.step()
         return grad_norm
 
 
-def open_run(cfg: RunConfig) -> tuple[Accelerator, Path]:
+def open_run(cfg: RunConfig) -> tuple[Accelerator, Path, tuple[Path, dict] | None]:
     """The process's accelerator, the run directory holding the resolved config (rank 0 writes it),
-    the experiment trackers, torch's thread count and seed."""
+    the checkpoint to resume from with its state (checkpoint.resume_point: a run that must not start
+    fails here, before anything is built), the experiment trackers, torch's thread count and seed."""
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, out)
+    resume_from = checkpoint.resume_point(cfg.resume, out)
+    if resume_from is not None and resume_from[1].get("format", 1) != CHECKPOINT_FORMAT:
+        source, version = resume_from[0], resume_from[1].get("format", 1)
+        raise ConfigError(
+            f"resume: {source} holds a checkpoint of format {version}, written by an earlier crisp; this one "
+            f"reads format {CHECKPOINT_FORMAT}. Start a new run (another output_dir), or finish this one with "
+            "the crisp that wrote it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         dump_config(cfg, out / "config.yaml")
-    # Continues an earlier run (a cheap look: a broken newest checkpoint is found out at resume).
-    resuming = cfg.resume != "none" and (
-        cfg.resume != "auto" or bool(checkpoint.complete_checkpoints(out / "checkpoints"))
-    )
-    start_trackers(accelerator, cfg, out, resuming=resuming)
+    start_trackers(accelerator, cfg, out, resuming=resume_from is not None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Subnormal floats (weights and Adam moments decaying towards zero) run elementwise CPU kernels
     # ~30x slower; treating them as zero costs nothing measurable in accuracy.
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
-    return accelerator, out
+    return accelerator, out, resume_from
 
 
-def trainable_model(cfg: RunConfig):
-    """The model at `model.path` and its tokenizer, with LoRA and gradient checkpointing as
-    configured, in training mode."""
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+def trainable_model(cfg: RunConfig, built: tuple | None = None):
+    """The model at `model.path` and its tokenizer (or `built`: a model and tokenizer made another
+    way), with LoRA and gradient checkpointing as configured, in training mode."""
+    if built is None:
+        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        model, tokenizer = built
     model = prepare_for_training(model, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora)
     model.train()
     return model, tokenizer
@@ -294,11 +298,9 @@ class RolloutMethod(Method):
         cfg: RunConfig,
         accelerator: Accelerator,
         *,
-        rollout: RolloutConfig,
-        max_new_tokens: int,
         generation_batch_size: int = 256,
     ):
-        self.cfg, self.rollout = cfg, rollout
+        self.cfg, self.rollout = cfg, cfg.rollout
         self.task, problems, self.eval_problems = training_problems(cfg)  # bad data fails before any model loads
         self.grader = get_grader(self.task.grader)
         self.model, self.tokenizer = trainable_model(cfg)
@@ -306,7 +308,6 @@ class RolloutMethod(Method):
         self.builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
         self.stream = problem_stream(problems, cfg.seed)
         self.generation_batch_size = generation_batch_size
-        self.max_new_tokens = max(max_new_tokens, cfg.eval.sampling.max_new_tokens if cfg.eval else 0)
 
     def start(self, trainer: Trainer) -> None:
         cfg, rollout = self.cfg, self.rollout
@@ -317,13 +318,12 @@ class RolloutMethod(Method):
             self.tokenizer,
             batch_size=self.generation_batch_size,
             trust_remote_code=cfg.model.trust_remote_code,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=max(rollout.max_new_tokens, cfg.eval.sampling.max_new_tokens if cfg.eval else 0),
         )
         if cfg.eval:
             self.evaluation = BenchmarkEvaluation(
                 cfg.eval,
                 self.eval_problems,
-                max_steps=cfg.max_steps,
                 seed=cfg.seed,
                 builder=self.builder,
                 generator=self.generator if rollout.backend == "vllm" else None,
@@ -358,10 +358,10 @@ class Training:
         from crisp.methods import method_class
 
         self.cfg = cfg
-        self.accelerator, self.out = open_run(cfg)
+        self.accelerator, self.out, self.resume_from = open_run(cfg)
         self.method: Method = method_class(cfg.method)(cfg, self.accelerator, **options)
         model = self.method.model
-        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.max_steps * self.method.updates_per_step)
+        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.optimizer_steps)
         wrapped, optimizer = prepare(self.accelerator, model, optimizer, checkpoints=cfg.uses_checkpoints)
         self.trainer = Trainer(
             self.accelerator,
@@ -371,7 +371,6 @@ class Training:
             scheduler,
             cfg.optim.grad_clip,
             cfg.mixed_precision,
-            weights_changed=self.method.weights_changed,
         )
         self.method.start(self.trainer)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.accelerator)  # also to the trackers
@@ -394,6 +393,10 @@ class Training:
         while self.step < cfg.max_steps:
             start = time.perf_counter()
             result = method.step(self.step, trainer)
+            if trainer.stepped:  # once a step, whatever its optimizer steps: the next rollouts use the new weights
+                with trainer.timer("step"):
+                    method.weights_changed()
+                trainer.stepped = False
             self.window_seconds += time.perf_counter() - start
             self.window_tokens += result.tokens or 0
             self.step += 1
@@ -413,18 +416,11 @@ class Training:
         return final
 
     def resume(self) -> None:
-        """Load the checkpoint that cfg.resume names, if any. Log records past its step are dropped,
+        """Load the checkpoint that cfg.resume named (found by open_run), if any. Log records past its step are dropped,
         so the resumed steps are written once; a fresh run (step 0) starts with empty logs."""
         trainer, method = self.trainer, self.method
-        source = checkpoint.resolve_resume(self.cfg.resume, self.out)
-        if source is not None:
-            state = checkpoint.load_state(source)
-            if state.get("format", 1) != CHECKPOINT_FORMAT:
-                raise ConfigError(
-                    f"resume: {source} holds a checkpoint of format {state.get('format', 1)}, written by an earlier "
-                    f"crisp; this one reads format {CHECKPOINT_FORMAT}. Start a new run (another output_dir), or "
-                    "finish this one with the crisp that wrote it"
-                )
+        if self.resume_from is not None:
+            (source, state), self.resume_from = self.resume_from, None  # (the state is not kept once loaded)
             for name, model in method.checkpointed.items():
                 load_weights(model, source / name)  # a LoRA model gets its adapters back
             trainer.optimizer.load_state_dict(state["optimizer"])
@@ -434,7 +430,7 @@ class Training:
             load_rng(self.accelerator, state)
             method.load_state_dict(state["method"])
             self.step = state["step"]
-        method.weights_changed()
+            method.weights_changed()  # (a new engine starts with the model's weights)
         if trainer.main:
             self.metrics.truncate_after(self.step)
             self.rollouts.truncate_after(self.step)
@@ -450,7 +446,11 @@ class Training:
             "train/lr": trainer.scheduler.get_last_lr()[0],
             "train/skipped_steps": trainer.skipped,
         }
-        evaluated = evaluation is not None and not stop and evaluation.due(step)
+        evaluated = (
+            evaluation is not None
+            and not stop
+            and (step == cfg.max_steps or bool(evaluation.every and step % evaluation.every == 0))
+        )
         if evaluated:
             with trainer.timer("eval"):  # every rank evaluates (a share of the problems)
                 metrics.update(evaluation(trainer))

@@ -49,6 +49,13 @@ INSTRUCTIONS = {
     "word_limit": "Solve the following math problem in at most {words} words.",
 }
 
+
+def prompt_texts() -> list[str]:
+    """Every fixed text a prompt can hold (instruction presets, student templates, the reference
+    template): what a tiny word-level tokenizer must cover besides the task's own texts."""
+    return list(INSTRUCTIONS.values()) + list(STUDENT_TEMPLATES.values()) + [REFERENCE_TEMPLATE]
+
+
 CLOSED_THINKING = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"  # what a thinking-free prompt ends with
 
 

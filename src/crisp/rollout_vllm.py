@@ -3,7 +3,8 @@
 `VLLMGenerator` holds one in-process `vllm.LLM` (under `accelerate launch`, one per rank, each
 generating its rank's share). crisp owns the engine's weights: the engine starts from vLLM's dummy
 weights (it never reads a checkpoint from disk) and gets the student's weights from `load_weights`
-(`sync_weights`, called by the training driver) at build, after every optimizer step and after a resume:
+(`sync_weights`, called by the training driver) at build, after every training step that
+stepped the optimizer (once, however many passes the step made) and after a resume:
 
   - the model inside any DDP wrapper; under FSDP2 the full tensors, gathered (a collective: every
     rank syncs at the same points); FSDP1 is refused;

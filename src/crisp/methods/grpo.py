@@ -185,6 +185,10 @@ class GRPOConfig(RunConfig):
         training_engine_lengths(self)
         return self
 
+    @property
+    def optimizer_steps(self) -> int:
+        return self.max_steps * self.ppo_epochs  # ppo_epochs optimizer steps per training step
+
     def surrogate(self) -> SurrogateSpec:
         return SurrogateSpec(
             eps_low=self.eps_low, eps_high=self.eps_high, aggregation=self.aggregation, kl_coef=self.kl_coef
@@ -381,7 +385,7 @@ def surrogate_backward(
                 micro_loss = micro_loss * len(indices) / num_train
             # DDP averages gradients over ranks; a placeholder micro-batch weighs nothing
             (micro_loss * (world if real else 0.0)).backward()
-        share = float(mask.sum()) / update_tokens if real else 0.0
+        share = sum(update[i].num_tokens for i in indices) / update_tokens if real else 0.0  # its tokens' share
         loss += micro_loss.item() if real else 0.0
         for key, value in micro_stats.items():  # token-weighted over the micro-batches
             stats[key] = stats.get(key, 0.0) + value * share
@@ -427,7 +431,7 @@ def policy_update(
     rollouts = train.rollouts
     # A rollout with a zero advantage (its group's rewards all agree) adds nothing to the surrogate:
     # without a KL term it is left out of the forward and backward passes.
-    active = [i for i in range(len(rollouts)) if spec.kl_coef or advantages[i] != 0]
+    active = [i for i, a in enumerate(advantages.tolist() if train.graded else []) if spec.kl_coef or a != 0]
     chosen = [rollouts[i] for i in active]
     chosen_advantages = advantages[active] if active else None  # (u,)
     if chosen_advantages is not None and accelerator is not None:
@@ -478,19 +482,12 @@ class GRPO(RolloutMethod):
     label = "siri grpo"
 
     def __init__(self, cfg: GRPOConfig, accelerator: Accelerator, *, reward: Reward | None = None):
-        super().__init__(
-            cfg,
-            accelerator,
-            rollout=cfg.rollout,
-            max_new_tokens=cfg.schedule.l_max,
-            generation_batch_size=cfg.generation_batch_size,
-        )
+        super().__init__(cfg, accelerator, generation_batch_size=cfg.generation_batch_size)
         # The initial weights, frozen (taken before a resume loads later weights); with LoRA, the adapters
         # off. Rebuilt from model.path, so a checkpoint need not hold them.
         self.reference = Teacher(self.model, update="frozen") if cfg.kl_coef else None
         if self.reference:
             self.reference.model.to(accelerator.device)
-        self.updates_per_step = cfg.ppo_epochs
         self.reward = reward or LengthCappedReward(self.tokenizer, self.task.grader)
         # the rollouts use the prompt mode of their step's stage (the evaluation, the run's: self.builder)
         self.builders = {

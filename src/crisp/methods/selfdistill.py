@@ -197,7 +197,7 @@ def distill_backward(
 
 class SelfDistill(RolloutMethod):
     def __init__(self, cfg: SelfDistillConfig, accelerator: Accelerator):
-        super().__init__(cfg, accelerator, rollout=cfg.rollout, max_new_tokens=cfg.rollout.max_new_tokens)
+        super().__init__(cfg, accelerator)
         self.label = cfg.teacher.update + " selfdistill"
         self.teacher = Teacher(
             self.model,

@@ -22,17 +22,14 @@ from pydantic import Field, model_validator
 from crisp.config import PositiveInt, Probability, RunConfig, Strict
 from crisp.data.tasks import Probe, SFTExample, get_task
 from crisp.distributed import reduce_sum, shard
-from crisp.driver import EpochStream, Method, StepResult, Trainer
+from crisp.driver import EpochStream, Method, StepResult, Trainer, trainable_model
 from crisp.modeling import (
     build_tiny_model,
     build_word_tokenizer,
     eval_mode,
-    load_model,
-    load_tokenizer,
-    prepare_for_training,
     right_padded,
 )
-from crisp.prompts import INSTRUCTIONS, REFERENCE_TEMPLATE, STUDENT_TEMPLATES, PromptBuilder
+from crisp.prompts import PromptBuilder, prompt_texts
 
 
 class SFTMix(Strict):
@@ -110,26 +107,21 @@ def response_loss(model, input_ids, attention, labels) -> torch.Tensor:
     )
 
 
-def build_model_and_tokenizer(cfg: SFTConfig):
-    """model.tiny: a new model with a word-level tokenizer covering the task; else model.path."""
-    if cfg.model.tiny is not None:
-        texts = get_task(cfg.data.source).vocabulary_texts(cfg.seed)
-        texts += list(INSTRUCTIONS.values()) + list(STUDENT_TEMPLATES.values()) + [REFERENCE_TEMPLATE]
-        tokenizer = build_word_tokenizer(texts)
-        spec = cfg.model.tiny
-        model = build_tiny_model(
-            tokenizer,
-            architecture=spec.architecture,
-            hidden_size=spec.hidden_size,
-            num_layers=spec.num_layers,
-            num_heads=spec.num_heads,
-            intermediate_size=spec.intermediate_size,
-            max_positions=spec.max_positions,
-            seed=cfg.seed,
-        )
-        return model, tokenizer
-    tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+def new_tiny_model(cfg: SFTConfig):
+    """model.tiny: a new randomly initialised model and a word-level tokenizer covering the task."""
+    texts = get_task(cfg.data.source).vocabulary_texts(cfg.seed) + prompt_texts()
+    tokenizer = build_word_tokenizer(texts)
+    spec = cfg.model.tiny
+    model = build_tiny_model(
+        tokenizer,
+        architecture=spec.architecture,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size,
+        max_positions=spec.max_positions,
+        seed=cfg.seed,
+    )
     return model, tokenizer
 
 
@@ -162,11 +154,8 @@ class LookupProbe:
     """The task's probe (SFTConfig.probe_every) as an in-training evaluation: every rank runs it
     (FSDP forwards together)."""
 
-    def __init__(self, probe: Probe, every: int, max_steps: int):
-        self.probe, self.every, self.max_steps = probe, every, max_steps
-
-    def due(self, step: int) -> bool:
-        return step % self.every == 0 or step == self.max_steps
+    def __init__(self, probe: Probe, every: int):
+        self.probe, self.every = probe, every
 
     def __call__(self, trainer: Trainer) -> dict[str, float]:
         with eval_mode(trainer.unwrapped):
@@ -178,17 +167,13 @@ class SFT(Method):
 
     def __init__(self, cfg: SFTConfig, accelerator: Accelerator):
         self.cfg = cfg
-        model, self.tokenizer = build_model_and_tokenizer(cfg)
-        self.model = prepare_for_training(
-            model, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=cfg.model.lora
-        )
-        self.model.train()
+        self.model, self.tokenizer = trainable_model(cfg, new_tiny_model(cfg) if cfg.model.tiny else None)
         self.checkpointed = {"model": self.model}
         builder = PromptBuilder.from_config(self.tokenizer, cfg.prompt)
         task = get_task(cfg.data.source)
         examples = task.sft_examples(cfg, builder)
         probe = task.probe(builder) if cfg.probe_every else None
-        self.evaluation = LookupProbe(probe, cfg.probe_every, cfg.max_steps) if probe else None
+        self.evaluation = LookupProbe(probe, cfg.probe_every) if probe else None
         # length-bucketed batches of examples, in a fresh order every epoch
         self.stream = EpochStream(
             lambda rng: [
